@@ -1,0 +1,24 @@
+"""Train a language model: python -m experiments.train --config=...:variant --workdir=DIR."""
+
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", common.config_path("lm", "default"), "experiment config", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: metrics, plots, checkpoints")
+common.define_distributed_flags()
+
+
+def main(argv):
+    del argv
+    common.init_distributed()
+    from mlx_sched import training
+
+    training.train_from_config(_CONFIG.value, common.require_workdir(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,374 @@
+"""Sharded language-model training: AdamW step, eval, metrics, checkpoints, resume.
+
+`Trainer(...).run()` is the whole loop. The jitted step is pure:
+`(params, opt_state, batch, step) -> (params, opt_state, metrics)`, with its
+shardings and donation declared once where it is wrapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import pathlib
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import sharding
+from mlx_sched import data as data_lib
+from mlx_sched.checkpoint import Checkpointer, CheckpointError
+from models.config import ConfigError, ModelConfig, check_keys
+from models.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    ckpt_every: int = 100
+    keep: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ConfigError("train.lr and train.grad_clip must be > 0")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"train.warmup_steps must be in [0, steps], got {self.warmup_steps}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        check_keys(cls, d, "train config")
+        return cls(**dict(d))
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tc.lr,
+        warmup_steps=tc.warmup_steps,
+        decay_steps=tc.steps,
+        end_value=tc.lr * tc.min_lr_ratio,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
+    )
+
+
+def lr_at(tc: TrainConfig, step: int) -> float:
+    return float(
+        optax.warmup_cosine_decay_schedule(
+            0.0, tc.lr, tc.warmup_steps, tc.steps, tc.lr * tc.min_lr_ratio
+        )(step)
+    )
+
+
+# ---------------------------------------------------------------------------
+# Pure step functions
+# ---------------------------------------------------------------------------
+
+
+def loss_fn(params, graphdef, batch_BL1, rng):
+    """Next-token cross-entropy (float32) plus any auxiliary losses the model returns."""
+    model = nnx.merge(graphdef, params)
+    inputs_BL, targets_BL = batch_BL1[:, :-1], batch_BL1[:, 1:]
+    logits_BLV, aux = model(inputs_BL, return_aux=True, rng=rng)
+    logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
+    nll_BL = -jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    weights_BL = (targets_BL != data_lib.PAD).astype(jnp.float32)
+    ce = jnp.sum(nll_BL * weights_BL) / jnp.maximum(jnp.sum(weights_BL), 1.0)
+    aux_loss = sum((a["loss"] for a in aux.values() if "loss" in a), jnp.zeros((), jnp.float32))
+    metrics = {"ce": ce, "aux_loss": aux_loss, **_aux_metrics(aux)}
+    return ce + aux_loss, metrics
+
+
+def _aux_metrics(aux: dict) -> dict:
+    """Flatten per-layer scalar aux outputs into `layer_i/name` metrics."""
+    out = {}
+    for layer, d in aux.items():
+        for k, v in d.items():
+            if k != "loss" and jnp.ndim(v) == 0:
+                out[f"{layer}/{k}"] = v
+    return out
+
+
+def train_step(graphdef, tx, seed, params, opt_state, batch_BL1, step):
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, graphdef, batch_BL1, rng
+    )
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return params, opt_state, metrics
+
+
+def eval_step(graphdef, params, batch_BL1):
+    _, metrics = loss_fn(params, graphdef, batch_BL1, None)
+    return metrics["ce"]
+
+
+# ---------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds mesh-placed state and jitted steps; `run()` trains, evaluates, checkpoints."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        mesh: jax.sharding.Mesh,
+        workdir: str | pathlib.Path,
+        data_path: str | None = None,
+        heldout_fraction: float = 0.02,
+        corpus: data_lib.Corpus | None = None,
+    ):
+        self.model_cfg, self.tc, self.mesh = model_cfg, train_cfg, mesh
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.primary = jax.process_index() == 0
+        if self.primary:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self.corpus = corpus or data_lib.load_corpus(data_path, heldout_fraction)
+        if model_cfg.vocab_size < data_lib.VOCAB_SIZE:
+            raise ConfigError(
+                f"model.vocab_size={model_cfg.vocab_size} is smaller than the byte tokenizer's "
+                f"{data_lib.VOCAB_SIZE}"
+            )
+        self.batcher = data_lib.Batcher(
+            self.corpus.train,
+            train_cfg.batch_size,
+            train_cfg.seq_len,
+            train_cfg.seed,
+            jax.process_index(),
+            jax.process_count(),
+        )
+        self.eval_data = data_lib.eval_batches(
+            self.corpus.heldout, train_cfg.batch_size, train_cfg.seq_len, train_cfg.eval_batches
+        )
+        self.tx = make_optimizer(train_cfg)
+
+        abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+        self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+        self.param_shardings = sharding.state_shardings(mesh, abstract_params)
+        self.opt_shardings = sharding.optimizer_shardings(
+            self.tx, abstract_params, self.param_shardings, mesh
+        )
+        self.batch_sharding = sharding.named_sharding(mesh, ("act_batch", None))
+        repl = sharding.replicated(mesh)
+        self._init = jax.jit(
+            lambda: nnx.split(Transformer(model_cfg, nnx.Rngs(train_cfg.seed)), nnx.Param)[1],
+            out_shardings=self.param_shardings,
+        )
+        self._opt_init = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
+        self.step_fn = jax.jit(
+            functools.partial(train_step, self.graphdef, self.tx, train_cfg.seed),
+            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding, repl),
+            out_shardings=(self.param_shardings, self.opt_shardings, repl),
+            donate_argnums=(0, 1),
+        )
+        self.eval_fn = jax.jit(
+            functools.partial(eval_step, self.graphdef),
+            in_shardings=(self.param_shardings, self.batch_sharding),
+            out_shardings=repl,
+        )
+        self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=train_cfg.keep)
+        self.metrics_path = self.workdir / "metrics.jsonl"
+
+    def model(self, params) -> Transformer:
+        """A usable model object holding `params` (e.g. for sampling after training)."""
+        return nnx.merge(self.graphdef, params)
+
+    # -- state ---------------------------------------------------------------
+
+    def init_or_restore(self):
+        """Fresh state, or the latest checkpoint's (resharded onto this mesh)."""
+        with jax.set_mesh(self.mesh):
+            params = self._init()
+            opt_state = self._opt_init(params)
+        step = self.ckpt.latest_step()
+        if step is None:
+            if self.primary and self.metrics_path.exists():
+                self.metrics_path.unlink()
+            return params, opt_state, 0
+        meta = self.ckpt.read_meta(step)
+        saved = meta.get("model", {})
+        if saved and saved != self.model_cfg.to_dict():
+            diff = {
+                k: (saved.get(k), v)
+                for k, v in self.model_cfg.to_dict().items()
+                if saved.get(k) != v
+            }
+            raise CheckpointError(
+                f"checkpoint in {self.ckpt.directory} was written for a different model "
+                f"(saved vs now: {diff}); use a fresh --workdir or the same model config"
+            )
+        params, opt_state, meta = self.ckpt.restore(step, params, opt_state)
+        logging.info("resumed from step %d (data position %d)", step, meta["data_position"])
+        self._truncate_metrics(step)
+        return params, opt_state, int(meta["data_position"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records logged after the checkpoint we resume from, so the curve continues."""
+        if not self.primary or not self.metrics_path.exists():
+            return
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def device_batch(self, index: int) -> jax.Array:
+        local = self.batcher.batch(index)
+        return jax.make_array_from_process_local_data(self.batch_sharding, local)
+
+    # -- loop ----------------------------------------------------------------
+
+    def evaluate(self, params) -> float:
+        losses = []
+        with jax.set_mesh(self.mesh):
+            for b in self.eval_data:
+                arr = jax.make_array_from_process_local_data(
+                    self.batch_sharding, b[self.batcher.rows]
+                )
+                losses.append(self.eval_fn(params, arr))
+        return float(np.mean(jax.device_get(losses)))
+
+    def _log(self, record: dict) -> None:
+        if self.primary:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run(self):
+        """Train to `steps`, resuming if a checkpoint exists. Returns (params, final eval loss)."""
+        from mlx_sched import plots
+
+        tc = self.tc
+        params, opt_state, start = self.init_or_restore()
+        tokens_per_step = tc.batch_size * tc.seq_len
+        t_start, t_last, last_step = time.perf_counter(), time.perf_counter(), start
+        eval_loss = float("nan")
+        kill_at = int(os.environ.get("MLX_SCHED_KILL_AT_STEP", "-1"))
+        step_arr = lambda s: jax.device_put(
+            jnp.asarray(s, jnp.int32), sharding.replicated(self.mesh)
+        )
+        for step in range(start, tc.steps):
+            batch = self.device_batch(step)
+            with jax.set_mesh(self.mesh):
+                params, opt_state, metrics = self.step_fn(params, opt_state, batch, step_arr(step))
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                tok_s = tokens_per_step * (done - last_step) / (now - t_last)
+                t_last, last_step = now, done
+                eta = (tc.steps - done) * tokens_per_step / tok_s
+                self._log(
+                    {"step": done, "split": "train", "lr": lr_at(tc, step), "tok_s": tok_s, **m}
+                )
+                logging.info(
+                    "step %d/%d  loss %.4f  grad_norm %.3f  %.0f tok/s  eta %s",
+                    done,
+                    tc.steps,
+                    m["loss"],
+                    m["grad_norm"],
+                    tok_s,
+                    _fmt_secs(eta),
+                )
+            if done % tc.eval_every == 0 or done == tc.steps:
+                eval_loss = self.evaluate(params)
+                self._log({"step": done, "split": "eval", "ce": eval_loss})
+                logging.info(
+                    "step %d  held-out loss %.4f (%.3f bits/byte)",
+                    done,
+                    eval_loss,
+                    eval_loss / np.log(2),
+                )
+                if self.primary:
+                    plots.loss_curve(self.metrics_path, self.workdir / "loss.png")
+            if done % tc.ckpt_every == 0 or done == tc.steps:
+                meta = {"step": done, "data_position": done, "model": self.model_cfg.to_dict()}
+                self.ckpt.save(done, params, opt_state, meta, force=True)
+            if done == kill_at:  # fault injection for the resume tests: die like `kill -9`
+                os.kill(os.getpid(), signal.SIGKILL)
+        self.ckpt.close()
+        if start >= tc.steps:
+            eval_loss = self.evaluate(params)
+        logging.info(
+            "trained %d steps in %s", tc.steps - start, _fmt_secs(time.perf_counter() - t_start)
+        )
+        return params, eval_loss
+
+
+def _fmt_secs(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
+    """Typed configs from a loose mapping (model / mesh / data / train), then train.
+
+    Returns (trainer, params, final held-out loss).
+    """
+    unknown = set(config) - {"model", "mesh", "data", "train", "sample", "serve"}
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
+    model_cfg = ModelConfig.from_dict(config["model"])
+    train_cfg = TrainConfig.from_dict(config["train"])
+    data_cfg = dict(config.get("data", {}))
+    check_keys(_DataConfig, data_cfg, "data config")
+    mesh = sharding.make_mesh(sharding.MeshConfig.from_dict(config.get("mesh", {})))
+    trainer = Trainer(
+        model_cfg,
+        train_cfg,
+        mesh,
+        workdir,
+        data_path=data_cfg.get("path") or None,
+        heldout_fraction=data_cfg.get("heldout_fraction", 0.02),
+    )
+    logging.info(
+        "model %s params on mesh %s; corpus %s: %d train / %d held-out tokens",
+        f"{trainer.num_params:,}",
+        dict(mesh.shape),
+        trainer.corpus.source,
+        len(trainer.corpus.train),
+        len(trainer.corpus.heldout),
+    )
+    params, eval_loss = trainer.run()
+    return trainer, params, eval_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class _DataConfig:
+    path: str = ""
+    heldout_fraction: float = 0.02

@@ -1,0 +1,102 @@
+"""Frozen, self-checking model configuration.
+
+A loose `ml_collections.ConfigDict` becomes a `ModelConfig` the moment it
+enters `models/`; every field is checked in `__post_init__` so that a bad
+value fails at config time with a one-line message, not deep in a trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says what to fix."""
+
+
+def check_keys(cls: type, given: Mapping[str, Any], where: str) -> None:
+    """Raise a ConfigError naming the closest valid key for each unknown one."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in given:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown {where} key '{key}'{hint}; valid keys: {', '.join(valid)}")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only Transformer (Llama family: RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    vocab_size: int = 264
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 768
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; matmuls accumulate in float32
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            _require(
+                self.n_heads > 0 and self.d_model % self.n_heads == 0,
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly",
+            )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            _require(
+                getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}"
+            )
+        _require(self.head_dim > 0, f"model.head_dim must be > 0, got {self.head_dim}")
+        _require(
+            self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
+            f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}",
+        )
+        _require(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        _require(self.max_seq_len > 0, f"max_seq_len must be > 0, got {self.max_seq_len}")
+        for name in ("dtype", "param_dtype"):
+            _require(
+                getattr(self, name) in DTYPES,
+                f"model.{name}='{getattr(self, name)}' is not one of {sorted(DTYPES)}",
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        d = dict(d)
+        check_keys(cls, d, "model config")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads

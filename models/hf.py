@@ -1,0 +1,212 @@
+"""Hugging Face checkpoints (config.json + safetensors) to and from our model.
+
+Supported: Llama-family decoders (model_type llama / mistral without sliding
+window). HF linear weights are [out, in]; ours are [in, ...out] with heads as
+their own axis, so loading is a transpose and a reshape. Rotary embeddings
+use the same half-split layout, so no permutation is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import ConfigError, ModelConfig
+from models.transformer import Transformer
+
+
+class HFFormatError(ValueError):
+    """The folder is not a loadable Hugging Face checkpoint; the message says why."""
+
+
+LLAMA_TYPES = ("llama", "mistral")
+
+
+def read_config(path: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise HFFormatError(f"'{path}' has no config.json; expected a Hugging Face model folder")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise HFFormatError(f"{cfg_file} is not valid JSON: {e}") from e
+
+
+def llama_model_config(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """Our ModelConfig from a Llama-family config.json dict."""
+    mtype = hf.get("model_type")
+    if mtype not in LLAMA_TYPES:
+        raise HFFormatError(f"model_type '{mtype}' is not a Llama-family model {LLAMA_TYPES}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFFormatError(f"hidden_act '{hf['hidden_act']}' unsupported (only silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise HFFormatError("attention or MLP biases are not supported")
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise HFFormatError(f"rope type '{rope['rope_type']}' is not supported (only default)")
+    if hf.get("rope_scaling"):
+        raise HFFormatError(f"rope_scaling {hf['rope_scaling']} is not supported")
+    if mtype == "mistral" and hf.get("sliding_window"):
+        raise HFFormatError("Mistral sliding-window attention is not supported")
+    n_heads = hf["num_attention_heads"]
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    fields.update(overrides)
+    try:
+        return ModelConfig(**fields)
+    except ConfigError as e:
+        raise HFFormatError(f"config.json gives an invalid model: {e}") from e
+
+
+def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of a model folder (single file or sharded with an index), as float32 numpy."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise HFFormatError(f"'{path}' has no *.safetensors files")
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="flax") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    out[name] = np.asarray(st.get_tensor(name).astype(jnp.float32))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise HFFormatError(f"cannot read {f}: {e}") from e
+    return out
+
+
+def _get(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in tensors:
+        raise HFFormatError(f"checkpoint lacks tensor '{name}'")
+    t = tensors[name]
+    if t.shape != shape:
+        raise HFFormatError(f"tensor '{name}' has shape {t.shape}, expected {shape}")
+    return t
+
+
+def llama_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Our parameter tree (pure dict) from HF Llama tensors."""
+    D, H, K, X, F, V = (
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.d_ff,
+        cfg.vocab_size,
+    )
+    p = "model."
+    tree: dict[str, Any] = {
+        "embed": _get(tensors, p + "embed_tokens.weight", (V, D)),
+        "final_norm": {"scale": _get(tensors, p + "norm.weight", (D,))},
+        "layers": {},
+    }
+    if not cfg.tie_embeddings:
+        tree["lm_head"] = _get(tensors, "lm_head.weight", (V, D)).T
+    for i in range(cfg.n_layers):
+        q = f"{p}layers.{i}."
+        lin = lambda n, shape, q=q: _get(tensors, q + n + ".weight", shape).T
+        tree["layers"][i] = {
+            "attn_norm": {"scale": _get(tensors, q + "input_layernorm.weight", (D,))},
+            "mlp_norm": {"scale": _get(tensors, q + "post_attention_layernorm.weight", (D,))},
+            "attn": {
+                "wq": lin("self_attn.q_proj", (H * X, D)).reshape(D, H, X),
+                "wk": lin("self_attn.k_proj", (K * X, D)).reshape(D, K, X),
+                "wv": lin("self_attn.v_proj", (K * X, D)).reshape(D, K, X),
+                "wo": lin("self_attn.o_proj", (D, H * X)).reshape(H, X, D),
+            },
+            "mlp": {
+                "w_gate": lin("mlp.gate_proj", (F, D)),
+                "w_up": lin("mlp.up_proj", (F, D)),
+                "w_down": lin("mlp.down_proj", (D, F)),
+            },
+        }
+    return tree
+
+
+def load_into(model: nnx.Module, tree: dict[str, Any]) -> nnx.Module:
+    """Replace a model's parameters with a pure-dict tree of the same structure."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    wdt = model.cfg.weight_dtype
+    cast = jax.tree.map(lambda a: jnp.asarray(a, wdt), tree)
+    try:
+        nnx.replace_by_pure_dict(state, cast)
+    except (KeyError, ValueError) as e:
+        raise HFFormatError(f"parameter tree does not match the model: {e}") from e
+    return nnx.merge(graphdef, state)
+
+
+def load_llama(path: str | pathlib.Path, **overrides) -> Transformer:
+    """A Transformer holding the weights of a Llama-family HF checkpoint folder."""
+    cfg = llama_model_config(read_config(path), **overrides)
+    tree = llama_params(cfg, read_safetensors(path))
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    return load_into(model, tree)
+
+
+def save_llama(model: Transformer, path: str | pathlib.Path) -> None:
+    """Write a model as a Hugging Face Llama folder (config.json + model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    cfg = model.cfg
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    D, H, K, X = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    _, state = nnx.split(model, nnx.Param)
+    t = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(state))
+    p = "model."
+    out = {p + "embed_tokens.weight": t["embed"], p + "norm.weight": t["final_norm"]["scale"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = t["lm_head"].T
+    for i, layer in t["layers"].items():
+        q = f"{p}layers.{i}."
+        a, m = layer["attn"], layer["mlp"]
+        out[q + "input_layernorm.weight"] = layer["attn_norm"]["scale"]
+        out[q + "post_attention_layernorm.weight"] = layer["mlp_norm"]["scale"]
+        out[q + "self_attn.q_proj.weight"] = a["wq"].reshape(D, H * X).T
+        out[q + "self_attn.k_proj.weight"] = a["wk"].reshape(D, K * X).T
+        out[q + "self_attn.v_proj.weight"] = a["wv"].reshape(D, K * X).T
+        out[q + "self_attn.o_proj.weight"] = a["wo"].reshape(H * X, D).T
+        out[q + "mlp.gate_proj.weight"] = m["w_gate"].T
+        out[q + "mlp.up_proj.weight"] = m["w_up"].T
+        out[q + "mlp.down_proj.weight"] = m["w_down"].T
+    save_file({k: np.ascontiguousarray(v) for k, v in out.items()}, str(path / "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": D,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": H,
+        "num_key_value_heads": K,
+        "head_dim": X,
+        "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
