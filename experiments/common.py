@@ -12,6 +12,8 @@ from absl import app, flags, logging
 from mlx_sched.checkpoint import CheckpointError
 from mlx_sched.data import DataError
 from models.config import ConfigError
+
+__all__ = ["USER_ERRORS", "ConfigError", "config_path", "require_workdir", "run"]
 from sharding.mesh import MeshError
 
 # Errors that are the user's to fix: printed as one line, exit status 2.

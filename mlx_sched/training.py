@@ -94,11 +94,11 @@ def lr_at(tc: TrainConfig, step: int) -> float:
 # ---------------------------------------------------------------------------
 
 
-def loss_fn(params, graphdef, batch_BL1, rng):
+def loss_fn(params, graphdef, batch_BL1, rng, mode="train"):
     """Next-token cross-entropy (float32) plus any auxiliary losses the model returns."""
     model = nnx.merge(graphdef, params)
     inputs_BL, targets_BL = batch_BL1[:, :-1], batch_BL1[:, 1:]
-    logits_BLV, aux = model(inputs_BL, return_aux=True, rng=rng)
+    logits_BLV, aux = model(inputs_BL, return_aux=True, rng=rng, mode=mode)
     logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
     nll_BL = -jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
     weights_BL = (targets_BL != data_lib.PAD).astype(jnp.float32)
@@ -130,7 +130,7 @@ def train_step(graphdef, tx, seed, params, opt_state, batch_BL1, step):
 
 
 def eval_step(graphdef, params, batch_BL1):
-    _, metrics = loss_fn(params, graphdef, batch_BL1, None)
+    _, metrics = loss_fn(params, graphdef, batch_BL1, None, mode="eval")
     return metrics["ce"]
 
 
@@ -290,11 +290,19 @@ class Trainer:
             if done % tc.log_every == 0 or done == tc.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
-                tok_s = tokens_per_step * (done - last_step) / (now - t_last)
+                step_time = (now - t_last) / (done - last_step)
+                tok_s = tokens_per_step / step_time
                 t_last, last_step = now, done
                 eta = (tc.steps - done) * tokens_per_step / tok_s
                 self._log(
-                    {"step": done, "split": "train", "lr": lr_at(tc, step), "tok_s": tok_s, **m}
+                    {
+                        "step": done,
+                        "split": "train",
+                        "lr": lr_at(tc, step),
+                        "tok_s": tok_s,
+                        "step_time_s": step_time,
+                        **m,
+                    }
                 )
                 logging.info(
                     "step %d/%d  loss %.4f  grad_norm %.3f  %.0f tok/s  eta %s",
@@ -340,7 +348,7 @@ def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
 
     Returns (trainer, params, final held-out loss).
     """
-    unknown = set(config) - {"model", "mesh", "data", "train", "sample", "serve"}
+    unknown = set(config) - {"kind", "model", "mesh", "data", "train", "sample", "serve"}
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
     model_cfg = ModelConfig.from_dict(config["model"])

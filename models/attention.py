@@ -11,64 +11,47 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
 from models.layers import apply_rope, constrain_act, dot, param, rope_tables
+from models.patterns import pattern_for_layer
 from sharding.rules import constrain
 
-NEG_INF = -1e30
-
-
-def causal_attention(
-    q_BLHX: jax.Array,
-    k_BTKX: jax.Array,
-    v_BTKX: jax.Array,
-    q_pos_BL: jax.Array,
-    k_pos_BT: jax.Array,
-) -> jax.Array:
-    """Dense attention where query i sees keys with position <= its own; f32 softmax.
-
-    Query heads of one kv head are folded into the query length so each
-    (batch, kv head) pair is one plain matmul (faster on CPU than a 5-D einsum).
-    """
-    B, L, H, X = q_BLHX.shape
-    T, K = k_BTKX.shape[1], k_BTKX.shape[2]
-    Q = H // K
-    q_BKMX = q_BLHX.reshape(B, L, K, Q, X).transpose(0, 2, 3, 1, 4).reshape(B, K, Q * L, X)
-    k_BKTX = k_BTKX.transpose(0, 2, 1, 3)
-    v_BKTX = v_BTKX.transpose(0, 2, 1, 3)
-    s_BKMT = jnp.einsum("bkmx,bktx->bkmt", q_BKMX, k_BKTX, preferred_element_type=jnp.float32)
-    s_BKQLT = s_BKMT.reshape(B, K, Q, L, T) * (X**-0.5)
-    mask_BLT = k_pos_BT[:, None, :] <= q_pos_BL[:, :, None]
-    s_BKQLT = jnp.where(mask_BLT[:, None, None], s_BKQLT, NEG_INF)
-    p_BKMT = jax.nn.softmax(s_BKQLT, axis=-1).astype(v_BTKX.dtype).reshape(B, K, Q * L, T)
-    o_BKMX = jnp.einsum("bkmt,bktx->bkmx", p_BKMT, v_BKTX, preferred_element_type=jnp.float32)
-    o_BLHX = o_BKMX.reshape(B, K, Q, L, X).transpose(0, 3, 1, 2, 4).reshape(B, L, H, X)
-    return o_BLHX.astype(q_BLHX.dtype)
+MODES = ("train", "eval", "serve")
 
 
 @dataclasses.dataclass
 class FullContext:
-    """Whole causal sequences of a [B, L] batch, flattened to T = B * L tokens."""
+    """Whole causal sequences of a [B, L] batch, flattened to T = B * L tokens.
+
+    `mode` tells mode-dependent layers what they serve: "train" (stochastic
+    parts on, capacity-limited MoE routing), "eval" (deterministic, training
+    routing) or "serve" (deterministic, batch-invariant: dropless MoE).
+    """
 
     batch: int
     length: int
     positions_T: jax.Array
+    mode: str = "train"
 
-    def attend(self, layer: int, q_THX, k_TKX, v_TKX) -> jax.Array:
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode '{self.mode}' is not one of {MODES}")
+
+    def attend(self, layer: int, pattern, q_THX, k_TKX, v_TKX) -> jax.Array:
         del layer
         B, L = self.batch, self.length
         pos_BL = self.positions_T.reshape(B, L)
         unflat = lambda a: a.reshape(B, L, *a.shape[1:])
-        o_BLHX = causal_attention(unflat(q_THX), unflat(k_TKX), unflat(v_TKX), pos_BL, pos_BL)
+        o_BLHX = pattern.full_attention(unflat(q_THX), unflat(k_TKX), unflat(v_TKX), pos_BL)
         return o_BLHX.reshape(B * L, *o_BLHX.shape[2:])
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
         self.cfg, self.layer = cfg, layer
+        self.pattern = pattern_for_layer(cfg, layer)
         self.dtype = cfg.compute_dtype
         D, H, K, X = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = param(rngs, (D, H, X), ("embed", "heads", "head_dim"), cfg)
@@ -90,5 +73,5 @@ class Attention(nnx.Module):
 
     def __call__(self, x_TD: jax.Array, ctx) -> jax.Array:
         q, k, v = self.qkv(x_TD, ctx.positions_T)
-        o_THX = ctx.attend(self.layer, q, k, v)
+        o_THX = ctx.attend(self.layer, self.pattern, q, k, v)
         return constrain_act(dot("thx,hxd->td", o_THX, self.wo[...], self.dtype), "act_embed")

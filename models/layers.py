@@ -72,10 +72,10 @@ class MLP(nnx.Module):
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg)
 
-    def __call__(self, x_BLD: jax.Array, rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        """Flat tokens x [T, D]; no aux outputs."""
-        del rng
-        gate_BLF = dot("td,df->tf", x_BLD, self.w_gate[...], self.dtype)
-        up_BLF = dot("td,df->tf", x_BLD, self.w_up[...], self.dtype)
-        h_BLF = constrain_act(jax.nn.silu(gate_BLF) * up_BLF, "act_mlp")
-        return dot("tf,fd->td", h_BLF, self.w_down[...], self.dtype), {}
+    def __call__(self, x_TD: jax.Array, ctx=None, rng=None) -> tuple[jax.Array, dict]:
+        """Flat tokens x [T, D]; no aux outputs (ctx and rng matter only to MoE layers)."""
+        del ctx, rng
+        gate_TF = dot("td,df->tf", x_TD, self.w_gate[...], self.dtype)
+        up_TF = dot("td,df->tf", x_TD, self.w_up[...], self.dtype)
+        h_TF = constrain_act(jax.nn.silu(gate_TF) * up_TF, "act_mlp")
+        return dot("tf,fd->td", h_TF, self.w_down[...], self.dtype), {}

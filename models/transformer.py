@@ -24,7 +24,7 @@ class Block(nnx.Module):
 
     def __call__(self, x_TD: jax.Array, ctx, rng=None) -> tuple[jax.Array, dict]:
         x_TD = x_TD + self.attn(self.attn_norm(x_TD), ctx)
-        h_TD, aux = self.mlp(self.mlp_norm(x_TD), rng=rng)
+        h_TD, aux = self.mlp(self.mlp_norm(x_TD), ctx, rng=rng)
         return constrain_act(x_TD + h_TD, "act_embed"), aux
 
 
@@ -74,13 +74,14 @@ class Transformer(nnx.Module):
         pos_BL: jax.Array | None = None,
         *,
         rng: jax.Array | None = None,
+        mode: str = "serve",
         return_aux: bool = False,
         embeddings_BLD: jax.Array | None = None,
     ):
         """tokens [B, L] -> logits [B, L, V] (and, with return_aux, a dict of aux outputs).
 
-        `embeddings_BLD`, if given, replaces the token embeddings (for gradient
-        checks with respect to inputs).
+        `mode` is "train", "eval" or "serve" (see FullContext); `embeddings_BLD`,
+        if given, replaces the token embeddings (for gradient checks w.r.t. inputs).
         """
         B, L = tokens_BL.shape
         if pos_BL is None:
@@ -89,7 +90,7 @@ class Transformer(nnx.Module):
             x_TD = self.embed_tokens(tokens_BL.reshape(B * L))
         else:
             x_TD = embeddings_BLD.reshape(B * L, -1).astype(self.cfg.compute_dtype)
-        ctx = FullContext(B, L, pos_BL.reshape(B * L))
+        ctx = FullContext(B, L, pos_BL.reshape(B * L), mode)
         x_TD, aux = self.forward(x_TD, ctx, rng)
         logits_BLV = self.logits(x_TD).reshape(B, L, -1)
         return (logits_BLV, aux) if return_aux else logits_BLV

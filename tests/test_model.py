@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from models import ConfigError, ModelConfig, Transformer
-from models.attention import causal_attention
+from models.attention_core import causal_attention
 
 
 def test_logits_shape_and_finite(tiny_cfg):

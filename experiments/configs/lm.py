@@ -53,6 +53,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         seed=0,
     )
     c.sample = dict(prompts=("def ", "import ", "class "), max_tokens=160, temperature=0.7, seed=0)
+    c.kind = "train"
     c = ml_collections.ConfigDict(c)
 
     if arg == "runlocal":
@@ -73,3 +74,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     elif arg != "default":
         raise ValueError(f"unknown variant '{arg}' of lm.py; choose default, runlocal or bf16")
     return c
+
+
+def get_sweep(arg: str = "default") -> list[dict]:
+    """Learning-rate sweep (an example of the sweep format)."""
+    del arg
+    return [{"name": f"lr{lr:g}", "train.lr": lr} for lr in (1e-3, 3e-3, 1e-2)]
