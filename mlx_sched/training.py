@@ -221,13 +221,9 @@ class Trainer:
                 self.metrics_path.unlink()
             return params, opt_state, 0
         meta = self.ckpt.read_meta(step)
-        saved = meta.get("model", {})
-        if saved and saved != self.model_cfg.to_dict():
-            diff = {
-                k: (saved.get(k), v)
-                for k, v in self.model_cfg.to_dict().items()
-                if saved.get(k) != v
-            }
+        saved, now = meta.get("model", {}), self.model_cfg.to_json_dict()
+        if saved and saved != now:
+            diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             raise CheckpointError(
                 f"checkpoint in {self.ckpt.directory} was written for a different model "
                 f"(saved vs now: {diff}); use a fresh --workdir or the same model config"
@@ -325,7 +321,7 @@ class Trainer:
                 if self.primary:
                     plots.loss_curve(self.metrics_path, self.workdir / "loss.png")
             if done % tc.ckpt_every == 0 or done == tc.steps:
-                meta = {"step": done, "data_position": done, "model": self.model_cfg.to_dict()}
+                meta = {"step": done, "data_position": done, "model": self.model_cfg.to_json_dict()}
                 self.ckpt.save(done, params, opt_state, meta, force=True)
             if done == kill_at:  # fault injection for the resume tests: die like `kill -9`
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,6 +89,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """to_dict() as it reads back from JSON (tuples become lists), for comparisons."""
+        return json.loads(json.dumps(self.to_dict()))
 
     @property
     def compute_dtype(self):
