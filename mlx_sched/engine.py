@@ -1,0 +1,291 @@
+"""The engine: `step()` = schedule -> run -> postprocess.
+
+    engine = Engine(model, ServeConfig(...))
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=32))
+    while engine.has_work():
+        for out in engine.step():
+            print(out.request_id, out.new_tokens)
+
+`generate(prompts, sampling)` does the loop for offline use; `stream(rid)`
+yields a request's tokens as they are produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+
+from mlx_sched import metrics as metrics_lib
+from mlx_sched.paging import PagePool
+from mlx_sched.policies import make_policy
+from mlx_sched.request import Request, RequestError, SamplingParams, Seq, Status, validate_prompt
+from mlx_sched.runner import Runner, StepResult
+from mlx_sched.scheduler import Scheduler, StepPlan
+from mlx_sched.serve_config import ServeConfig
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    new_tokens: list[list[int]]  # per sequence, the tokens produced by this step
+    finished: bool
+    outputs: list[list[int]]  # per sequence, everything generated so far
+    finish_reasons: list[str | None]
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        cfg: ServeConfig | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        warmup: bool = True,
+    ):
+        self.cfg = cfg or ServeConfig()
+        self.model_cfg = model.cfg
+        self.runner = Runner(model, self.cfg, mesh)
+        self.max_len = self.runner.max_len
+        self.pool = PagePool(self.cfg.num_pages, self.cfg.page_size)
+        self.sched = Scheduler(self.cfg, self.pool, self.runner.swap_out, self.runner.swap_in)
+        self.policy = make_policy(self.cfg.policy, self.cfg)
+        self.clock = clock
+        self.requests: dict[str, Request] = {}
+        self.step_records: list[metrics_lib.StepRecord] = []
+        self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._ids = itertools.count()
+        if warmup:
+            n = self.runner.warmup(
+                lambda i, n, kind, shape: logging.info("warm-up %d/%d: %s %s", i + 1, n, kind, shape)
+            )
+            logging.info("warm-up compiled %d shapes", n)
+
+    # -- requests -------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+        client: str = "default",
+        priority: int = 0,
+        arrival: float | None = None,
+        deadline: float | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> str:
+        """Validate and queue a request; raises RequestError (nothing queued) if invalid."""
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        tokens = validate_prompt(prompt, self.model_cfg.vocab_size, self.max_len, sampling.max_tokens)
+        bad_stop = [t for t in sampling.stop_tokens if not 0 <= t < self.model_cfg.vocab_size]
+        if bad_stop:
+            raise RequestError(f"stop tokens outside the vocabulary: {bad_stop}")
+        if len(sampling.stop_tokens) + 1 >= 8:
+            raise RequestError("at most 6 stop tokens per request")
+        need = self.pool.pages_for(len(tokens) + sampling.max_tokens) * sampling.n
+        if need > self.cfg.num_pages - 1:
+            raise RequestError(
+                f"request needs up to {need} KV pages but the pool has {self.cfg.num_pages - 1}; "
+                "raise serve.num_pages or lower max_tokens / n"
+            )
+        if sampling.n > self.cfg.max_seqs:
+            raise RequestError(f"n={sampling.n} exceeds serve.max_seqs={self.cfg.max_seqs}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestError(f"request id '{rid}' is already in use")
+        now = self.clock() if arrival is None else arrival
+        req = Request(rid, tokens, sampling, now, client, priority, deadline)
+        self.requests[rid] = req
+        self.sched.waiting.append(req)
+        self.policy.on_arrival(req, now)
+        if on_output is not None:
+            self._callbacks[rid] = on_output
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its pages; unknown or finished ids are a RequestError."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise RequestError(f"unknown request id '{request_id}'")
+        if req.is_finished:
+            raise RequestError(f"request '{request_id}' already {req.status.value}")
+        for queue in (self.sched.waiting, self.sched.running, self.sched.swapped):
+            if req in queue:
+                queue.remove(req)
+        for s in req.seqs:
+            self.sched.free_seq(s)
+            s.done = True
+            s.finish_reason = s.finish_reason or "abort"
+        req.status, req.finished_at = Status.ABORTED, self.clock()
+        self.policy.on_finish(req, req.finished_at)
+
+    def has_work(self) -> bool:
+        return self.sched.has_work()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        plan = self.policy.schedule(self.sched, self.clock())
+        if plan.empty:
+            if self.sched.has_work() and not self.sched.running:
+                self._fail_unschedulable()
+            return []
+        t1 = time.perf_counter()
+        result = self._run(plan)
+        t2 = time.perf_counter()
+        outputs = self._postprocess(plan, result)
+        self._record(plan, result, host_s=(t1 - t0) + (time.perf_counter() - t2) + (
+            (t2 - t1) - result.device_s))  # fmt: skip
+        return outputs
+
+    def _run(self, plan: StepPlan) -> StepResult:
+        if plan.prefill:
+            return self.runner.run_mixed(plan.decode, plan.prefill, plan.copies)
+        return self.runner.run_decode(plan.decode, plan.slice_steps, plan.copies)
+
+    def _postprocess(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        now = self.clock()
+        new: dict[int, list[int]] = {}
+        if result.kind == "mixed":
+            D = result.shape[0]
+            for i, seq in enumerate(plan.decode):
+                seq.num_computed += 1
+                self._append(seq, [int(result.tokens[i])], new, now)
+            for r, (seq, n) in enumerate(plan.prefill):
+                seq.num_computed += n
+                if seq.num_computed == len(seq.tokens):
+                    self._append(seq, [int(result.tokens[D + r])], new, now)
+        else:
+            for i, seq in enumerate(plan.decode):
+                toks = [int(t) for t in result.tokens[: min(result.iters, plan.slice_steps[i]), i]]
+                self._append(seq, toks, new, now, computed_per_token=True)
+        touched = {s.request for s in plan.decode} | {s.request for s, _ in plan.prefill}
+        outputs = []
+        for req in touched:
+            if req.status is not Status.RUNNING:
+                continue
+            for seq in req.seqs:
+                if not seq.done:
+                    self.sched.register_full_pages(seq)
+            if self.sched.needs_fork(req):
+                self.sched.fork(req)
+            if all(s.done for s in req.seqs):
+                self._finish(req, now)
+            out = self._output(req, new)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _append(self, seq: Seq, toks: list[int], new, now, computed_per_token=False) -> None:
+        """Append sampled tokens up to a stop condition; finish the sequence if one is met."""
+        sp = seq.request.sampling
+        stops = set(self.runner.stop_ids(seq))
+        taken = new.setdefault(id(seq), [])
+        for tok in toks:
+            if computed_per_token:
+                seq.num_computed += 1
+            seq.tokens.append(tok)
+            seq.token_times.append(now)
+            taken.append(tok)
+            if tok in stops:
+                seq.done, seq.finish_reason = True, "stop"
+            elif seq.num_generated >= sp.max_tokens:
+                seq.done, seq.finish_reason = True, "length"
+            if seq.done:
+                self.sched.register_full_pages(seq)
+                self.sched.free_seq(seq)
+                break
+        self.policy.on_tokens(seq.request, len(taken), now)
+
+    def _finish(self, req: Request, now: float) -> None:
+        req.status, req.finished_at = Status.FINISHED, now
+        self.sched.running.remove(req)
+        self.policy.on_finish(req, now)
+
+    def _output(self, req: Request, new) -> RequestOutput | None:
+        toks = [new.get(id(s), []) for s in req.seqs]
+        if not any(toks) and not req.is_finished:
+            return None
+        out = RequestOutput(
+            req.id, toks, req.is_finished, req.outputs(), [s.finish_reason for s in req.seqs]
+        )
+        cb = self._callbacks.get(req.id)
+        if cb is not None:
+            cb(out)
+            if req.is_finished:
+                del self._callbacks[req.id]
+        return out
+
+    def _fail_unschedulable(self) -> None:
+        """Nothing running and nothing admissible: the head request can never fit; fail it."""
+        req = self.sched.waiting[0] if self.sched.waiting else self.sched.swapped[0]
+        req.error = "cannot be scheduled: not enough KV pages even with the engine idle"
+        logging.error("request %s %s", req.id, req.error)
+        self.abort(req.id)
+
+    def _record(self, plan: StepPlan, result: StepResult, host_s: float) -> None:
+        Z = self.cfg.page_size
+        filled: dict[int, int] = {}
+        for req in self.sched.running:
+            for s in req.live_seqs:
+                for i, p in enumerate(s.pages):
+                    filled[p] = max(filled.get(p, 0), min(Z, max(0, s.num_computed - i * Z)))
+        self.step_records.append(
+            metrics_lib.StepRecord(
+                t=self.clock(),
+                kind=result.kind,
+                shape=result.shape,
+                num_decode=len(plan.decode),
+                num_prefill_tokens=sum(n for _, n in plan.prefill),
+                num_prefill_seqs=len(plan.prefill),
+                iters=result.iters,
+                new_tokens=0,
+                running=self.sched.num_running_seqs,
+                waiting=len(self.sched.waiting),
+                pages_in_use=self.pool.num_in_use,
+                live_tokens=sum(filled.values()),
+                host_s=host_s,
+                device_s=result.device_s,
+                page_size=Z,
+            )
+        )
+
+    # -- conveniences -------------------------------------------------------------------
+
+    def stream(self, request_id: str) -> Iterator[list[list[int]]]:
+        """Drive the engine until `request_id` finishes, yielding its new tokens per step."""
+        req = self.requests[request_id]
+        while not req.is_finished:
+            for out in self.step():
+                if out.request_id == request_id and any(out.new_tokens):
+                    yield out.new_tokens
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Offline: run every prompt to completion; outputs in prompt order."""
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
+        while any(not self.requests[i].is_finished for i in ids):
+            self.step()
+        return [
+            RequestOutput(i, [], True, self.requests[i].outputs(),
+                          [s.finish_reason for s in self.requests[i].seqs])
+            for i in ids
+        ]  # fmt: skip
+
+    def request_metrics(self) -> list[dict]:
+        return [metrics_lib.request_metrics(r) for r in self.requests.values()]
+
+    def summary(self, wall_s: float) -> dict:
+        return metrics_lib.summarize(self.request_metrics(), self.step_records, wall_s)

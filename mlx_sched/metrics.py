@@ -1,0 +1,148 @@
+"""Serving metrics: per request (TTFT, TPOT, ITL, E2E, scheduling delay, preemptions),
+per step (composition, bucket, KV use, host vs device time), and summaries.
+
+Definitions follow reference/algorithms.md: TTFT = first token - arrival;
+TPOT = (last - first) / (n_out - 1); ITL = every gap between a sequence's
+tokens, pooled; E2E = last token - arrival; normalized latency = E2E / n_out;
+scheduling delay = first scheduled - arrival.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+
+from mlx_sched.request import Request
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclasses.dataclass
+class StepRecord:
+    t: float  # wall time at the end of the step
+    kind: str  # "mixed" | "decode"
+    shape: tuple  # compiled bucket: (D, Tp) or (D, S)
+    num_decode: int
+    num_prefill_tokens: int
+    num_prefill_seqs: int
+    iters: int  # decode iterations run (a slice may stop early)
+    new_tokens: int
+    running: int
+    waiting: int
+    pages_in_use: int
+    live_tokens: int  # tokens whose KV the running sequences hold
+    host_s: float  # schedule + batch building + postprocess
+    device_s: float  # dispatch -> results back
+    page_size: int
+
+    @property
+    def kv_live_fraction(self) -> float:
+        """Share of allocated KV slots holding a live token."""
+        return self.live_tokens / max(1, self.pages_in_use * self.page_size)
+
+
+def request_metrics(req: Request) -> dict:
+    """Latency metrics of one finished request (first sequence for TTFT/TPOT; ITL pooled)."""
+    times = [s.token_times for s in req.seqs if s.token_times]
+    out: dict = {"id": req.id, "client": req.client, "priority": req.priority,
+                 "prompt_len": req.prompt_len, "status": req.status.value,
+                 "preemptions": req.preemptions}  # fmt: skip
+    n_out = sum(len(s.output) for s in req.seqs)
+    out["output_len"] = n_out
+    if not times:
+        return out
+    first = min(t[0] for t in times)
+    last = max(t[-1] for t in times)
+    out["ttft"] = first - req.arrival
+    out["e2e"] = last - req.arrival
+    t0 = times[0]
+    out["tpot"] = (t0[-1] - t0[0]) / (len(t0) - 1) if len(t0) > 1 else 0.0
+    out["itl"] = [b - a for t in times for a, b in zip(t[:-1], t[1:], strict=True)]
+    out["normalized_latency"] = out["e2e"] / max(1, n_out)
+    if req.first_scheduled is not None:
+        out["scheduling_delay"] = req.first_scheduled - req.arrival
+    return out
+
+
+def percentiles(values, ps=PERCENTILES) -> dict:
+    if len(values) == 0:
+        return {f"p{p}": float("nan") for p in ps} | {"mean": float("nan")}
+    arr = np.asarray(values, np.float64)
+    return {f"p{p}": float(np.percentile(arr, p)) for p in ps} | {"mean": float(arr.mean())}
+
+
+def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> dict:
+    """Aggregate request and step metrics into one JSON-able summary."""
+    done = [r for r in requests if r["status"] == "finished"]
+    out_tokens = sum(r["output_len"] for r in done)
+    prompt_tokens = sum(r["prompt_len"] for r in done)
+    host = sum(s.host_s for s in steps)
+    device = sum(s.device_s for s in steps)
+    decode_steps = [s for s in steps if s.kind == "decode"]
+    return {
+        "requests": len(requests),
+        "finished": len(done),
+        "wall_s": wall_s,
+        "output_tokens": out_tokens,
+        "prompt_tokens": prompt_tokens,
+        "output_tok_s": out_tokens / wall_s if wall_s else float("nan"),
+        "total_tok_s": (out_tokens + prompt_tokens) / wall_s if wall_s else float("nan"),
+        "ttft": percentiles([r["ttft"] for r in done if "ttft" in r]),
+        "tpot": percentiles([r["tpot"] for r in done if "tpot" in r]),
+        "itl": percentiles([x for r in done for x in r.get("itl", [])]),
+        "e2e": percentiles([r["e2e"] for r in done if "e2e" in r]),
+        "normalized_latency": percentiles([r["normalized_latency"] for r in done if "e2e" in r]),
+        "scheduling_delay": percentiles([r.get("scheduling_delay", 0.0) for r in done]),
+        "preemptions": sum(r["preemptions"] for r in requests),
+        "steps": len(steps),
+        "decode_steps": len(decode_steps),
+        "host_s": host,
+        "device_s": device,
+        "host_share": host / max(1e-12, host + device),
+        "kv_live_fraction": percentiles([s.kv_live_fraction for s in steps if s.pages_in_use]),
+        "buckets": _bucket_counts(steps),
+    }
+
+
+def _bucket_counts(steps: list[StepRecord]) -> dict:
+    counts: dict[str, int] = {}
+    for s in steps:
+        key = f"{s.kind}{list(s.shape)}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_json(path: str | pathlib.Path, obj) -> None:
+    pathlib.Path(path).write_text(json.dumps(obj, indent=2, default=_jsonable))
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    raise TypeError(type(x))
+
+
+def format_table(summary: dict) -> str:
+    """A human-readable table of the headline numbers."""
+    rows = [
+        ("requests finished", f"{summary['finished']}/{summary['requests']}"),
+        ("throughput (output tok/s)", f"{summary['output_tok_s']:.1f}"),
+        ("throughput (prompt+output tok/s)", f"{summary['total_tok_s']:.1f}"),
+    ]
+    for key in ("ttft", "tpot", "itl", "e2e", "scheduling_delay"):
+        p = summary[key]
+        rows.append((f"{key} p50 / p90 / p99 (ms)",
+                     f"{1e3 * p['p50']:.1f} / {1e3 * p['p90']:.1f} / {1e3 * p['p99']:.1f}"))  # fmt: skip
+    rows += [
+        ("preemptions", str(summary["preemptions"])),
+        ("steps (decode slices)", f"{summary['steps']} ({summary['decode_steps']})"),
+        ("host share of step time", f"{100 * summary['host_share']:.1f}%"),
+        ("KV slots holding live tokens (p50)", f"{100 * summary['kv_live_fraction']['p50']:.1f}%"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,88 @@
+"""The policy interface and the building blocks most policies share."""
+
+from __future__ import annotations
+
+from mlx_sched.request import Request, Seq
+from mlx_sched.scheduler import Scheduler, StepPlan
+from mlx_sched.serve_config import ServeConfig
+
+
+class Policy:
+    """Decides each step who computes how many tokens; see mlx_sched/policies/__init__.py."""
+
+    name = "base"
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+
+    def schedule(self, sched: Scheduler, now: float) -> StepPlan:
+        raise NotImplementedError
+
+    # hooks (no-ops by default)
+    def on_arrival(self, req: Request, now: float) -> None: ...
+
+    def on_tokens(self, req: Request, num_new: int, now: float) -> None: ...
+
+    def on_finish(self, req: Request, now: float) -> None: ...
+
+    # -- shared building blocks ----------------------------------------------------
+
+    def schedule_decodes(self, sched: Scheduler, plan: StepPlan, order: list[Request]) -> None:
+        """One token for every decoding sequence of `order`; preempt from the tail when short."""
+        for req in list(order):
+            if req not in sched.running:
+                continue  # preempted below while making room
+            for seq in req.live_seqs:
+                if seq.remaining != 1:
+                    continue
+                while not sched.reserve(seq, 1, plan):
+                    victim = next(r for r in reversed(order) if r in sched.running)
+                    sched.preempt(victim, plan)
+                    if victim is req:
+                        break
+                if req not in sched.running:
+                    break
+                plan.decode.append(seq)
+
+    def schedule_prefill(self, sched: Scheduler, plan: StepPlan, seq: Seq, budget: int) -> int:
+        """Schedule up to `budget` of seq's uncomputed tokens as one chunk; returns tokens used."""
+        if len(plan.prefill) >= self.cfg.max_prefill_rows or budget <= 0:
+            return 0
+        n = min(sched.max_chunk(seq), budget, self.cfg.prefill_chunk)
+        if n <= 0 or not sched.reserve(seq, n, plan):
+            return 0
+        plan.prefill.append((seq, n))
+        return n
+
+    def try_admit(self, sched: Scheduler, plan: StepPlan, req: Request, budget: int, now) -> int:
+        """Admit `req` and schedule its first chunk; undo and return 0 if it does not fit."""
+        if sched.num_running_seqs + sched.seqs_needed(req) > self.cfg.max_seqs:
+            return 0
+        if len(plan.prefill) >= self.cfg.max_prefill_rows:
+            return 0
+        seq = sched.admit(req, now)
+        if sched.needs_fork(req):
+            sched.fork(req)
+            self.schedule_decodes(sched, plan, [req])
+            return len(req.seqs) if req in sched.running else 0
+        used = self.schedule_prefill(sched, plan, seq, budget)
+        if used == 0:
+            sched.unadmit(req)
+        return used
+
+    def finish_plan(self, sched: Scheduler, plan: StepPlan) -> StepPlan:
+        """Decode-only plans run as a slice of up to slice_len iterations."""
+        if plan.prefill or not plan.decode or self.cfg.slice_len == 1:
+            plan.slice_steps = [1] * len(plan.decode)
+            return plan
+        S = self.cfg.slice_len
+        steps = []
+        for seq in plan.decode:
+            want = min(S, seq.request.sampling.max_tokens - seq.num_generated)
+            # extend the one-token reservation to the whole slice if pages allow
+            n = want
+            while n > 1 and not sched.reserve(seq, n, plan):
+                n //= 2
+            steps.append(max(1, n))
+        plan.slice_len, plan.slice_steps = S, steps
+        return plan
