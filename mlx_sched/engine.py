@@ -61,7 +61,9 @@ class Engine:
         self._ids = itertools.count()
         if warmup:
             n = self.runner.warmup(
-                lambda i, n, kind, shape: logging.info("warm-up %d/%d: %s %s", i + 1, n, kind, shape)
+                lambda i, n, kind, shape: logging.info(
+                    "warm-up %d/%d: %s %s", i + 1, n, kind, shape
+                )
             )
             logging.info("warm-up compiled %d shapes", n)
 
@@ -82,7 +84,9 @@ class Engine:
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        tokens = validate_prompt(prompt, self.model_cfg.vocab_size, self.max_len, sampling.max_tokens)
+        tokens = validate_prompt(
+            prompt, self.model_cfg.vocab_size, self.max_len, sampling.max_tokens
+        )
         bad_stop = [t for t in sampling.stop_tokens if not 0 <= t < self.model_cfg.vocab_size]
         if bad_stop:
             raise RequestError(f"stop tokens outside the vocabulary: {bad_stop}")
@@ -141,8 +145,10 @@ class Engine:
         result = self._run(plan)
         t2 = time.perf_counter()
         outputs = self._postprocess(plan, result)
-        self._record(plan, result, host_s=(t1 - t0) + (time.perf_counter() - t2) + (
-            (t2 - t1) - result.device_s))  # fmt: skip
+        new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
+        build_s = (t2 - t1) - result.device_s
+        host_s = (t1 - t0) + build_s + (time.perf_counter() - t2)
+        self._record(plan, result, host_s, new_tokens)
         return outputs
 
     def _run(self, plan: StepPlan) -> StepResult:
@@ -230,7 +236,7 @@ class Engine:
         logging.error("request %s %s", req.id, req.error)
         self.abort(req.id)
 
-    def _record(self, plan: StepPlan, result: StepResult, host_s: float) -> None:
+    def _record(self, plan: StepPlan, result: StepResult, host_s: float, new_tokens: int) -> None:
         Z = self.cfg.page_size
         filled: dict[int, int] = {}
         for req in self.sched.running:
@@ -246,7 +252,7 @@ class Engine:
                 num_prefill_tokens=sum(n for _, n in plan.prefill),
                 num_prefill_seqs=len(plan.prefill),
                 iters=result.iters,
-                new_tokens=0,
+                new_tokens=new_tokens,
                 running=self.sched.num_running_seqs,
                 waiting=len(self.sched.waiting),
                 pages_in_use=self.pool.num_in_use,
@@ -279,10 +285,15 @@ class Engine:
         while any(not self.requests[i].is_finished for i in ids):
             self.step()
         return [
-            RequestOutput(i, [], True, self.requests[i].outputs(),
-                          [s.finish_reason for s in self.requests[i].seqs])
+            RequestOutput(
+                i,
+                [],
+                True,
+                self.requests[i].outputs(),
+                [s.finish_reason for s in self.requests[i].seqs],
+            )
             for i in ids
-        ]  # fmt: skip
+        ]
 
     def request_metrics(self) -> list[dict]:
         return [metrics_lib.request_metrics(r) for r in self.requests.values()]

@@ -47,9 +47,14 @@ class StepRecord:
 def request_metrics(req: Request) -> dict:
     """Latency metrics of one finished request (first sequence for TTFT/TPOT; ITL pooled)."""
     times = [s.token_times for s in req.seqs if s.token_times]
-    out: dict = {"id": req.id, "client": req.client, "priority": req.priority,
-                 "prompt_len": req.prompt_len, "status": req.status.value,
-                 "preemptions": req.preemptions}  # fmt: skip
+    out: dict = {
+        "id": req.id,
+        "client": req.client,
+        "priority": req.priority,
+        "prompt_len": req.prompt_len,
+        "status": req.status.value,
+        "preemptions": req.preemptions,
+    }
     n_out = sum(len(s.output) for s in req.seqs)
     out["output_len"] = n_out
     if not times:
@@ -99,6 +104,8 @@ def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> d
         "preemptions": sum(r["preemptions"] for r in requests),
         "steps": len(steps),
         "decode_steps": len(decode_steps),
+        "decode_tok_s": sum(s.new_tokens for s in decode_steps)
+        / max(1e-12, sum(s.host_s + s.device_s for s in decode_steps)),
         "host_s": host,
         "device_s": device,
         "host_share": host / max(1e-12, host + device),
@@ -136,8 +143,8 @@ def format_table(summary: dict) -> str:
     ]
     for key in ("ttft", "tpot", "itl", "e2e", "scheduling_delay"):
         p = summary[key]
-        rows.append((f"{key} p50 / p90 / p99 (ms)",
-                     f"{1e3 * p['p50']:.1f} / {1e3 * p['p90']:.1f} / {1e3 * p['p99']:.1f}"))  # fmt: skip
+        ms = " / ".join(f"{1e3 * p[q]:.1f}" for q in ("p50", "p90", "p99"))
+        rows.append((f"{key} p50 / p90 / p99 (ms)", ms))
     rows += [
         ("preemptions", str(summary["preemptions"])),
         ("steps (decode slices)", f"{summary['steps']} ({summary['decode_steps']})"),

@@ -1,4 +1,4 @@
-"""Host-side page pool over the device KV arrays: allocation, refcounts, copy-on-write, prefix cache.
+"""Host-side page pool over the device KV arrays: allocation, refcounts, copy-on-write, caching.
 
 Page 0 is the null page: padding reads and writes land there and it is never
 allocated. A page is in exactly one of three states:

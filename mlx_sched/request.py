@@ -129,7 +129,9 @@ class Request:
         return [s.output for s in self.seqs]
 
 
-def validate_prompt(prompt: Sequence[int], vocab_size: int, max_len: int, max_tokens: int) -> list[int]:
+def validate_prompt(
+    prompt: Sequence[int], vocab_size: int, max_len: int, max_tokens: int
+) -> list[int]:
     """The prompt as a list of ints, or a RequestError saying what is wrong with it."""
     try:
         tokens = [int(t) for t in prompt]

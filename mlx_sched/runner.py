@@ -333,17 +333,30 @@ class Runner:
         z = lambda *s: np.zeros(s, np.int32)
         rows = self._sampling_rows([None] * (D + R), [0] * (D + R))
         return {
-            "tokens": z(D + Tp), "positions": z(D + Tp), "write_page": z(D + Tp),
-            "write_offset": z(D + Tp), "dec_pages": z(D, self.W), "dec_len": z(D),
-            "pre_index": np.full((R, C), Tp, np.int32), "pre_pages": z(R, self.W),
-            "pre_len": z(R), "sample_index": z(D + R), **rows, **self._copies([]),
-        }  # fmt: skip
+            "tokens": z(D + Tp),
+            "positions": z(D + Tp),
+            "write_page": z(D + Tp),
+            "write_offset": z(D + Tp),
+            "dec_pages": z(D, self.W),
+            "dec_len": z(D),
+            "pre_index": np.full((R, C), Tp, np.int32),
+            "pre_pages": z(R, self.W),
+            "pre_len": z(R),
+            "sample_index": z(D + R),
+            **rows,
+            **self._copies([]),
+        }
 
     def _dummy_decode(self, D) -> dict:
         z = lambda *s: np.zeros(s, np.int32)
         rows = self._sampling_rows([None] * D, [0] * D)
         del rows["sample_pos"]
         return {
-            "tokens": z(D), "positions": z(D), "pages": z(D, self.W), "steps": z(D),
-            "stop_ids": np.full((D, NUM_STOP_IDS), -1, np.int32), **rows, **self._copies([]),
-        }  # fmt: skip
+            "tokens": z(D),
+            "positions": z(D),
+            "pages": z(D, self.W),
+            "steps": z(D),
+            "stop_ids": np.full((D, NUM_STOP_IDS), -1, np.int32),
+            **rows,
+            **self._copies([]),
+        }

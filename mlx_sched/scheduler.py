@@ -81,9 +81,10 @@ class Scheduler:
         first, last = start // Z, (end - 1) // Z
         new = max(0, last + 1 - len(seq.pages))
         shared = [
-            i for i in range(first, min(last + 1, len(seq.pages)))
+            i
+            for i in range(first, min(last + 1, len(seq.pages)))
             if self.pool.refcount[seq.pages[i]] > 1
-        ]  # fmt: skip
+        ]
         if new + len(shared) > self.pool.num_available:
             return False
         if len(plan.copies) + len(shared) > self.cfg.max_copies:
@@ -151,9 +152,16 @@ class Scheduler:
             for p in seq0.pages:
                 self.pool.incref(p)
             req.seqs.append(
-                Seq(req, j, list(seq0.tokens), list(seq0.pages), seq0.num_computed,
-                    seq0.num_cached, list(seq0.page_hashes))
-            )  # fmt: skip
+                Seq(
+                    req,
+                    j,
+                    list(seq0.tokens),
+                    list(seq0.pages),
+                    seq0.num_computed,
+                    seq0.num_cached,
+                    list(seq0.page_hashes),
+                )
+            )
 
     def needs_fork(self, req: Request) -> bool:
         s = req.seqs[0]

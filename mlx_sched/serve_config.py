@@ -56,7 +56,9 @@ class ServeConfig:
         need(self.attn_chunk_pages >= 1, "attn_chunk_pages must be >= 1")
         need(self.preemption in PREEMPTION_MODES, f"preemption must be one of {PREEMPTION_MODES}")
         need(self.max_copies >= 1, "max_copies must be >= 1")
-        need(self.kv_dtype in ("", "float32", "bfloat16"), "kv_dtype must be '', float32 or bfloat16")
+        need(
+            self.kv_dtype in ("", "float32", "bfloat16"), "kv_dtype must be '', float32 or bfloat16"
+        )
         chunk = self.prefill_chunk or self.token_budget
         need(0 < chunk <= self.token_budget, "prefill_chunk must be in [1, token_budget]")
         object.__setattr__(self, "prefill_chunk", chunk)

@@ -34,7 +34,9 @@ def read_pages(k, v, pages_M):
 
 def write_pages(k, v, pages_M, k_data, v_data):
     """Write page contents back (swap in); padding entries target the null page."""
-    return k.at[:, pages_M].set(k_data.astype(k.dtype)), v.at[:, pages_M].set(v_data.astype(v.dtype))
+    return k.at[:, pages_M].set(k_data.astype(k.dtype)), v.at[:, pages_M].set(
+        v_data.astype(v.dtype)
+    )
 
 
 def _sample_rows(logits_SV, b, prefix=""):
@@ -73,7 +75,7 @@ def mixed_step(graphdef, chunk_pages: int, params, k, v, b):
 
 
 def decode_slice(graphdef, chunk_pages: int, page_size: int, slice_len: int, params, k, v, b):
-    """Up to `slice_len` decode iterations for D slots; returns (k, v, tokens_SD, logp_SD, iters)."""
+    """Up to `slice_len` decode iterations for D slots -> (k, v, tokens_SD, logp_SD, iters)."""
     model = nnx.merge(graphdef, params)
     k, v = copy_pages(k, v, b["copy_src"], b["copy_dst"])
     pages_DW = b["pages"]

@@ -210,3 +210,11 @@ def save_llama(model: Transformer, path: str | pathlib.Path) -> None:
         "torch_dtype": "float32",
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_model(path: str | pathlib.Path, **overrides):
+    """Load any supported Hugging Face decoder folder, dispatching on config.json's model_type."""
+    mtype = read_config(path).get("model_type")
+    if mtype in LLAMA_TYPES:
+        return load_llama(path, **overrides)
+    raise HFFormatError(f"model_type '{mtype}' is not supported (supported: {LLAMA_TYPES})")

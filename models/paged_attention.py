@@ -25,66 +25,101 @@ import jax.numpy as jnp
 
 from models.attention_core import NEG_INF
 
+SMALL_QUERY_GROUP = 8  # query rows per kv head below which block-diagonal matmuls win
+
+
+def _scores(q_GKMX, k_GTKX):
+    """[G, K, M, T] scores. Few queries per kv head (decode): one block-diagonal matmul
+    per group avoids transposing the gathered keys (a slow batched mat-vec on CPU)."""
+    G, K, M, X = q_GKMX.shape
+    T = k_GTKX.shape[1]
+    if M <= SMALL_QUERY_GROUP:
+        eye = jnp.eye(K, dtype=q_GKMX.dtype)
+        q_bd = jnp.einsum("gkmx,kj->gkxjm", q_GKMX, eye).reshape(G, K * X, K * M)
+        s = jnp.matmul(k_GTKX.reshape(G, T, K * X), q_bd, preferred_element_type=jnp.float32)
+        return s.reshape(G, T, K, M).transpose(0, 2, 3, 1)
+    k_GKTX = k_GTKX.transpose(0, 2, 1, 3)
+    return jnp.einsum("gkmx,gktx->gkmt", q_GKMX, k_GKTX, preferred_element_type=jnp.float32)
+
+
+def _weighted_values(p_GKMT, v_GTKX):
+    """[G, K, M, X] = sum_t p * v, in the matmul form that suits the query count."""
+    G, K, M, T = p_GKMT.shape
+    X = v_GTKX.shape[-1]
+    if M <= SMALL_QUERY_GROUP:
+        p_GMT = p_GKMT.reshape(G, K * M, T)
+        o = jnp.matmul(p_GMT, v_GTKX.reshape(G, T, K * X), preferred_element_type=jnp.float32)
+        return jnp.einsum("gkmjx,kj->gkmx", o.reshape(G, K, M, K, X), jnp.eye(K, dtype=o.dtype))
+    v_GKTX = v_GTKX.transpose(0, 2, 1, 3)
+    return jnp.einsum("gkmt,gktx->gkmx", p_GKMT, v_GKTX, preferred_element_type=jnp.float32)
+
 
 def paged_attention(
     q_GLHX: jax.Array,
-    k_cache_PZKX: jax.Array,
-    v_cache_PZKX: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
     pages_GW: jax.Array,
     q_pos_GL: jax.Array,
     kv_len_G: jax.Array,
     pattern,
     chunk_pages: int = 8,
+    layer: int | None = None,
 ) -> jax.Array:
     """Attention of G query groups over their paged context; f32 online softmax.
 
-    Key j of a group (position j < W * Z) is visible to query i when j < kv_len
-    and the pattern allows (q_pos_i, j). The context is read in chunks of
-    `chunk_pages` pages inside a loop whose trip count is set by the longest
-    context in the batch at run time, so the table width W is not a compile-time
-    bucket and no step gathers more KV than its longest context needs. Queries
-    with no visible key (padding) return zeros.
+    `k_cache`/`v_cache` are [P, Z, K, X], or the whole [N, P, Z, K, X] cache with
+    `layer` given (gathering `cache[layer, pages]` in one indexing op is several
+    times faster on CPU than slicing the layer first). Key j of a group (position
+    j < W * Z) is visible to query i when j < kv_len and the pattern allows
+    (q_pos_i, j). The context is read in chunks of `chunk_pages` pages inside a
+    loop whose trip count is set by the longest context in the batch at run time,
+    so the table width W is not a compile-time bucket and no step reads more KV
+    than its longest context needs. Queries with no visible key return zeros.
     """
-    k_cache_PZKX, v_cache_PZKX = jnp.asarray(k_cache_PZKX), jnp.asarray(v_cache_PZKX)
+    k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)
     pages_GW, q_pos_GL, kv_len_G = map(jnp.asarray, (pages_GW, q_pos_GL, kv_len_G))
     G, L, H, X = q_GLHX.shape
-    _, Z, K, _ = k_cache_PZKX.shape
+    Z, K = k_cache.shape[-3], k_cache.shape[-2]
     W = pages_GW.shape[1]
-    Q = H // K
+    Q, M = H // K, (H // K) * L
     cp = min(chunk_pages, W)
     n_total = -(-W // cp)
     pages_GNC = jnp.pad(pages_GW, ((0, 0), (0, n_total * cp - W))).reshape(G, n_total, cp)
-    q_GKQLX = q_GLHX.reshape(G, L, K, Q, X).transpose(0, 2, 3, 1, 4)
+    q_GKMX = q_GLHX.reshape(G, L, K, Q, X).transpose(0, 2, 3, 1, 4).reshape(G, K, M, X)
+    q_GKMX = q_GKMX * jnp.asarray(X**-0.5, q_GKMX.dtype)
     chunk = cp * Z
     n_chunks = jnp.minimum((jnp.max(kv_len_G) + chunk - 1) // chunk, n_total)
 
+    def gather(cache, pg_GC):
+        got = cache[pg_GC] if layer is None else cache[layer, pg_GC]
+        return got.reshape(G, chunk, K, X)
+
     def body(i, carry):
-        m_GKQL, l_GKQL, acc_GKQLX = carry
+        m_GKM, l_GKM, acc_GKMX = carry
         pg_GC = jax.lax.dynamic_index_in_dim(pages_GNC, i, axis=1, keepdims=False)
-        k_GTKX = k_cache_PZKX[pg_GC].reshape(G, chunk, K, X)
-        v_GTKX = v_cache_PZKX[pg_GC].reshape(G, chunk, K, X)
+        k_GTKX, v_GTKX = gather(k_cache, pg_GC), gather(v_cache, pg_GC)
         k_pos_GT = jnp.broadcast_to(i * chunk + jnp.arange(chunk, dtype=jnp.int32), (G, chunk))
         ok_GPLT = pattern.mask(q_pos_GL, k_pos_GT) & (k_pos_GT < kv_len_G[:, None])[:, None, None]
-        ok = ok_GPLT.reshape(G, K, Q, L, chunk) if ok_GPLT.shape[1] == H else ok_GPLT[:, :, None]
-        s = jnp.einsum("gkqlx,gtkx->gkqlt", q_GKQLX, k_GTKX, preferred_element_type=jnp.float32)
-        s = jnp.where(ok, s * (X**-0.5), NEG_INF)
-        m_new = jnp.maximum(m_GKQL, jnp.max(s, axis=-1))
+        if ok_GPLT.shape[1] == H:  # per-head pattern
+            ok = ok_GPLT.reshape(G, K, Q, L, chunk).reshape(G, K, M, chunk)
+        else:
+            ok = jnp.broadcast_to(ok_GPLT[:, :, None], (G, 1, Q, L, chunk)).reshape(G, 1, M, chunk)
+        s = jnp.where(ok, _scores(q_GKMX, k_GTKX), NEG_INF)
+        m_new = jnp.maximum(m_GKM, jnp.max(s, axis=-1))
         p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
-        scale = jnp.exp(m_GKQL - m_new)
-        l_new = l_GKQL * scale + jnp.sum(p, axis=-1)
-        pv = jnp.einsum(
-            "gkqlt,gtkx->gkqlx", p.astype(v_GTKX.dtype), v_GTKX, preferred_element_type=jnp.float32
-        )
-        return m_new, l_new, acc_GKQLX * scale[..., None] + pv
+        scale = jnp.exp(m_GKM - m_new)
+        pv = _weighted_values(p.astype(v_GTKX.dtype), v_GTKX)
+        return m_new, l_GKM * scale + jnp.sum(p, axis=-1), acc_GKMX * scale[..., None] + pv
 
     init = (
-        jnp.full((G, K, Q, L), NEG_INF, jnp.float32),
-        jnp.zeros((G, K, Q, L), jnp.float32),
-        jnp.zeros((G, K, Q, L, X), jnp.float32),
+        jnp.full((G, K, M), NEG_INF, jnp.float32),
+        jnp.zeros((G, K, M), jnp.float32),
+        jnp.zeros((G, K, M, X), jnp.float32),
     )
-    _, l_GKQL, acc_GKQLX = jax.lax.fori_loop(0, n_chunks, body, init)
-    o_GKQLX = acc_GKQLX / jnp.maximum(l_GKQL, 1e-30)[..., None]
-    return o_GKQLX.transpose(0, 3, 1, 2, 4).reshape(G, L, H, X).astype(q_GLHX.dtype)
+    _, l_GKM, acc_GKMX = jax.lax.fori_loop(0, n_chunks, body, init)
+    o_GKMX = acc_GKMX / jnp.maximum(l_GKM, 1e-30)[..., None]
+    o_GLHX = o_GKMX.reshape(G, K, Q, L, X).transpose(0, 3, 1, 2, 4).reshape(G, L, H, X)
+    return o_GLHX.astype(q_GLHX.dtype)
 
 
 @dataclasses.dataclass
@@ -115,7 +150,6 @@ class PagedContext:
         self.v = self.v.at[layer, self.write_page_T, self.write_offset_T].set(
             v_TKX.astype(self.v.dtype)
         )
-        k_layer, v_layer = self.k[layer], self.v[layer]
         D = self.num_decode
         q_THX = q_THX.astype(self.k.dtype)
         outs = []
@@ -123,13 +157,14 @@ class PagedContext:
             q_pos = self.positions_T[:D, None]
             o = paged_attention(
                 q_THX[:D, None],
-                k_layer,
-                v_layer,
+                self.k,
+                self.v,
                 self.dec_pages_DW,
                 q_pos,
                 self.dec_len_D,
                 pattern,
                 self.chunk_pages,
+                layer,
             )
             outs.append(o[:, 0])
         if self.pre_index_RC is not None:
@@ -140,13 +175,14 @@ class PagedContext:
             pos_pad = jnp.concatenate([self.positions_T[D:], jnp.zeros((1,), jnp.int32)])
             o_RCHX = paged_attention(
                 q_pad[self.pre_index_RC],
-                k_layer,
-                v_layer,
+                self.k,
+                self.v,
                 self.pre_pages_RW,
                 pos_pad[self.pre_index_RC],
                 self.pre_len_R,
                 pattern,
                 self.chunk_pages,
+                layer,
             )
             # scatter rows back to packed token order (padding cells go to the dummy row Tp)
             flat = jnp.zeros((Tp + 1, *o_RCHX.shape[2:]), o_RCHX.dtype)

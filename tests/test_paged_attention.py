@@ -18,9 +18,7 @@ def _dense_rows(q_GLHX, k_GTKX, v_GTKX, q_pos_GL, kv_len_G):
     for g in range(q_GLHX.shape[0]):
         n = int(kv_len_G[g])
         k, v = k_GTKX[g : g + 1, :n], v_GTKX[g : g + 1, :n]
-        o = causal_attention(
-            q_GLHX[g : g + 1], k, v, q_pos_GL[g : g + 1], jnp.arange(n)[None]
-        )
+        o = causal_attention(q_GLHX[g : g + 1], k, v, q_pos_GL[g : g + 1], jnp.arange(n)[None])
         out.append(o[0])
     return np.stack(out)
 
@@ -51,8 +49,15 @@ def test_padding_queries_return_zeros():
     P, Z, K, X = 4, 2, 1, 4
     cache = np.ones((P, Z, K, X), np.float32)
     q = np.ones((2, 1, 2, X), np.float32)
-    out = paged_attention(q, cache, cache, np.zeros((2, 3), np.int32),
-                          np.zeros((2, 1), np.int32), np.array([0, 0], np.int32), DenseCausal())  # fmt: skip
+    out = paged_attention(
+        q,
+        cache,
+        cache,
+        np.zeros((2, 3), np.int32),
+        np.zeros((2, 1), np.int32),
+        np.array([0, 0], np.int32),
+        DenseCausal(),
+    )
     assert np.all(np.asarray(out) == 0)
 
 
@@ -72,17 +77,32 @@ def test_paged_forward_equals_full_forward(tiny_cfg):
         n = hi - lo
         pos = np.arange(lo, hi, dtype=np.int32)
         ctx = PagedContext(
-            k, v, jnp.asarray(pos), jnp.asarray(pages[pos // Z]), jnp.asarray(pos % Z),
-            jnp.zeros((0, W), jnp.int32), jnp.zeros((0,), jnp.int32),
-            jnp.arange(n, dtype=jnp.int32)[None], jnp.asarray(pages[None]), jnp.array([hi]),
+            k,
+            v,
+            jnp.asarray(pos),
+            jnp.asarray(pages[pos // Z]),
+            jnp.asarray(pos % Z),
+            jnp.zeros((0, W), jnp.int32),
+            jnp.zeros((0,), jnp.int32),
+            jnp.arange(n, dtype=jnp.int32)[None],
+            jnp.asarray(pages[None]),
+            jnp.array([hi]),
             chunk_pages=2,
-        )  # fmt: skip
+        )
         x, _ = model.forward(model.embed_tokens(jnp.asarray(tokens[lo:hi])), ctx)
         got.append(np.asarray(model.logits(x)))
         k, v = ctx.k, ctx.v
     pos = np.array([18], np.int32)  # one decode token
-    ctx = PagedContext(k, v, jnp.asarray(pos), jnp.asarray(pages[pos // Z]), jnp.asarray(pos % Z),
-                       jnp.asarray(pages[None]), jnp.array([19]), chunk_pages=2)  # fmt: skip
+    ctx = PagedContext(
+        k,
+        v,
+        jnp.asarray(pos),
+        jnp.asarray(pages[pos // Z]),
+        jnp.asarray(pos % Z),
+        jnp.asarray(pages[None]),
+        jnp.array([19]),
+        chunk_pages=2,
+    )
     x, _ = model.forward(model.embed_tokens(jnp.asarray(tokens[18:19])), ctx)
     got.append(np.asarray(model.logits(x)))
     np.testing.assert_allclose(np.concatenate(got), full, atol=2e-5)

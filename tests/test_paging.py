@@ -1,5 +1,7 @@
 """Page pool invariants: property tests over random traces, prefix cache, copy-on-write."""
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,10 +80,8 @@ def test_random_traces_keep_invariants(ops):
     holders: list[list[int]] = []
     for op, a, n in ops:
         if op == 0:
-            try:
+            with contextlib.suppress(OutOfPages):
                 holders.append(pool.allocate(n))
-            except OutOfPages:
-                pass
         elif op == 1 and holders:
             pages = holders[a % len(holders)]
             for p in pages:

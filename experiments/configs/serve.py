@@ -1,0 +1,83 @@
+"""Serving benchmarks: a model, an engine configuration and a synthetic workload.
+
+Variants:
+  default   1,000 ShareGPT-like requests (lengths scaled to the model), offline, 3.2M model
+  online    the same at a Poisson rate (--config.workload.rate=...)
+  decode    decode-heavy: 64 requests of 32 prompt -> 256 output tokens (slice-length study)
+  llama44m  the vLLM comparison: random 44M Llama (d 512, 8 layers, vocab 32k), 32 x 128 -> 128
+  runlocal  a tiny model and a short trace, for tests
+
+  python -m experiments.bench_serving --config=experiments/configs/serve.py:decode --slice_lens=1,8
+"""
+
+import ml_collections
+
+from experiments.configs import lm
+
+
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = "serve"
+    c.model = lm.get_config("default").model.to_dict()
+    c.model.max_seq_len = 1024
+    c.checkpoint = ""  # a training run folder (or its checkpoints/) to load weights from
+    c.hf_path = ""  # or a Hugging Face Llama/Mixtral folder
+    c.mesh = dict(data=1, fsdp=1, expert=1, tensor=1)
+    c.serve = dict(
+        page_size=16,
+        num_pages=2048,
+        max_seqs=64,
+        token_budget=512,
+        max_prefill_rows=4,
+        prefill_chunk=0,
+        slice_len=8,
+        preemption="recompute",
+        prefix_caching=True,
+        policy="fcfs",
+        attn_chunk_pages=8,
+        max_context=0,
+    )
+    c.workload = dict(
+        num_requests=1000,
+        online=False,
+        rate=4.0,
+        cv=1.0,
+        preset="sharegpt",
+        length_scale=0.25,
+        seed=0,
+        time_scale=1.0,
+    )
+    c = ml_collections.ConfigDict(c)
+    if arg == "online":
+        c.workload.update(online=True, num_requests=300, rate=8.0)
+    elif arg == "decode":
+        c.workload.update(num_requests=64, preset="decode_heavy", length_scale=1.0)
+    elif arg == "llama44m":
+        c.model.update(
+            vocab_size=32000,
+            d_model=512,
+            n_layers=8,
+            n_heads=8,
+            n_kv_heads=8,
+            d_ff=1536,
+            max_seq_len=512,
+            tie_embeddings=True,
+        )
+        c.serve.update(
+            max_seqs=32,
+            token_budget=1024,
+            max_prefill_rows=8,
+            prefill_chunk=128,
+            num_pages=600,
+            max_context=256,
+            decode_buckets=(32,),
+            prefill_buckets=(1024,),
+        )
+        c.workload.update(num_requests=32, preset="fixed", length_scale=1.0)
+    elif arg == "runlocal":
+        c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
+        c.serve.update(num_pages=256, max_seqs=16, token_budget=64, slice_len=4)
+        c.workload.update(num_requests=24, length_scale=0.1)
+    elif arg != "default":
+        raise ValueError(f"unknown variant '{arg}' of serve.py")
+    return c
