@@ -28,7 +28,7 @@ class Status(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 64
+    max_tokens: int = 16
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off

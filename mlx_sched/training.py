@@ -344,7 +344,8 @@ def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
 
     Returns (trainer, params, final held-out loss).
     """
-    unknown = set(config) - {"kind", "model", "mesh", "data", "train", "sample", "serve"}
+    known = {"kind", "model", "mesh", "data", "train", "sample", "serve", "workload"}
+    unknown = set(config) - known
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
     model_cfg = ModelConfig.from_dict(config["model"])

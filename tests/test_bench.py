@@ -1,0 +1,54 @@
+"""The benchmark scripts run end to end on their smallest settings (they measure speed; this
+only checks that they work and report what they promise)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_bench_serving_reports_slice_comparison(tmp_path):
+    out = _run(
+        "experiments.bench_serving",
+        "--config=experiments/configs/serve.py:runlocal",
+        f"--workdir={tmp_path}",
+        "--slice_lens=1,4",
+    )
+    assert "compilations after warm-up: 0" in out
+    assert "decode tok/s S=4 / S=1:" in out
+    data = json.loads((tmp_path / "bench_serving.json").read_text())
+    assert set(data) == {"1", "4"} and data["4"]["finished"] == data["4"]["requests"]
+    assert (tmp_path / "serving_S4_timeline.png").exists()
+
+
+@pytest.mark.slow
+def test_bench_train_reports_fraction_of_peak(tmp_path):
+    out = _run(
+        "experiments.bench_train",
+        "--steps=1",
+        "--batch_size=2",
+        "--seq_len=32",
+        f"--out={tmp_path / 'r.json'}",
+    )
+    assert "fraction of peak" in out
+    r = json.loads((tmp_path / "r.json").read_text())["default"]
+    assert 0 < r["fraction_of_peak"] and r["step_gflop"] > 0
