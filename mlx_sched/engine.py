@@ -39,6 +39,8 @@ class RequestOutput:
 
 
 class Engine:
+    KV_STATS_EVERY = 4  # exact KV-occupancy statistics cost a pass over every page: sample them
+
     def __init__(
         self,
         model,
@@ -46,10 +48,13 @@ class Engine:
         mesh: jax.sharding.Mesh | None = None,
         clock: Callable[[], float] = time.perf_counter,
         warmup: bool = True,
+        runner=None,
     ):
+        """`runner` replaces the device runner (e.g. `simulator.SimRunner`); `clock` is the
+        time source of every timestamp (a `SimClock` in simulation)."""
         self.cfg = cfg or ServeConfig()
         self.model_cfg = model.cfg
-        self.runner = Runner(model, self.cfg, mesh)
+        self.runner = runner if runner is not None else Runner(model, self.cfg, mesh)
         self.max_len = self.runner.max_len
         self.pool = PagePool(self.cfg.num_pages, self.cfg.page_size)
         self.sched = Scheduler(self.cfg, self.pool, self.runner.swap_out, self.runner.swap_in)
@@ -59,6 +64,7 @@ class Engine:
         self.step_records: list[metrics_lib.StepRecord] = []
         self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
         self._ids = itertools.count()
+        self._steps, self._kv = 0, (0, 0)
         if warmup:
             n = self.runner.warmup(
                 lambda i, n, kind, shape: logging.info(
@@ -146,8 +152,7 @@ class Engine:
         t2 = time.perf_counter()
         outputs = self._postprocess(plan, result)
         new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
-        build_s = (t2 - t1) - result.device_s
-        host_s = (t1 - t0) + build_s + (time.perf_counter() - t2)
+        host_s = (t1 - t0) + result.build_s + (time.perf_counter() - t2)
         self._record(plan, result, host_s, new_tokens)
         return outputs
 
@@ -238,30 +243,36 @@ class Engine:
 
     def _record(self, plan: StepPlan, result: StepResult, host_s: float, new_tokens: int) -> None:
         Z = self.cfg.page_size
-        filled: dict[int, int] = {}
-        for req in self.sched.running:
-            for s in req.live_seqs:
-                for i, p in enumerate(s.pages):
-                    filled[p] = max(filled.get(p, 0), min(Z, max(0, s.num_computed - i * Z)))
-        self.step_records.append(
-            metrics_lib.StepRecord(
-                t=self.clock(),
-                kind=result.kind,
-                shape=result.shape,
-                num_decode=len(plan.decode),
-                num_prefill_tokens=sum(n for _, n in plan.prefill),
-                num_prefill_seqs=len(plan.prefill),
-                iters=result.iters,
-                new_tokens=new_tokens,
-                running=self.sched.num_running_seqs,
-                waiting=len(self.sched.waiting),
-                pages_in_use=self.pool.num_in_use,
-                live_tokens=sum(filled.values()),
-                host_s=host_s,
-                device_s=result.device_s,
-                page_size=Z,
-            )
+        self._steps += 1
+        if self._steps % self.KV_STATS_EVERY == 1 or self.KV_STATS_EVERY == 1:
+            filled: dict[int, int] = {}
+            for req in self.sched.running:
+                for s in req.live_seqs:
+                    for i, p in enumerate(s.pages):
+                        filled[p] = max(filled.get(p, 0), min(Z, max(0, s.num_computed - i * Z)))
+            self._kv = (self.pool.num_in_use, sum(filled.values()))
+        rec = metrics_lib.StepRecord(
+            t=self.clock(),
+            kind=result.kind,
+            shape=result.shape,
+            num_decode=len(plan.decode),
+            num_prefill_tokens=sum(n for _, n in plan.prefill),
+            num_prefill_seqs=len(plan.prefill),
+            decode_ctx=sum(s.num_computed for s in plan.decode),
+            prefill_attn=sum(n * s.num_computed for s, n in plan.prefill),  # after the step
+            iters=result.iters,
+            new_tokens=new_tokens,
+            running=self.sched.num_running_seqs,
+            waiting=len(self.sched.waiting),
+            pages_in_use=self._kv[0],
+            live_tokens=self._kv[1],
+            host_s=host_s,
+            device_s=result.device_s,
+            page_size=Z,
         )
+        self.step_records.append(rec)
+        self.sched.cost.observe(rec)
+        self.policy.on_step(rec)
 
     # -- conveniences -------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ class StepRecord:
     num_decode: int
     num_prefill_tokens: int
     num_prefill_seqs: int
+    decode_ctx: int  # summed context length of the decoding sequences (attention reads)
+    prefill_attn: int  # sum over prefill chunks of n * (start + n) (attention pairs)
     iters: int  # decode iterations run (a slice may stop early)
     new_tokens: int
     running: int

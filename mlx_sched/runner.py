@@ -61,6 +61,7 @@ class StepResult:
     logprobs: np.ndarray
     iters: int  # decode iterations run (1 for mixed)
     device_s: float  # dispatch -> results on host
+    build_s: float = 0.0  # host time spent building the batch
 
 
 def _bucket(buckets: tuple[int, ...], n: int) -> int:
@@ -260,15 +261,17 @@ class Runner:
     # -- running ------------------------------------------------------------------
 
     def run_mixed(self, decode, prefill, copies=()) -> StepResult:
+        t_build = time.perf_counter()
         shape, bundle = self.build_mixed(decode, prefill, list(copies))
         t0 = time.perf_counter()
         bundle = jax.device_put(bundle, self.repl)  # the one explicit host -> device transfer
         with jax.set_mesh(self.mesh):
             self.k, self.v, tok, logp = self._mixed(self.params, self.k, self.v, bundle)
         tok, logp = jax.device_get((tok, logp))
-        return StepResult("mixed", shape, tok, logp, 1, time.perf_counter() - t0)
+        return StepResult("mixed", shape, tok, logp, 1, time.perf_counter() - t0, t0 - t_build)
 
     def run_decode(self, decode, steps_per_seq, copies=()) -> StepResult:
+        t_build = time.perf_counter()
         D, bundle = self.build_decode(decode, steps_per_seq, list(copies))
         t0 = time.perf_counter()
         bundle = jax.device_put(bundle, self.repl)
@@ -276,7 +279,9 @@ class Runner:
             self.k, self.v, tok, logp, iters = self._decode(self.params, self.k, self.v, bundle)
         tok, logp, iters = jax.device_get((tok, logp, iters))
         shape = (D, self.cfg.slice_len)
-        return StepResult("decode", shape, tok, logp, int(iters), time.perf_counter() - t0)
+        return StepResult(
+            "decode", shape, tok, logp, int(iters), time.perf_counter() - t0, t0 - t_build
+        )
 
     def swap_out(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
         M = _bucket(tuple(self.swap_shapes()), len(pages))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mlx_sched.cost_model import StepTimeModel
 from mlx_sched.paging import PagePool, hash_chain, page_hash
 from mlx_sched.request import Request, Seq, Status
 from mlx_sched.serve_config import ServeConfig
@@ -54,6 +55,7 @@ class Scheduler:
         self.swapped: list[Request] = []
         self._swap_out, self._swap_in = swap_out, swap_in
         self._host_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(seq) -> pages' KV
+        self.cost = StepTimeModel()  # step-time estimates for policies; the engine refits it
 
     # -- accounting ---------------------------------------------------------------
 

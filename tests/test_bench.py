@@ -51,4 +51,4 @@ def test_bench_train_reports_fraction_of_peak(tmp_path):
     )
     assert "fraction of peak" in out
     r = json.loads((tmp_path / "r.json").read_text())["default"]
-    assert 0 < r["fraction_of_peak"] and r["step_gflop"] > 0
+    assert r["fraction_of_peak"] > 0 and r["step_gflop"] > 0

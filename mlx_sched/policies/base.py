@@ -25,6 +25,8 @@ class Policy:
 
     def on_finish(self, req: Request, now: float) -> None: ...
 
+    def on_step(self, record) -> None: ...
+
     # -- shared building blocks ----------------------------------------------------
 
     def schedule_decodes(self, sched: Scheduler, plan: StepPlan, order: list[Request]) -> None:
