@@ -59,6 +59,7 @@ class Engine:
         self.pool = PagePool(self.cfg.num_pages, self.cfg.page_size)
         self.sched = Scheduler(self.cfg, self.pool, self.runner.swap_out, self.runner.swap_in)
         self.policy = make_policy(self.cfg.policy, self.cfg)
+        self.policy.bind(self.sched)
         self.clock = clock
         self.requests: dict[str, Request] = {}
         self.step_records: list[metrics_lib.StepRecord] = []
@@ -110,6 +111,8 @@ class Engine:
         if rid in self.requests:
             raise RequestError(f"request id '{rid}' is already in use")
         now = self.clock() if arrival is None else arrival
+        if deadline is not None and deadline < now:
+            raise RequestError(f"TTFT deadline {deadline:.3f} is in the past (now {now:.3f})")
         req = Request(rid, tokens, sampling, now, client, priority, deadline)
         self.requests[rid] = req
         self.sched.waiting.append(req)

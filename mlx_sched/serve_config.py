@@ -37,6 +37,7 @@ class ServeConfig:
     max_copies: int = 8  # copy-on-write page copies per step
     eos_token: int = -1  # -1: none
     policy: str = "fcfs"
+    policy_args: dict = dataclasses.field(default_factory=dict)  # the policy's own settings
     kv_dtype: str = ""  # "": the model's compute dtype
     seed: int = 0
 
@@ -82,6 +83,8 @@ class ServeConfig:
         for key in ("decode_buckets", "prefill_buckets"):
             if key in d:
                 d[key] = tuple(d[key])
+        if "policy_args" in d:
+            d["policy_args"] = dict(d["policy_args"])
         return cls(**d)
 
     def context_pages(self, model_max_len: int) -> int:

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from mlx_sched.policies.base import Policy
 from mlx_sched.policies.fcfs import FCFS
+from mlx_sched.policies.mlfq import MLFQ
+from mlx_sched.policies.priority import Priority
+from mlx_sched.policies.sarathi import Sarathi
+from mlx_sched.policies.slice import SliceLevel
+from mlx_sched.policies.static import Static
+from mlx_sched.policies.vtc import VTC
 from models.config import ConfigError
 
-REGISTRY: dict[str, type[Policy]] = {"fcfs": FCFS}
+REGISTRY: dict[str, type[Policy]] = {
+    p.name: p for p in (FCFS, Static, Sarathi, MLFQ, VTC, SliceLevel, Priority)
+}
 
 
 def make_policy(name: str, cfg) -> Policy:
@@ -20,4 +28,15 @@ def make_policy(name: str, cfg) -> Policy:
     return REGISTRY[name](cfg)
 
 
-__all__ = ["FCFS", "REGISTRY", "Policy", "make_policy"]
+__all__ = [
+    "FCFS",
+    "MLFQ",
+    "REGISTRY",
+    "VTC",
+    "Policy",
+    "Priority",
+    "Sarathi",
+    "SliceLevel",
+    "Static",
+    "make_policy",
+]

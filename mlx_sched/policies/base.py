@@ -1,19 +1,45 @@
-"""The policy interface and the building blocks most policies share."""
+"""The policy interface and the building blocks most policies share.
+
+A policy subclasses `Policy`, sets `name`, optionally declares its settings as a
+frozen dataclass `Args` (filled from `ServeConfig.policy_args`, unknown keys are
+config errors), and implements `schedule(sched, now) -> StepPlan` with the
+blocks below. Hooks (`on_arrival`, `on_tokens`, `on_finish`, `on_step`) let it
+keep its own state.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 from mlx_sched.request import Request, Seq
 from mlx_sched.scheduler import Scheduler, StepPlan
 from mlx_sched.serve_config import ServeConfig
+from models.config import ConfigError, check_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class NoArgs:
+    pass
 
 
 class Policy:
-    """Decides each step who computes how many tokens; see mlx_sched/policies/__init__.py."""
+    """Decides each step who computes how many tokens."""
 
     name = "base"
+    Args: type = NoArgs
 
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
+        check_keys(self.Args, cfg.policy_args, f"policy_args of policy '{self.name}'")
+        try:
+            self.args = self.Args(**cfg.policy_args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"policy_args of policy '{self.name}': {e}") from e
+
+    def bind(self, sched: Scheduler) -> None:
+        """Called once by the engine: the scheduler whose queues and cost model we use."""
+        self.sched = sched
 
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         raise NotImplementedError
@@ -28,6 +54,12 @@ class Policy:
     def on_step(self, record) -> None: ...
 
     # -- shared building blocks ----------------------------------------------------
+
+    def swap_in_all(self, sched: Scheduler, order: list[Request]) -> None:
+        """Bring swapped requests back in `order` while their pages fit."""
+        for req in order:
+            if req in sched.swapped and not sched.swap_in(req):
+                break
 
     def schedule_decodes(self, sched: Scheduler, plan: StepPlan, order: list[Request]) -> None:
         """One token for every decoding sequence of `order`; preempt from the tail when short."""
@@ -56,6 +88,19 @@ class Policy:
         plan.prefill.append((seq, n))
         return n
 
+    def schedule_partial_prefills(
+        self, sched: Scheduler, plan: StepPlan, order: list[Request], budget: int
+    ) -> int:
+        """Continue in-flight prefills (recomputes too) of `order`; returns the budget left."""
+        planned = {id(s) for s, _ in plan.prefill}
+        for req in order:
+            if req not in sched.running:
+                continue
+            for seq in req.live_seqs:
+                if seq.remaining > 1 and id(seq) not in planned:
+                    budget -= self.schedule_prefill(sched, plan, seq, budget)
+        return budget
+
     def try_admit(self, sched: Scheduler, plan: StepPlan, req: Request, budget: int, now) -> int:
         """Admit `req` and schedule its first chunk; undo and return 0 if it does not fit."""
         if sched.num_running_seqs + sched.seqs_needed(req) > self.cfg.max_seqs:
@@ -72,8 +117,21 @@ class Policy:
             sched.unadmit(req)
         return used
 
-    def finish_plan(self, sched: Scheduler, plan: StepPlan) -> StepPlan:
-        """Decode-only plans run as a slice of up to slice_len iterations."""
+    def admit_in_order(self, sched, plan, order: list[Request], budget: int, now) -> int:
+        """Admit waiting requests in `order` until one does not fit; returns the budget left."""
+        for req in order:
+            if budget <= 0 or req not in sched.waiting:
+                break
+            used = self.try_admit(sched, plan, req, budget, now)
+            if used == 0:
+                break
+            budget -= used
+        return budget
+
+    def finish_plan(
+        self, sched: Scheduler, plan: StepPlan, cap: Callable[[Seq], int] | None = None
+    ) -> StepPlan:
+        """Decode-only plans run as a slice of up to slice_len iterations (per-seq `cap`)."""
         if plan.prefill or not plan.decode or self.cfg.slice_len == 1:
             plan.slice_steps = [1] * len(plan.decode)
             return plan
@@ -81,8 +139,9 @@ class Policy:
         steps = []
         for seq in plan.decode:
             want = min(S, seq.request.sampling.max_tokens - seq.num_generated)
-            # extend the one-token reservation to the whole slice if pages allow
-            n = want
+            if cap is not None:
+                want = max(1, min(want, cap(seq)))
+            n = want  # extend the one-token reservation to the whole slice if pages allow
             while n > 1 and not sched.reserve(seq, n, plan):
                 n //= 2
             steps.append(max(1, n))

@@ -18,18 +18,11 @@ class FCFS(Policy):
 
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         plan = StepPlan()
-        for req in sorted(sched.swapped, key=lambda r: r.arrival):
-            if not sched.swap_in(req):
-                break
-        self.schedule_decodes(sched, plan, list(sched.running))
+        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.arrival))
+        running = list(sched.running)
+        self.schedule_decodes(sched, plan, running)
         budget = self.cfg.token_budget - len(plan.decode)
-        for req in list(sched.running):
-            for seq in req.live_seqs:
-                if seq.remaining > 1 and seq not in (s for s, _ in plan.prefill):
-                    budget -= self.schedule_prefill(sched, plan, seq, budget)
-        while sched.waiting and budget > 0 and not sched.swapped:
-            used = self.try_admit(sched, plan, sched.waiting[0], budget, now)
-            if used == 0:
-                break
-            budget -= used
+        budget = self.schedule_partial_prefills(sched, plan, running, budget)
+        if not sched.swapped:
+            self.admit_in_order(sched, plan, list(sched.waiting), budget, now)
         return self.finish_plan(sched, plan)

@@ -1,0 +1,142 @@
+"""FastServe: skip-join multi-level feedback queue with token-level preemption.
+
+Queue i has quantum `q0 * 2^i`. A new request skips the levels whose quantum
+is shorter than its estimated prefill time (it joins the smallest i with
+`q0 * 2^i >= T_prefill(prompt)`). Every step the batch is filled from the
+highest non-empty levels, FCFS within a level; a running request that is not
+picked this step keeps its KV and simply waits (token-level preemption).
+After each step, a request whose time at its level exceeds the quantum moves
+down one level (its timer restarts); one that stays returns to the front of
+its level. Every `promote_every` steps, requests that have waited at least
+`starve_s` seconds are promoted to the top level (0 turns this off).
+
+KV: at least `min_free_pages` pages are kept free by proactively swapping out
+requests from the tail of the lowest level (with preemption="swap"; else they
+are preempted for recompute); swapped requests come back, highest level
+first, in steps that swapped nothing out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mlx_sched.policies.base import Policy
+from mlx_sched.request import Request
+from mlx_sched.scheduler import Scheduler, StepPlan
+from models.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class MLFQArgs:
+    q0: float = 0.01  # seconds: quantum of the top level
+    levels: int = 8
+    promote_every: int = 1000  # steps between starvation checks (0: never promote)
+    starve_s: float = 3.0
+    min_free_pages: int = 0  # 0: max_seqs pages (one new page per decoding sequence)
+
+    def __post_init__(self):
+        if self.q0 <= 0 or self.levels < 1 or self.starve_s <= 0:
+            raise ConfigError("mlfq needs q0 > 0, levels >= 1, starve_s > 0")
+        if self.promote_every < 0 or self.min_free_pages < 0:
+            raise ConfigError("mlfq promote_every and min_free_pages must be >= 0")
+
+
+@dataclasses.dataclass
+class _State:
+    level: int
+    attained: float = 0.0  # seconds run at this level
+    last_run: float = 0.0  # when it last computed (or arrived)
+    ticket: int = 0  # position within its level (smaller = nearer the front)
+
+
+class MLFQ(Policy):
+    name = "mlfq"
+    Args = MLFQArgs
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.state: dict[str, _State] = {}
+        self.steps = 0
+        self._tickets = 0
+        self._last_ran: list[Request] = []
+
+    def quantum(self, level: int) -> float:
+        return self.args.q0 * 2**level
+
+    def _ticket(self, front: bool = False) -> int:
+        self._tickets += 1
+        return -self._tickets if front else self._tickets
+
+    # -- hooks ----------------------------------------------------------------------
+
+    def on_arrival(self, req: Request, now: float) -> None:
+        t_prefill = self.sched.cost.prefill_time(req.prompt_len)
+        level = 0
+        while level < self.args.levels - 1 and self.quantum(level) < t_prefill:
+            level += 1  # skip-join
+        self.state[req.id] = _State(level, 0.0, now, self._ticket())
+
+    def on_finish(self, req: Request, now: float) -> None:
+        self.state.pop(req.id, None)
+
+    def on_step(self, record) -> None:
+        """Charge the step's time to every request that ran; demote past the quantum."""
+        for req in self._last_ran:
+            st = self.state.get(req.id)
+            if st is None:
+                continue
+            st.attained += record.device_s
+            st.last_run = record.t
+            if st.attained > self.quantum(st.level) and st.level < self.args.levels - 1:
+                st.level, st.attained, st.ticket = st.level + 1, 0.0, self._ticket()
+            else:
+                st.ticket = self._ticket(front=True)  # unfinished: back to the front
+
+    # -- scheduling -------------------------------------------------------------------
+
+    def _key(self, req: Request):
+        st = self.state[req.id]
+        return (st.level, st.ticket)
+
+    def _promote_starved(self, sched: Scheduler, now: float) -> None:
+        for req in [*sched.waiting, *sched.running, *sched.swapped]:
+            st = self.state[req.id]
+            if st.level > 0 and now - st.last_run >= self.args.starve_s:
+                st.level, st.attained, st.ticket = 0, 0.0, self._ticket()
+
+    def schedule(self, sched: Scheduler, now: float) -> StepPlan:
+        self.steps += 1
+        if self.args.promote_every and self.steps % self.args.promote_every == 0:
+            self._promote_starved(sched, now)
+        plan = StepPlan()
+        candidates = sorted([*sched.running, *sched.waiting, *sched.swapped], key=self._key)
+        picked: list[Request] = []
+        seqs = 0
+        for req in candidates:
+            if seqs + sched.seqs_needed(req) > self.cfg.max_seqs:
+                continue
+            picked.append(req)
+            seqs += sched.seqs_needed(req)
+        swapped_out = self._keep_pages_free(sched, plan, picked)
+        if not swapped_out:
+            self.swap_in_all(sched, [r for r in picked if r in sched.swapped])
+        on_device = [r for r in picked if r in sched.running]
+        self.schedule_decodes(sched, plan, on_device)
+        budget = self.cfg.token_budget - len(plan.decode)
+        budget = self.schedule_partial_prefills(sched, plan, on_device, budget)
+        self.admit_in_order(sched, plan, [r for r in picked if r in sched.waiting], budget, now)
+        self._last_ran = list({s.request.id: s.request for s in plan.decode}.values())
+        self._last_ran += [s.request for s, _ in plan.prefill if s.request not in self._last_ran]
+        return self.finish_plan(sched, plan)
+
+    def _keep_pages_free(self, sched: Scheduler, plan: StepPlan, picked: list[Request]) -> bool:
+        """Swap out (or preempt) the lowest-level idle requests until enough pages are free."""
+        need = self.args.min_free_pages or self.cfg.max_seqs
+        idle = sorted((r for r in sched.running if r not in picked), key=self._key, reverse=True)
+        out = False
+        for req in idle:
+            if sched.pool.num_available >= need:
+                break
+            sched.preempt(req, plan)
+            out = True
+        return out
