@@ -65,6 +65,7 @@ class Engine:
         self.step_records: list[metrics_lib.StepRecord] = []
         self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
         self._ids = itertools.count()
+        self._order = itertools.count()
         self._steps, self._kv = 0, (0, 0)
         if warmup:
             n = self.runner.warmup(
@@ -113,7 +114,7 @@ class Engine:
         now = self.clock() if arrival is None else arrival
         if deadline is not None and deadline < now:
             raise RequestError(f"TTFT deadline {deadline:.3f} is in the past (now {now:.3f})")
-        req = Request(rid, tokens, sampling, now, client, priority, deadline)
+        req = Request(rid, tokens, sampling, now, client, priority, deadline, next(self._order))
         self.requests[rid] = req
         self.sched.waiting.append(req)
         self.policy.on_arrival(req, now)

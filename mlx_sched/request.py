@@ -102,6 +102,7 @@ class Request:
     client: str = "default"
     priority: int = 0  # larger = more important
     deadline: float | None = None  # TTFT deadline (absolute time), for SLO-aware policies
+    order: int = 0  # arrival sequence number: breaks ties between equal arrival times
     status: Status = Status.WAITING
     seqs: list[Seq] = dataclasses.field(default_factory=list)
     first_scheduled: float | None = None
@@ -124,6 +125,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status in (Status.FINISHED, Status.ABORTED)
+
+    @property
+    def fcfs_key(self) -> tuple[float, int]:
+        return (self.arrival, self.order)
 
     def outputs(self) -> list[list[int]]:
         return [s.output for s in self.seqs]

@@ -101,9 +101,19 @@ class Policy:
                     budget -= self.schedule_prefill(sched, plan, seq, budget)
         return budget
 
+    def max_resident(self) -> int:
+        """Sequences that may hold KV on the device at once. Policies that run every resident
+        sequence each step need this <= max_seqs (the largest batch); policies that let
+        residents wait (MLFQ, slices) may keep more, bounded by pages."""
+        return self.cfg.max_seqs
+
     def try_admit(self, sched: Scheduler, plan: StepPlan, req: Request, budget: int, now) -> int:
         """Admit `req` and schedule its first chunk; undo and return 0 if it does not fit."""
-        if sched.num_running_seqs + sched.seqs_needed(req) > self.cfg.max_seqs:
+        need = sched.seqs_needed(req)
+        in_plan = len(plan.decode) + len(plan.prefill)
+        if in_plan + need > self.cfg.max_seqs:
+            return 0
+        if sched.num_running_seqs + need > self.max_resident():
             return 0
         if len(plan.prefill) >= self.cfg.max_prefill_rows:
             return 0

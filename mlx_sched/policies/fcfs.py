@@ -18,7 +18,7 @@ class FCFS(Policy):
 
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         plan = StepPlan()
-        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.arrival))
+        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
         self.schedule_decodes(sched, plan, running)
         budget = self.cfg.token_budget - len(plan.decode)

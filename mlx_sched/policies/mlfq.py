@@ -104,6 +104,9 @@ class MLFQ(Policy):
             if st.level > 0 and now - st.last_run >= self.args.starve_s:
                 st.level, st.attained, st.ticket = 0, 0.0, self._ticket()
 
+    def max_resident(self) -> int:
+        return 4 * self.cfg.max_seqs  # waiting residents keep their KV (bounded by pages)
+
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         self.steps += 1
         if self.args.promote_every and self.steps % self.args.promote_every == 0:

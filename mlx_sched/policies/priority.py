@@ -48,14 +48,14 @@ class Priority(Policy):
     def key(self, req: Request, now: float):
         a = self.args
         if a.mode == "class":
-            return (-req.priority, req.arrival)
+            return (-req.priority, *req.fcfs_key)
         if a.mode == "sjf":
             size = req.prompt_len * a.prefill_weight + req.sampling.max_tokens
-            return (size - a.aging * (now - req.arrival), req.arrival)
+            return (size - a.aging * (now - req.arrival), *req.fcfs_key)
         if req.deadline is None:
-            return (float("inf"), req.arrival)
+            return (float("inf"), *req.fcfs_key)
         slack = req.deadline - now - self.sched.cost.prefill_time(req.prompt_len)
-        return (slack, req.arrival)
+        return (slack, *req.fcfs_key)
 
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         plan = StepPlan()

@@ -50,7 +50,7 @@ class Sarathi(Policy):
 
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         plan = StepPlan()
-        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.arrival))
+        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
         prefill_pending = bool(sched.waiting) or any(
             s.remaining > 1 for r in running for s in r.live_seqs

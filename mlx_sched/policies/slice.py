@@ -71,7 +71,7 @@ class SliceLevel(Policy):
         self.batch, self.start_gen = [], {}
         budget_pages = sched.pool.num_available
         seqs = 0
-        pool = sorted([*sched.running, *sched.swapped, *sched.waiting], key=lambda r: r.arrival)
+        pool = sorted([*sched.running, *sched.swapped, *sched.waiting], key=lambda r: r.fcfs_key)
         for req in pool:
             need = self._pages_needed(sched, req)
             if seqs + sched.seqs_needed(req) > self.cfg.max_seqs or need > budget_pages:
@@ -88,6 +88,9 @@ class SliceLevel(Policy):
         if not self.batch and pool:  # nothing fits the estimates: run the oldest alone
             self.batch = pool[:1]
         self.slices += 1
+
+    def max_resident(self) -> int:
+        return 4 * self.cfg.max_seqs  # waiting residents keep their KV (bounded by pages)
 
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         if all(self._member_done(r) for r in self.batch):

@@ -31,7 +31,7 @@ class Static(Policy):
                     break
                 self.batch.append(req)
                 seqs += sched.seqs_needed(req)
-        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.arrival))
+        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
         self.schedule_decodes(sched, plan, running)
         budget = self.cfg.token_budget - len(plan.decode)
