@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
@@ -28,4 +29,60 @@ def train_point(config, workdir: pathlib.Path) -> dict:
     }
 
 
-RUNNERS = {"train": train_point}
+def serve_point(config, workdir: pathlib.Path) -> dict:
+    """Serve the config's workload (real engine or simulator); latency, fairness, SLO results."""
+    from experiments import serving
+    from mlx_sched import metrics, plots_serving, slo
+
+    engine, trace = serving.engine_and_trace(config)
+    summary = serving.run(engine, trace, config, workdir)
+    reqs = list(engine.requests.values())
+    rms = engine.request_metrics()
+    out = {
+        "policy": engine.cfg.policy,
+        "requests": summary["requests"],
+        "finished": summary["finished"],
+        "wall_s": summary["wall_s"],
+        "output_tok_s": summary["output_tok_s"],
+        "preemptions": summary["preemptions"],
+        "compiles_after_warmup": summary["compiles_after_warmup"],
+    }
+    for key in ("ttft", "tpot", "itl", "e2e", "normalized_latency"):
+        for p in ("p50", "p99", "mean"):
+            out[f"{key}_{p}"] = summary[key][p]
+    clients = sorted({r.client for r in reqs})
+    weights = dict(config.serve.get("policy_args", {}).get("weights", {}))
+    served = {c: sum(len(s.output) for r in reqs if r.client == c for s in r.seqs) for c in clients}
+    out["served_tokens"] = served
+    backlogged = slo.backlogged_service(reqs, weights)
+    out["backlogged_service"] = backlogged
+    out["jain"] = slo.jain_index(backlogged.values()) if len(clients) > 1 else None
+    grid, diff = slo.service_difference(reqs, weights)
+    out["max_service_diff"] = float(np.nanmax(diff)) if np.any(~np.isnan(diff)) else 0.0
+    if config.get("slo"):
+        out["slo_attainment"] = slo.slo_attainment(rms, config.slo.ttft, config.slo.tpot)
+    for c in clients:
+        mine = [m for m in rms if m["client"] == c and "ttft" in m]
+        out[f"ttft_p50_{c}"] = float(np.percentile([m["ttft"] for m in mine], 50)) if mine else None
+        out[f"e2e_mean_{c}"] = float(np.mean([m["e2e"] for m in mine])) if mine else None
+    prios = sorted({r.priority for r in reqs})
+    for p in prios:
+        mine = [m for m in rms if m["priority"] == p and "ttft" in m]
+        out[f"ttft_p50_prio{p}"] = float(np.percentile([m["ttft"] for m in mine], 50))
+        out[f"ttft_p99_prio{p}"] = float(np.percentile([m["ttft"] for m in mine], 99))
+    curves_t, curves = slo.service_curves(reqs, weights)
+    (workdir / "service.json").write_text(
+        json.dumps(
+            {
+                "t": curves_t.tolist(),
+                "diff": np.nan_to_num(diff).tolist(),
+                **{c: v.tolist() for c, v in curves.items()},
+            }
+        )
+    )
+    plots_serving.service(curves_t, curves, diff, workdir / "service.png")
+    metrics.write_json(workdir / "steps.json", [vars(s) for s in engine.step_records[-5000:]])
+    return out
+
+
+RUNNERS = {"train": train_point, "serve": serve_point}

@@ -12,6 +12,7 @@ from flax import nnx
 import sharding
 from mlx_sched import metrics, plots_serving, workload
 from mlx_sched.checkpoint import CheckpointError, open_existing
+from mlx_sched.cost_model import StepTimeModel
 from mlx_sched.engine import Engine
 from mlx_sched.replay import replay
 from mlx_sched.serve_config import ServeConfig
@@ -51,8 +52,31 @@ def make_engine(model, config, **overrides) -> Engine:
     return Engine(model, serve, mesh=mesh)
 
 
+def engine_and_trace(config):
+    """Engine and trace for a serving experiment: `config.device` is "real" or "sim"."""
+    if config.get("device", "real") == "sim":
+        from mlx_sched.simulator import SimClock, SimModel, SimRunner
+
+        mc = ModelConfig.from_dict(config.model)
+        serve = ServeConfig.from_dict(config.serve.to_dict())
+        clock = SimClock()
+        model = SimModel(mc)
+        cost = StepTimeModel(**config.get("sim_cost", {}))
+        engine = Engine(model, serve, runner=SimRunner(mc, serve, clock, cost), clock=clock)
+    else:
+        model = load_model(config)
+        engine = make_engine(model, config)
+    return engine, make_trace(model, config)
+
+
 def make_trace(model, config, corpus=None) -> list[workload.TraceRequest]:
     w = config.workload
+    max_total = min(model.cfg.max_seq_len, config.serve.get("max_context") or model.cfg.max_seq_len)
+    if w.get("clients"):
+        specs = [workload.ClientSpec(**dict(c)) for c in w.clients]
+        return workload.client_trace(
+            specs, max_total, min(256, model.cfg.vocab_size), corpus, w.seed
+        )
     if w.num_requests <= 0:
         raise ConfigError(f"workload.num_requests must be > 0, got {w.num_requests}")
     return workload.synthetic_trace(

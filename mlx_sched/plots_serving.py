@@ -52,3 +52,24 @@ def timeline(steps, out_png: str | pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def service(t, curves: dict, diff, out_png: str | pathlib.Path) -> None:
+    """Cumulative weighted service per client, and the service difference while all backlogged."""
+    if len(t) == 0:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    t = np.asarray(t) - t[0]
+    for c, v in curves.items():
+        axes[0].plot(t, v, label=c)
+    axes[0].set_xlabel("time (s)")
+    axes[0].set_ylabel("service (weighted tokens)")
+    axes[0].legend()
+    axes[1].plot(t, diff)
+    axes[1].set_xlabel("time (s)")
+    axes[1].set_ylabel("max - min service, all backlogged")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

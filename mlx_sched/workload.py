@@ -145,3 +145,52 @@ def load_trace(path: str | pathlib.Path) -> list[TraceRequest]:
         if line.strip():
             out.append(TraceRequest(**json.loads(line)))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSpec:
+    """One client's request stream."""
+
+    name: str
+    rate: float  # requests / s (during on-periods for on/off streams)
+    num_requests: int
+    preset: str = "sharegpt"
+    length_scale: float = 1.0
+    input_len: int = 0  # > 0: fixed input length instead of the preset
+    output_len: int = 0  # > 0: fixed output length
+    cv: float = 1.0  # inter-arrival burstiness (1: Poisson)
+    on_s: float = 0.0  # > 0: on/off stream with these on and off periods
+    off_s: float = 0.0
+    start: float = 0.0
+    priority: int = 0
+    ttft_deadline: float = 0.0  # > 0: each request's TTFT deadline, seconds after arrival
+
+    def __post_init__(self):
+        if self.rate <= 0 or self.num_requests < 1:
+            raise ValueError(f"client {self.name}: rate must be > 0 and num_requests >= 1")
+
+
+def client_trace(
+    specs: Sequence[ClientSpec], max_total: int, vocab: int = 256, corpus=None, seed: int = 0
+) -> list[TraceRequest]:
+    """Merged, time-ordered requests of several clients, each with its own stream."""
+    out: list[TraceRequest] = []
+    for k, spec in enumerate(specs):
+        rng = np.random.default_rng([seed, k])
+        n = spec.num_requests
+        if spec.on_s > 0:
+            arrivals = onoff_arrivals(rng, spec.rate, n, spec.on_s, spec.off_s, spec.start)
+        elif spec.cv == 1.0:
+            arrivals = poisson_arrivals(rng, spec.rate, n, spec.start)
+        else:
+            arrivals = gamma_arrivals(rng, spec.rate, spec.cv, n, spec.start)
+        din, dout = scaled(spec.preset, max_total, spec.length_scale)
+        lin = np.full(n, spec.input_len) if spec.input_len else din.sample(rng, n)
+        lout = np.full(n, spec.output_len) if spec.output_len else dout.sample(rng, n)
+        lin = np.minimum(lin, max_total - 1)
+        lout = np.minimum(lout, max_total - lin).clip(1)
+        for a, p, o in zip(arrivals, make_prompts(rng, lin, vocab, corpus), lout, strict=True):
+            deadline = a + spec.ttft_deadline if spec.ttft_deadline > 0 else None
+            out.append(TraceRequest(float(a), p, int(o), spec.name, spec.priority, deadline))
+    out.sort(key=lambda r: r.arrival)
+    return out
