@@ -150,6 +150,12 @@ class Engine:
         if plan.empty:
             if self.sched.has_work() and not self.sched.running:
                 self._fail_unschedulable()
+            elif self.sched.running:
+                raise RuntimeError(
+                    f"policy '{self.policy.name}' scheduled nothing with "
+                    f"{len(self.sched.running)} running and {len(self.sched.waiting)} waiting "
+                    "requests: a scheduling deadlock (a policy bug)"
+                )
             return []
         t1 = time.perf_counter()
         result = self._run(plan)

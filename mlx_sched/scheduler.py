@@ -208,11 +208,15 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 
+    def swapped_pages(self, req: Request) -> int:
+        return sum(
+            self._host_kv[id(s)][0].shape[1] for s in req.live_seqs if id(s) in self._host_kv
+        )
+
     def swap_in(self, req: Request) -> bool:
         """Bring a swapped request's KV back into fresh pages; False if they don't fit."""
         seqs = req.live_seqs
-        need = sum(self._host_kv[id(s)][0].shape[1] for s in seqs)
-        if need > self.pool.num_available:
+        if self.swapped_pages(req) > self.pool.num_available:
             return False
         for s in seqs:
             k, v = self._host_kv.pop(id(s))

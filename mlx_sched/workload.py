@@ -42,6 +42,7 @@ PRESETS: dict[str, tuple[LengthDist, LengthDist]] = {
     "alpaca": (LengthDist(19, 0.6), LengthDist(58, 0.8)),
     "fixed": (LengthDist(128, 0.0), LengthDist(128, 0.0)),
     "decode_heavy": (LengthDist(32, 0.0), LengthDist(256, 0.0)),
+    "heavy_tail": (LengthDist(64, 0.5), LengthDist(96, 1.6)),  # output CV ~3.4: a few huge jobs
 }
 
 

@@ -11,9 +11,10 @@ its level. Every `promote_every` steps, requests that have waited at least
 `starve_s` seconds are promoted to the top level (0 turns this off).
 
 KV: at least `min_free_pages` pages are kept free by proactively swapping out
-requests from the tail of the lowest level (with preemption="swap"; else they
-are preempted for recompute); swapped requests come back, highest level
-first, in steps that swapped nothing out.
+idle requests from the tail of the lowest level (with preemption="swap"; else
+they are preempted for recompute); a swapped request comes back as soon as it
+is among the highest-ranked, making room the same way. The step never idles
+while requests are resident.
 """
 
 from __future__ import annotations
@@ -116,30 +117,40 @@ class MLFQ(Policy):
         picked: list[Request] = []
         seqs = 0
         for req in candidates:
-            if seqs + sched.seqs_needed(req) > self.cfg.max_seqs:
-                continue
-            picked.append(req)
-            seqs += sched.seqs_needed(req)
-        swapped_out = self._keep_pages_free(sched, plan, picked)
-        if not swapped_out:
-            self.swap_in_all(sched, [r for r in picked if r in sched.swapped])
+            if seqs + sched.seqs_needed(req) <= self.cfg.max_seqs:
+                picked.append(req)
+                seqs += sched.seqs_needed(req)
+        self._make_room(sched, plan, picked)
+        self.swap_in_all(sched, [r for r in picked if r in sched.swapped])
         on_device = [r for r in picked if r in sched.running]
+        if not on_device and not any(r in sched.waiting for r in picked):
+            on_device = sorted(sched.running, key=self._key)  # never idle: run the best residents
         self.schedule_decodes(sched, plan, on_device)
         budget = self.cfg.token_budget - len(plan.decode)
         budget = self.schedule_partial_prefills(sched, plan, on_device, budget)
         self.admit_in_order(sched, plan, [r for r in picked if r in sched.waiting], budget, now)
+        if plan.empty and sched.running:
+            self.schedule_decodes(sched, plan, sorted(sched.running, key=self._key))
+            self.schedule_partial_prefills(
+                sched,
+                plan,
+                sorted(sched.running, key=self._key),
+                self.cfg.token_budget - len(plan.decode),
+            )
         self._last_ran = list({s.request.id: s.request for s in plan.decode}.values())
         self._last_ran += [s.request for s, _ in plan.prefill if s.request not in self._last_ran]
         return self.finish_plan(sched, plan)
 
-    def _keep_pages_free(self, sched: Scheduler, plan: StepPlan, picked: list[Request]) -> bool:
-        """Swap out (or preempt) the lowest-level idle requests until enough pages are free."""
-        need = self.args.min_free_pages or self.cfg.max_seqs
+    def _make_room(self, sched: Scheduler, plan: StepPlan, picked: list[Request]) -> None:
+        """Swap out (or preempt) the lowest-level idle residents until `min_free_pages` are free,
+        the picked swapped requests' pages fit, and picked newcomers fit the resident limit."""
+        pool = sched.pool
+        want_pages = self.args.min_free_pages or self.cfg.max_seqs
+        want_pages += sum(sched.swapped_pages(r) for r in picked if r in sched.swapped)
+        newcomers = sum(sched.seqs_needed(r) for r in picked if r not in sched.running)
         idle = sorted((r for r in sched.running if r not in picked), key=self._key, reverse=True)
-        out = False
         for req in idle:
-            if sched.pool.num_available >= need:
+            short_slots = sched.num_running_seqs + newcomers > self.max_resident()
+            if pool.num_available >= want_pages and not short_slots:
                 break
             sched.preempt(req, plan)
-            out = True
-        return out
