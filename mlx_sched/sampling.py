@@ -1,7 +1,10 @@
 """On-device sampling: greedy, temperature, top-k, top-p, with per-request keys.
 
 Each row's key is derived from (request seed, sequence index, position) only,
-so a request's samples do not depend on what it was batched with.
+so a request's samples do not depend on what it was batched with. Random
+sampling draws one uniform per row and inverts the row's CDF (one exp and one
+cumsum over the vocabulary) rather than one Gumbel variate per vocabulary
+entry; the whole random path is skipped when every row is greedy.
 """
 
 from __future__ import annotations
@@ -32,6 +35,23 @@ def _filter_top_k_top_p(logits_SV, top_k_S, top_p_S):
     return jnp.where(logits_SV >= threshold_S[:, None], logits_SV, -jnp.inf)
 
 
+def _draw(logits_SV, temperature_S, top_k_S, top_p_S, keys):
+    """Inverse-CDF sampling from softmax(logits / temperature) after top-k / top-p."""
+    scaled_SV = logits_SV / jnp.maximum(temperature_S, 1e-6)[:, None]
+    scaled_SV = jax.lax.cond(
+        jnp.any((top_k_S > 0) | (top_p_S < 1.0)),
+        lambda x: _filter_top_k_top_p(x, top_k_S, top_p_S),
+        lambda x: x,
+        scaled_SV,
+    )
+    w_SV = jnp.exp(scaled_SV - jnp.max(scaled_SV, axis=-1, keepdims=True))
+    cdf_SV = jnp.cumsum(w_SV, axis=-1)
+    u_S = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf_SV[:, -1]
+    idx_S = jnp.sum(cdf_SV <= u_S[:, None], axis=-1)
+    # never land on a zero-probability (filtered) entry
+    return jnp.minimum(idx_S, logits_SV.shape[-1] - 1).astype(jnp.int32)
+
+
 def sample(
     logits_SV: jax.Array,
     temperature_S: jax.Array,
@@ -44,16 +64,14 @@ def sample(
     """Next token per row and its log-probability under the model (before filtering)."""
     logits_SV = logits_SV.astype(jnp.float32)
     greedy_S = jnp.argmax(logits_SV, axis=-1).astype(jnp.int32)
-    scaled_SV = logits_SV / jnp.maximum(temperature_S, 1e-6)[:, None]
-    needs_filter = jnp.any((top_k_S > 0) | (top_p_S < 1.0))
-    scaled_SV = jax.lax.cond(
-        needs_filter,
-        lambda x: _filter_top_k_top_p(x, top_k_S, top_p_S),
-        lambda x: x,
-        scaled_SV,
+    token_S = jax.lax.cond(
+        jnp.any(temperature_S > 0),
+        lambda: jnp.where(
+            temperature_S > 0,
+            _draw(logits_SV, temperature_S, top_k_S, top_p_S, row_keys(seed_S, seq_S, pos_S)),
+            greedy_S,
+        ),
+        lambda: greedy_S,
     )
-    keys = row_keys(seed_S, seq_S, pos_S)
-    drawn_S = jax.vmap(jax.random.categorical)(keys, scaled_SV).astype(jnp.int32)
-    token_S = jnp.where(temperature_S > 0, drawn_S, greedy_S)
-    logp_SV = jax.nn.log_softmax(logits_SV, axis=-1)
-    return token_S, jnp.take_along_axis(logp_SV, token_S[:, None], axis=-1)[:, 0]
+    chosen_S = jnp.take_along_axis(logits_SV, token_S[:, None], axis=-1)[:, 0]
+    return token_S, chosen_S - jax.nn.logsumexp(logits_SV, axis=-1)
