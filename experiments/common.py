@@ -63,11 +63,35 @@ class _QuietLibraries(logging_std.Filter):
         )
 
 
+def tune_process() -> None:
+    """Process settings every entry point wants: a persistent XLA compilation cache
+    (MLX_SCHED_JAX_CACHE, default ~/.cache/mlx_sched/jax; "0" turns it off) and a malloc
+    that keeps freed memory for reuse (XLA:CPU allocates a fresh buffer per op result;
+    returning large ones to the OS and faulting them in again costs more than the op)."""
+    import ctypes
+    import os
+
+    import jax
+
+    cache = os.environ.get("MLX_SCHED_JAX_CACHE", "~/.cache/mlx_sched/jax")
+    if cache != "0":
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest value glibc accepts
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-2, 256 << 20)  # M_TOP_PAD
+    except (OSError, AttributeError):
+        pass  # not glibc: keep the defaults
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """absl app.run, with known user errors printed as one clean line (exit status 2)."""
 
     def wrapped(argv):
         logging.get_absl_handler().addFilter(_QuietLibraries())
+        tune_process()
         try:
             main(argv)
         except USER_ERRORS as e:
