@@ -30,6 +30,7 @@ from mlx_sched import steps
 from mlx_sched.request import Seq
 from mlx_sched.serve_config import ServeConfig
 from models.config import DTYPES
+from models.paged_attention import cache_layout
 
 NUM_STOP_IDS = 8  # stop tokens per request checked on device inside a slice
 
@@ -82,13 +83,13 @@ class Runner:
         graphdef, params = nnx.split(model, nnx.Param)
         self.param_shardings = sharding.state_shardings(self.mesh, params)
         self.params = sharding.place(params, self.param_shardings)
-        kv_dtype = DTYPES[cfg.kv_dtype or model.cfg.dtype]
         mc = model.cfg
-        shape = (mc.n_layers, cfg.num_pages, self.Z, mc.n_kv_heads, mc.head_dim)
+        last, storage = cache_layout(mc.head_dim, DTYPES[cfg.kv_dtype or mc.dtype])
+        shape = (mc.n_layers, cfg.num_pages, self.Z, mc.n_kv_heads, last)
         self.kv_sharding = sharding.named_sharding(
             self.mesh, ("cache_layers", "cache_pages", "cache_page", "kv_heads", "head_dim"), shape
         )
-        zeros = jax.jit(lambda: jnp.zeros(shape, kv_dtype), out_shardings=self.kv_sharding)
+        zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=self.kv_sharding)
         self.k, self.v = zeros(), zeros()
         repl = self.repl = sharding.replicated(self.mesh)
         kv_in = (self.param_shardings, self.kv_sharding, self.kv_sharding, repl)

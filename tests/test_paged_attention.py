@@ -106,3 +106,42 @@ def test_paged_forward_equals_full_forward(tiny_cfg):
     x, _ = model.forward(model.embed_tokens(jnp.asarray(tokens[18:19])), ctx)
     got.append(np.asarray(model.logits(x)))
     np.testing.assert_allclose(np.concatenate(got), full, atol=2e-5)
+
+
+def test_bf16_pack_round_trip_and_permutation():
+    from models.paged_attention import _evens_odds, _interleave, pack, unpack
+
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 2, 8)), jnp.bfloat16)
+    w = pack(x)
+    assert w.dtype == jnp.uint32 and w.shape == (3, 2, 4)
+    np.testing.assert_array_equal(
+        np.asarray(unpack(w)), np.asarray(_evens_odds(x.astype(jnp.float32)))
+    )
+    np.testing.assert_array_equal(np.asarray(_interleave(_evens_odds(x))), np.asarray(x))
+
+
+def test_packed_bf16_cache_attention_matches_float32():
+    from models.paged_attention import pack
+
+    rng = np.random.default_rng(3)
+    G, L, H, K, X, Z, P, W = 3, 4, 4, 2, 8, 4, 32, 5
+    kv_len = np.array([17, 4, 20], np.int32)
+    q_pos = (kv_len[:, None] - L + np.arange(L)).astype(np.int32)
+    k = jnp.asarray(rng.normal(size=(P, Z, K, X)), jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(P, Z, K, X)), jnp.bfloat16)
+    pages = rng.permutation(np.arange(1, P))[: G * W].reshape(G, W).astype(np.int32)
+    q = jnp.asarray(rng.normal(size=(G, L, H, X)), jnp.bfloat16)
+    fn = jax.jit(paged_attention, static_argnums=(6, 7))
+    ref = fn(
+        q.astype(jnp.float32),
+        k.astype(jnp.float32),
+        v.astype(jnp.float32),
+        pages,
+        q_pos,
+        kv_len,
+        DenseCausal(),
+        2,
+    )
+    got = fn(q, pack(k), pack(v), pages, q_pos, kv_len, DenseCausal(), 2)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), atol=2e-2)
