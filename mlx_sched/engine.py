@@ -34,12 +34,20 @@ class RequestOutput:
     request_id: str
     new_tokens: list[list[int]]  # per sequence, the tokens produced by this step
     finished: bool
-    outputs: list[list[int]]  # per sequence, everything generated so far
-    finish_reasons: list[str | None]
+    request: Request = dataclasses.field(repr=False)
+
+    @property
+    def outputs(self) -> list[list[int]]:
+        """Per sequence, everything generated so far."""
+        return self.request.outputs()
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return [s.finish_reason for s in self.request.seqs]
 
 
 class Engine:
-    KV_STATS_EVERY = 4  # exact KV-occupancy statistics cost a pass over every page: sample them
+    KV_STATS_EVERY = 16  # exact KV-occupancy statistics cost a pass over every page: sample them
 
     def __init__(
         self,
@@ -67,6 +75,7 @@ class Engine:
         self._ids = itertools.count()
         self._order = itertools.count()
         self._steps, self._kv = 0, (0, 0)
+        self._stops: dict[str, frozenset[int]] = {}
         if warmup:
             n = self.runner.warmup(
                 lambda i, n, kind, shape: logging.info(
@@ -206,8 +215,11 @@ class Engine:
 
     def _append(self, seq: Seq, toks: list[int], new, now, computed_per_token=False) -> None:
         """Append sampled tokens up to a stop condition; finish the sequence if one is met."""
-        sp = seq.request.sampling
-        stops = set(self.runner.stop_ids(seq))
+        req = seq.request
+        stops = self._stops.get(req.id)
+        if stops is None:
+            stops = self._stops[req.id] = frozenset(self.runner.stop_ids(seq))
+        limit = req.prompt_len + req.sampling.max_tokens
         taken = new.setdefault(id(seq), [])
         for tok in toks:
             if computed_per_token:
@@ -217,7 +229,7 @@ class Engine:
             taken.append(tok)
             if tok in stops:
                 seq.done, seq.finish_reason = True, "stop"
-            elif seq.num_generated >= sp.max_tokens:
+            elif len(seq.tokens) >= limit:
                 seq.done, seq.finish_reason = True, "length"
             if seq.done:
                 self.sched.register_full_pages(seq)
@@ -226,6 +238,7 @@ class Engine:
         self.policy.on_tokens(seq.request, len(taken), now)
 
     def _finish(self, req: Request, now: float) -> None:
+        self._stops.pop(req.id, None)
         req.status, req.finished_at = Status.FINISHED, now
         self.sched.running.remove(req)
         self.policy.on_finish(req, now)
@@ -234,9 +247,7 @@ class Engine:
         toks = [new.get(id(s), []) for s in req.seqs]
         if not any(toks) and not req.is_finished:
             return None
-        out = RequestOutput(
-            req.id, toks, req.is_finished, req.outputs(), [s.finish_reason for s in req.seqs]
-        )
+        out = RequestOutput(req.id, toks, req.is_finished, req)
         cb = self._callbacks.get(req.id)
         if cb is not None:
             cb(out)
@@ -305,16 +316,7 @@ class Engine:
         ids = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
         while any(not self.requests[i].is_finished for i in ids):
             self.step()
-        return [
-            RequestOutput(
-                i,
-                [],
-                True,
-                self.requests[i].outputs(),
-                [s.finish_reason for s in self.requests[i].seqs],
-            )
-            for i in ids
-        ]
+        return [RequestOutput(i, [], True, self.requests[i]) for i in ids]
 
     def request_metrics(self) -> list[dict]:
         return [metrics_lib.request_metrics(r) for r in self.requests.values()]
