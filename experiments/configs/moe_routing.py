@@ -115,8 +115,6 @@ def _layer_mean(row: dict, name: str):
 
 def summarize(rows: list[dict], workdir) -> str:
     """Markdown table (one row per point) and a plot, moe_routing.png, against capacity factor."""
-    from experiments.sweep import markdown_table
-
     table = []
     for r in rows:
         t = {k: r.get(k) for k, _ in COLUMNS}
@@ -124,9 +122,14 @@ def summarize(rows: list[dict], workdir) -> str:
             t[name] = _layer_mean(r, name)
         table.append(t)
     _plots(table, pathlib.Path(workdir))
-    header = {k: label for k, label in COLUMNS}
-    md = markdown_table([{header[k]: t[k] for k, _ in COLUMNS} for t in table])
-    return md + "\nplot: moe_routing.png (held-out loss, drop rate, load imbalance vs cf)\n"
+    fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(fmt(t[k]) for k, _ in COLUMNS) + " |" for t in table]
+    return (
+        "\n".join(lines)
+        + "\n"
+        + "\nplot: moe_routing.png (held-out loss, drop rate, load imbalance vs cf)\n"
+    )
 
 
 def _plots(table: list[dict], workdir: pathlib.Path) -> None:
