@@ -5,7 +5,7 @@ experts, each the size of the dense model's MLP, so a top-1 MoE has the
 active FLOPs of the dense baseline (top-2 has twice its expert FLOPs).
 
 Variants:
-  default   4 layers, d_model 128, 8 experts, 300 steps of 16 x 128 tokens
+  default   4 layers, d_model 128, 8 experts, 300 steps of 8 x 128 tokens (~2 min a point)
   runlocal  a tiny model for smoke tests (seconds)
 
 Run:
@@ -39,12 +39,12 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.model.moe = dataclasses.asdict(moe)
     c.train.update(
         steps=300,
-        batch_size=16,
+        batch_size=8,
         seq_len=128,
         warmup_steps=40,
         log_every=20,
         eval_every=150,
-        eval_batches=8,
+        eval_batches=16,
         ckpt_every=300,
         keep=1,
     )
