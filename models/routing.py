@@ -132,7 +132,7 @@ def router_entropy(probs_GSE: jax.Array) -> jax.Array:
 
 def dropped_fraction(dispatch_GSEC: jax.Array) -> jax.Array:
     """Share of tokens sent to no expert at all (carried only by the residual)."""
-    return 1.0 - jnp.mean(jnp.max(dispatch_GSEC, axis=(2, 3)))
+    return jnp.mean((jnp.max(dispatch_GSEC, axis=(2, 3)) == 0).astype(jnp.float32))
 
 
 def load_imbalance(tokens_per_expert_E: jax.Array) -> jax.Array:
