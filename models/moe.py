@@ -18,6 +18,9 @@ Two forward forms:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -77,12 +80,8 @@ class MoE(nnx.Module):
         ys_AD = rdot(h_AF, w_down)
         y_TRD = jnp.zeros_like(ys_AD).at[order_A].set(ys_AD).reshape(T, k, -1)
         y_TD = jnp.einsum("trd,tr->td", y_TRD.astype(jnp.float32), gate_TR)
-        aux = self._aux(
-            logits_TE[None],
-            sizes_E.astype(jnp.float32),
-            jnp.zeros((), jnp.float32),
-        )
-        return y_TD.astype(dtype), aux
+        stats = routing.router_stats(logits_TE[None], jnp.zeros(()), sizes_E.astype(jnp.float32))
+        return y_TD.astype(dtype), self._aux(stats)
 
     # -- capacity-limited, expert-parallel -----------------------------------
 
@@ -111,15 +110,13 @@ class MoE(nnx.Module):
             if moe.second_policy == "random" and router == "top_k":
                 u = jax.random.uniform(pol_key, (G, S), jnp.float32)
                 extra["uniform_GS"] = constrain(u, ("act_group", None))
-        local = lambda axes: (
-            lambda x, w, e: _route_and_run(
-                x, w, e, moe=moe, router=router, capacity=C, dtype=self.dtype, axes=axes
-            )
+        local = functools.partial(
+            _route_and_run, moe=moe, router=router, capacity=C, dtype=self.dtype
         )
         weights = self._weights()
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or mesh.size == 1:
-            y_GSD, stats = local(_Axes())(x_GSD, weights, extra)
+            y_GSD, stats = local(x_GSD, weights, extra, axes=_Axes())
         else:
             axes = _Axes.of(dict(mesh.shape), G, moe.num_experts, self.model_cfg.d_ff)
             tok = P(axes.tokens)
@@ -130,41 +127,28 @@ class MoE(nnx.Module):
                 P(axes.expert, axes.tensor, None),
             )
             run = jax.shard_map(
-                local(axes),
+                functools.partial(local, axes=axes),
                 in_specs=(tok, w_specs, jax.tree.map(lambda _: tok, extra)),
                 out_specs=(tok, P()),
             )
             y_GSD, stats = run(x_GSD, weights, extra)
         y_TD = constrain(y_GSD.reshape(T, D), ("act_batch", "act_embed"))
-        return y_TD, self._aux(None, stats["tokens_per_expert"], stats["dropped"], stats)
+        return y_TD, self._aux(stats)
 
-    def _aux(self, logits_GSE, tokens_per_expert_E, dropped, stats=None) -> dict:
-        """Router losses and metrics; `stats` holds them precomputed (sharded path)."""
-        if stats is None:
-            probs = jax.nn.softmax(logits_GSE, axis=-1)
-            stats = {
-                "aux_loss": routing.load_balancing_loss(probs),
-                "z_loss": routing.z_loss(logits_GSE),
-                "router_entropy": routing.router_entropy(probs),
-            }
+    def _aux(self, stats: dict) -> dict:
+        """Router metrics plus "loss": the coefficient-weighted aux and z losses."""
         moe = self.moe
         loss = moe.aux_loss_coef * stats["aux_loss"] + moe.z_loss_coef * stats["z_loss"]
-        return {
-            "loss": loss,
-            "aux_loss": stats["aux_loss"],
-            "z_loss": stats["z_loss"],
-            "router_entropy": stats["router_entropy"],
-            "dropped": dropped,
-            "load_imbalance": routing.load_imbalance(tokens_per_expert_E),
-            "tokens_per_expert": tokens_per_expert_E,
-        }
+        return {"loss": loss, **stats}
 
 
+@dataclasses.dataclass(frozen=True)
 class _Axes:
     """Mesh axes (from the rules table) the capacity path shards over; empty off-mesh."""
 
-    def __init__(self, tokens=(), expert=(), tensor=()):
-        self.tokens, self.expert, self.tensor = tuple(tokens), tuple(expert), tuple(tensor)
+    tokens: tuple[str, ...] = ()  # routing groups: data-like axes, including the expert axis
+    expert: tuple[str, ...] = ()  # experts
+    tensor: tuple[str, ...] = ()  # each expert's hidden dim
 
     @classmethod
     def of(cls, mesh_shape: dict[str, int], groups: int, num_experts: int, d_ff: int) -> _Axes:
@@ -255,14 +239,8 @@ def _route_and_run(x_GSD, weights, extra, *, moe: MoEConfig, router: str, capaci
         "egcd,gsec->gsd", out_EGCD, r.combine_GSEC.astype(dtype), preferred_element_type=f32
     ).astype(dtype)
 
-    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
     mean = (lambda v: jax.lax.pmean(v, axes.tokens)) if axes.tokens else (lambda v: v)
     total = (lambda v: jax.lax.psum(v, axes.tokens)) if axes.tokens else (lambda v: v)
-    stats = {
-        "aux_loss": mean(routing.load_balancing_loss(probs_GSE)),
-        "z_loss": mean(routing.z_loss(logits_GSE)),
-        "router_entropy": mean(routing.router_entropy(probs_GSE)),
-        "dropped": mean(routing.dropped_fraction(r.dispatch_GSEC)),
-        "tokens_per_expert": total(jnp.sum(r.assigned_GE, axis=0)),
-    }
-    return y_GSD, stats
+    dropped = routing.dropped_fraction(r.dispatch_GSEC)
+    tokens_E = jnp.sum(r.assigned_GE, axis=0)
+    return y_GSD, routing.router_stats(logits_GSE, dropped, tokens_E, mean, total)

@@ -138,3 +138,27 @@ def dropped_fraction(dispatch_GSEC: jax.Array) -> jax.Array:
 def load_imbalance(tokens_per_expert_E: jax.Array) -> jax.Array:
     """max / mean of the router's per-expert load (1.0 is perfectly balanced)."""
     return jnp.max(tokens_per_expert_E) / jnp.maximum(jnp.mean(tokens_per_expert_E), 1e-9)
+
+
+def router_stats(
+    logits_GSE: jax.Array,
+    dropped: jax.Array,
+    tokens_per_expert_E: jax.Array,
+    mean=lambda v: v,
+    total=lambda v: v,
+) -> dict[str, jax.Array]:
+    """Unweighted router losses and metrics of one layer.
+
+    `mean` / `total` reduce a per-device value over the devices that shard
+    tokens (identity off-mesh): means for losses and rates, sums for counts.
+    """
+    probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
+    tokens_per_expert_E = total(tokens_per_expert_E)
+    return {
+        "aux_loss": mean(load_balancing_loss(probs_GSE)),
+        "z_loss": mean(z_loss(logits_GSE)),
+        "router_entropy": mean(router_entropy(probs_GSE)),
+        "dropped": mean(dropped),
+        "tokens_per_expert": tokens_per_expert_E,
+        "load_imbalance": load_imbalance(tokens_per_expert_E),
+    }
