@@ -71,10 +71,10 @@ def test_sweep_points_are_valid_model_configs():
     module, variant = sweep.load_module("experiments/configs/moe_routing.py")
     points = sweep.points_of(module, variant)
     names = [p["name"] for p in points]
-    assert len(names) == 4 * 4 + 2 and "dense" in names and "expert_choice_cf0.5" in names
+    assert len(names) == 4 * 4 + 3 and "dense" in names and "expert_choice_cf0.5" in names
     for point in points:
         cfg = ModelConfig.from_dict(sweep.point_config(module, variant, point).model)
-        if point["name"] == "dense":
+        if point["name"].startswith("dense"):
             assert cfg.moe is None and cfg.d_ff == 256  # one expert's FLOPs: top-1's active FLOPs
         else:
             assert cfg.moe.capacity_factor == point["model.moe.capacity_factor"]

@@ -70,7 +70,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
 
 def get_sweep(arg: str = "default") -> list[dict]:
-    """router x capacity factor, a dense baseline of equal active FLOPs, Switch without aux loss."""
+    """router x capacity factor; a dense baseline of equal active FLOPs (two seeds, to show the
+    seed-to-seed noise); Switch without the aux loss."""
     del arg
     points = []
     for router, fields in ROUTERS.items():
@@ -79,6 +80,7 @@ def get_sweep(arg: str = "default") -> list[dict]:
             point.update({f"model.moe.{k}": v for k, v in fields.items()})
             points.append(point)
     points.append({"name": "dense", "model.moe": None})
+    points.append({"name": "dense_seed1", "model.moe": None, "train.seed": 1})  # noise floor
     noaux = {f"model.moe.{k}": v for k, v in ROUTERS["switch"].items()}
     points.append(
         {
