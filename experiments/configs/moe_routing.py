@@ -150,8 +150,9 @@ def _plots(table: list[dict], workdir: pathlib.Path) -> None:
         for ax, (key, _) in zip(axes, panels, strict=True):
             if pts:
                 ax.plot([cf for cf, _ in pts], [t[key] for _, t in pts], "o-", label=router)
-    if "dense" in by_name:
-        axes[0].axhline(by_name["dense"]["heldout_loss"], color="k", ls="--", label="dense")
+    for name, ls in (("dense", "--"), ("dense_seed1", ":")):
+        if name in by_name:
+            axes[0].axhline(by_name[name]["heldout_loss"], color="k", ls=ls, label=name)
     for ax, (_, label) in zip(axes, panels, strict=True):
         ax.set_xlabel("capacity factor")
         ax.set_ylabel(label)
