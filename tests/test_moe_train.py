@@ -67,17 +67,20 @@ def test_aux_metrics_keep_scalars_and_vectors():
     assert training._to_json(out["layer_1/tokens_per_expert"]) == [1.0, 1.0, 1.0, 1.0]
 
 
-def test_sweep_points_are_valid_model_configs():
-    module, variant = sweep.load_module("experiments/configs/moe_routing.py")
+@pytest.mark.parametrize("variant, n_points", [("default", 4 * 4 + 3), ("long", 4)])
+def test_sweep_points_are_valid_model_configs(variant, n_points):
+    module, _ = sweep.load_module("experiments/configs/moe_routing.py")
     points = sweep.points_of(module, variant)
     names = [p["name"] for p in points]
-    assert len(names) == 4 * 4 + 3 and "dense" in names and "expert_choice_cf0.5" in names
+    assert len(names) == n_points and any(n.startswith("dense") for n in names)
     for point in points:
-        cfg = ModelConfig.from_dict(sweep.point_config(module, variant, point).model)
+        config = sweep.point_config(module, variant, point)
+        cfg = ModelConfig.from_dict(config.model)
         if point["name"].startswith("dense"):
             assert cfg.moe is None and cfg.d_ff == 256  # one expert's FLOPs: top-1's active FLOPs
         else:
             assert cfg.moe.capacity_factor == point["model.moe.capacity_factor"]
+        assert config.train.seed == point.get("train.seed", 0)
 
 
 def test_summarize_writes_table_and_plot(tmp_path):

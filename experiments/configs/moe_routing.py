@@ -7,10 +7,13 @@ active FLOPs of the dense baseline (top-2 has twice its expert FLOPs).
 Variants:
   default   4 layers, d_model 128, 8 experts, 300 steps of 8 x 128 tokens (~2 min a point)
   runlocal  a tiny model for smoke tests (seconds)
+  long      default trained 1000 steps; its sweep is dense vs Switch (cf 1.25), two seeds each
 
 Run:
   python -m experiments.train --config=experiments/configs/moe_routing.py:runlocal --workdir=/tmp/x
   python -m experiments.sweep --config=experiments/configs/moe_routing.py --workdir=runs/moe_routing
+  python -m experiments.sweep --config=experiments/configs/moe_routing.py:long \
+      --workdir=runs/moe_routing_long
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.train \\
       --config=experiments/configs/moe_routing.py --workdir=/tmp/ep --config.mesh.expert=4
 """
@@ -64,15 +67,28 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
             keep=3,
         )
         c.sample.max_tokens = 40
+    elif arg == "long":
+        c.train.update(steps=1000, warmup_steps=100, eval_every=500, ckpt_every=500)
     elif arg != "default":
-        raise ValueError(f"unknown variant '{arg}' of moe_routing.py; choose default or runlocal")
+        raise ValueError(
+            f"unknown variant '{arg}' of moe_routing.py; choose default, runlocal or long"
+        )
     return c
 
 
 def get_sweep(arg: str = "default") -> list[dict]:
     """router x capacity factor; a dense baseline of equal active FLOPs (two seeds, to show the
-    seed-to-seed noise); Switch without the aux loss."""
-    del arg
+    seed-to-seed noise); Switch without the aux loss. Variant "long": dense vs Switch only."""
+    if arg == "long":
+        switch = {f"model.moe.{k}": v for k, v in ROUTERS["switch"].items()}
+        return [
+            {"name": f"{name}_seed{seed}", "train.seed": seed, **fields}
+            for name, fields in (
+                ("dense", {"model.moe": None}),
+                ("switch_cf1.25", {"model.moe.capacity_factor": 1.25, **switch}),
+            )
+            for seed in (0, 1)
+        ]
     points = []
     for router, fields in ROUTERS.items():
         for cf in CAPACITY_FACTORS:
