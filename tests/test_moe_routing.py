@@ -105,3 +105,15 @@ def test_z_loss_and_entropy_of_zero_logits():
     assert float(routing.z_loss(zero)) == pytest.approx(np.log(8) ** 2, rel=1e-6)
     assert float(routing.router_entropy(jax.nn.softmax(zero))) == pytest.approx(np.log(8))
     assert float(routing.load_imbalance(jnp.asarray([1.0, 1.0, 4.0, 2.0]))) == pytest.approx(2.0)
+
+
+def test_capacity_formula():
+    from models.moe_config import MoEConfig
+
+    switch = MoEConfig(num_experts=8)
+    assert switch.capacity(128, 1.25) == 20 and switch.capacity(128, 1.0) == 16
+    assert switch.capacity(8, 1.0) == 4  # min_capacity
+    assert switch.capacity(8, 100.0) == 8  # never more slots than tokens in the group
+    assert MoEConfig(num_experts=8, top_k=2).capacity(128, 1.25) == 40  # cf * k * S / E
+    assert MoEConfig(num_experts=8, router="expert_choice").capacity(128, 2.0) == 32
+    assert MoEConfig(num_experts=6, min_capacity=1).capacity(10, 1.0) == 2  # ceil(10 / 6)

@@ -110,3 +110,15 @@ def test_cli_bad_moe_override_is_one_clear_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         "error: model.moe.top_k=9 must be in [1, num_experts=4]"
     )
+
+
+def test_moe_point_adds_served_and_compute_budget_evals(trained, monkeypatch):
+    from experiments import points
+
+    workdir, trainer, params, eval_loss = trained
+    monkeypatch.setattr(training, "train_from_config", lambda c, w: (trainer, params, eval_loss))
+    out = points.moe_point(None, workdir)
+    assert out["heldout_loss"] == eval_loss and out["step_time_s"] > 0
+    for key in ("heldout_serve", "heldout_cf0.5_bpr", "heldout_cf0.5_nobpr"):
+        assert 0 < out[key] < 10, key
+    assert len(out["final_layer_1/tokens_per_expert"]) == 4
