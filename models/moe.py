@@ -179,6 +179,7 @@ def _size(axes: tuple[str, ...], mesh_shape: dict[str, int]) -> int:
 
 
 def check_expert_axis(num_experts: int, expert_devices: int) -> None:
+    """Experts are split evenly over the expert axis, or it is a config error."""
     if num_experts % expert_devices:
         raise ConfigError(
             f"model.moe.num_experts={num_experts} is not divisible by the {expert_devices} "
