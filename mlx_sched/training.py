@@ -28,6 +28,7 @@ import sharding
 from mlx_sched import data as data_lib
 from mlx_sched.checkpoint import Checkpointer, CheckpointError
 from models.config import ConfigError, ModelConfig, check_keys
+from models.moe import check_mesh
 from models.transformer import Transformer
 
 
@@ -109,13 +110,18 @@ def loss_fn(params, graphdef, batch_BL1, rng, mode="train"):
 
 
 def _aux_metrics(aux: dict) -> dict:
-    """Flatten per-layer scalar aux outputs into `layer_i/name` metrics."""
+    """Flatten per-layer aux outputs into `layer_i/name` metrics (scalars or small vectors,
+    such as an MoE layer's tokens per expert, logged as JSON lists)."""
     out = {}
     for layer, d in aux.items():
         for k, v in d.items():
-            if k != "loss" and jnp.ndim(v) == 0:
+            if k != "loss" and jnp.ndim(v) <= 1:
                 out[f"{layer}/{k}"] = v
     return out
+
+
+def _to_json(v):
+    return float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
 
 
 def train_step(graphdef, tx, seed, params, opt_state, batch_BL1, step):
@@ -129,8 +135,8 @@ def train_step(graphdef, tx, seed, params, opt_state, batch_BL1, step):
     return params, opt_state, metrics
 
 
-def eval_step(graphdef, params, batch_BL1):
-    _, metrics = loss_fn(params, graphdef, batch_BL1, None, mode="eval")
+def eval_step(graphdef, params, batch_BL1, mode="eval"):
+    _, metrics = loss_fn(params, graphdef, batch_BL1, None, mode=mode)
     return metrics["ce"]
 
 
@@ -153,6 +159,7 @@ class Trainer:
         corpus: data_lib.Corpus | None = None,
     ):
         self.model_cfg, self.tc, self.mesh = model_cfg, train_cfg, mesh
+        check_mesh(model_cfg, dict(mesh.shape), train_cfg.batch_size, train_cfg.seq_len)
         self.workdir = pathlib.Path(workdir).absolute()
         self.primary = jax.process_index() == 0
         if self.primary:
@@ -196,11 +203,7 @@ class Trainer:
             out_shardings=(self.param_shardings, self.opt_shardings, repl),
             donate_argnums=(0, 1),
         )
-        self.eval_fn = jax.jit(
-            functools.partial(eval_step, self.graphdef),
-            in_shardings=(self.param_shardings, self.batch_sharding),
-            out_shardings=repl,
-        )
+        self._eval_fns = {}
         self.ckpt = Checkpointer(self.workdir / "checkpoints", keep=train_cfg.keep)
         self.metrics_path = self.workdir / "metrics.jsonl"
 
@@ -250,14 +253,27 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------
 
-    def evaluate(self, params) -> float:
+    def evaluate(self, params, mode: str = "eval", model_cfg: ModelConfig | None = None) -> float:
+        """Mean held-out cross-entropy in a model mode ("eval", or "serve": dropless MoE).
+
+        `model_cfg` evaluates the same parameters under another inference
+        config of the same shapes (e.g. another MoE capacity factor).
+        """
+        cfg = model_cfg or self.model_cfg
+        if (cfg, mode) not in self._eval_fns:
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+            self._eval_fns[cfg, mode] = jax.jit(
+                functools.partial(eval_step, graphdef, mode=mode),
+                in_shardings=(self.param_shardings, self.batch_sharding),
+                out_shardings=sharding.replicated(self.mesh),
+            )
         losses = []
         with jax.set_mesh(self.mesh):
             for b in self.eval_data:
                 arr = jax.make_array_from_process_local_data(
                     self.batch_sharding, b[self.batcher.rows]
                 )
-                losses.append(self.eval_fn(params, arr))
+                losses.append(self._eval_fns[cfg, mode](params, arr))
         return float(np.mean(jax.device_get(losses)))
 
     def _log(self, record: dict) -> None:
@@ -284,7 +300,7 @@ class Trainer:
                 params, opt_state, metrics = self.step_fn(params, opt_state, batch, step_arr(step))
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                m = {k: _to_json(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 step_time = (now - t_last) / (done - last_step)
                 tok_s = tokens_per_step / step_time

@@ -8,12 +8,14 @@ Shape-suffix letter key, used in every file of this package:
     F feed-forward     V vocab               E experts
     C expert capacity  G routing groups      S tokens per group / slots
     P pages            Z tokens per page     N layers
+    R experts chosen per token (top-k)       A routed (token, expert) pairs (T * R)
 
 `x_BLD` is a [batch, length, d_model] array; `wq_DHX` a [d_model, heads,
 head_dim] weight. `models/` knows nothing of scheduling.
 """
 
 from models.config import ConfigError, ModelConfig
+from models.moe_config import MoEConfig, check_servable
 from models.transformer import Transformer
 
-__all__ = ["ConfigError", "ModelConfig", "Transformer"]
+__all__ = ["ConfigError", "MoEConfig", "ModelConfig", "Transformer", "check_servable"]

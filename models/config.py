@@ -11,9 +11,12 @@ import dataclasses
 import difflib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from models.moe_config import MoEConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -55,6 +58,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; matmuls accumulate in float32
     param_dtype: str = "float32"
     init_std: float = 0.02
+    moe: MoEConfig | None = None  # Mixture-of-Experts layers; a nested dict is converted
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -80,6 +84,17 @@ class ModelConfig:
                 getattr(self, name) in DTYPES,
                 f"model.{name}='{getattr(self, name)}' is not one of {sorted(DTYPES)}",
             )
+        self._init_moe()
+
+    def _init_moe(self):
+        from models.moe_config import MoEConfig  # models.moe_config imports this module
+
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        _require(
+            self.moe is None or any(map(self.moe.is_moe_layer, range(self.n_layers))),
+            "model.moe.every/offset select none of the model's layers",
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.moe_config import check_servable
+
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _next_logits(graphdef, params, tokens_BL, lengths_B):
@@ -29,6 +31,7 @@ def generate(
     stop_tokens: tuple[int, ...] = (),
 ) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens (stopping after a stop token)."""
+    check_servable(model.cfg)
     graphdef, params = nnx.split(model, nnx.Param)
     B = len(prompts)
     lengths = np.array([len(p) for p in prompts])

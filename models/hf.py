@@ -1,9 +1,11 @@
 """Hugging Face checkpoints (config.json + safetensors) to and from our model.
 
 Supported: Llama-family decoders (model_type llama / mistral without sliding
-window). HF linear weights are [out, in]; ours are [in, ...out] with heads as
-their own axis, so loading is a transpose and a reshape. Rotary embeddings
-use the same half-split layout, so no permutation is needed.
+window) and Mixtral (the same decoder with every MLP a top-2 MoE whose gates
+are a softmax over the chosen logits). HF linear weights are [out, in]; ours
+are [in, ...out] with heads as their own axis, so loading is a transpose and
+a reshape. Rotary embeddings use the same half-split layout, so no
+permutation is needed.
 """
 
 from __future__ import annotations
@@ -104,8 +106,11 @@ def _get(tensors: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> n
     return t
 
 
-def llama_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Our parameter tree (pure dict) from HF Llama tensors."""
+def llama_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], mlp=None) -> dict[str, Any]:
+    """Our parameter tree (pure dict) from HF Llama tensors.
+
+    `mlp(tensors, prefix)` builds one layer's MLP subtree (default: dense SwiGLU).
+    """
     D, H, K, X, F, V = (
         cfg.d_model,
         cfg.n_heads,
@@ -115,6 +120,12 @@ def llama_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, 
         cfg.vocab_size,
     )
     p = "model."
+    if mlp is None:
+        mlp = lambda t, q: {
+            "w_gate": _get(t, q + "mlp.gate_proj.weight", (F, D)).T,
+            "w_up": _get(t, q + "mlp.up_proj.weight", (F, D)).T,
+            "w_down": _get(t, q + "mlp.down_proj.weight", (D, F)).T,
+        }
     tree: dict[str, Any] = {
         "embed": _get(tensors, p + "embed_tokens.weight", (V, D)),
         "final_norm": {"scale": _get(tensors, p + "norm.weight", (D,))},
@@ -134,11 +145,7 @@ def llama_params(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, 
                 "wv": lin("self_attn.v_proj", (K * X, D)).reshape(D, K, X),
                 "wo": lin("self_attn.o_proj", (D, H * X)).reshape(H, X, D),
             },
-            "mlp": {
-                "w_gate": lin("mlp.gate_proj", (F, D)),
-                "w_up": lin("mlp.up_proj", (F, D)),
-                "w_down": lin("mlp.down_proj", (D, F)),
-            },
+            "mlp": mlp(tensors, q),
         }
     return tree
 
@@ -159,6 +166,61 @@ def load_llama(path: str | pathlib.Path, **overrides) -> Transformer:
     """A Transformer holding the weights of a Llama-family HF checkpoint folder."""
     cfg = llama_model_config(read_config(path), **overrides)
     tree = llama_params(cfg, read_safetensors(path))
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    return load_into(model, tree)
+
+
+def mixtral_model_config(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """Our ModelConfig from a Mixtral config.json dict: a Mistral decoder with MoE MLPs.
+
+    Mixtral is dropless; training capacity defaults to num_experts / top_k
+    (C = group size: nothing dropped); `moe={...}` overrides MoE fields.
+    """
+    if hf.get("model_type") != "mixtral":
+        raise HFFormatError(f"model_type '{hf.get('model_type')}' is not 'mixtral'")
+    E, k = hf["num_local_experts"], hf["num_experts_per_tok"]
+    moe = dict(
+        num_experts=E,
+        top_k=k,
+        gates="topk_softmax",
+        capacity_factor=E / k,
+        aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0),
+        every=1,
+        offset=0,
+    )
+    moe.update(overrides.pop("moe", {}))
+    return llama_model_config({**hf, "model_type": "mistral"}, moe=moe, **overrides)
+
+
+def mixtral_mlp(cfg: ModelConfig, tensors: dict[str, np.ndarray], q: str) -> dict[str, Any]:
+    """One layer's MoE subtree from Mixtral tensors, per-expert (w1/w3/w2) or fused layout."""
+    E, D, F = cfg.moe.num_experts, cfg.d_model, cfg.d_ff
+    if q + "block_sparse_moe.gate.weight" in tensors:  # the layout of published checkpoints
+        b = q + "block_sparse_moe."
+        stack = lambda w, shape: np.stack(
+            [_get(tensors, f"{b}experts.{e}.{w}.weight", shape).T for e in range(E)]
+        )
+        return {
+            "router": _get(tensors, b + "gate.weight", (E, D)).T,
+            "w_gate": stack("w1", (F, D)),
+            "w_up": stack("w3", (F, D)),
+            "w_down": stack("w2", (D, F)),
+        }
+    b = q + "mlp."  # transformers >= 5 in memory: gate and up fused per expert
+    gate_up = _get(tensors, b + "experts.gate_up_proj", (E, 2 * F, D))
+    return {
+        "router": _get(tensors, b + "gate.weight", (E, D)).T,
+        "w_gate": gate_up[:, :F].transpose(0, 2, 1),
+        "w_up": gate_up[:, F:].transpose(0, 2, 1),
+        "w_down": _get(tensors, b + "experts.down_proj", (E, D, F)).transpose(0, 2, 1),
+    }
+
+
+def load_mixtral(path: str | pathlib.Path, **overrides) -> Transformer:
+    """A Transformer holding the weights of a Mixtral HF checkpoint folder."""
+    cfg = mixtral_model_config(read_config(path), **overrides)
+    mlp = lambda t, q: mixtral_mlp(cfg, t, q)
+    tree = llama_params(cfg, read_safetensors(path), mlp=mlp)
     model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
     return load_into(model, tree)
 
@@ -217,4 +279,8 @@ def load_model(path: str | pathlib.Path, **overrides):
     mtype = read_config(path).get("model_type")
     if mtype in LLAMA_TYPES:
         return load_llama(path, **overrides)
-    raise HFFormatError(f"model_type '{mtype}' is not supported (supported: {LLAMA_TYPES})")
+    if mtype == "mixtral":
+        return load_mixtral(path, **overrides)
+    raise HFFormatError(
+        f"model_type '{mtype}' is not supported (supported: {(*LLAMA_TYPES, 'mixtral')})"
+    )

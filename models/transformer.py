@@ -9,6 +9,7 @@ from flax import nnx
 from models.attention import Attention, FullContext
 from models.config import ModelConfig
 from models.layers import MLP, RMSNorm, constrain_act, dot, param
+from models.moe import MoE
 from sharding.rules import constrain
 
 
@@ -20,7 +21,8 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
         self.attn = Attention(cfg, layer, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        moe = cfg.moe is not None and cfg.moe.is_moe_layer(layer)
+        self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
     def __call__(self, x_TD: jax.Array, ctx, rng=None) -> tuple[jax.Array, dict]:
         x_TD = x_TD + self.attn(self.attn_norm(x_TD), ctx)

@@ -1,0 +1,25 @@
+"""One process of a multi-process expert-parallel training run (driven by test_moe_distributed.py).
+
+usage: python tests/moe_dist_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES WORKDIR
+"""
+
+import os
+import sys
+
+pid, nproc, port, ndev, workdir = sys.argv[1:6]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import sharding  # noqa: E402
+
+if int(nproc) > 1:
+    sharding.initialize(f"127.0.0.1:{port}", int(nproc), int(pid))
+
+from experiments.configs import moe_routing  # noqa: E402
+from mlx_sched import training  # noqa: E402
+
+config = moe_routing.get_config("runlocal")
+config.mesh.update(data=-1, expert=2)  # 4 experts on 2 expert-axis devices, 2-way data
+config.model.moe.update(capacity_factor=0.75, batch_priority=True, jitter=0.1)
+config.train.update(steps=4, log_every=1, eval_every=2, ckpt_every=2)
+training.train_from_config(config, workdir)
