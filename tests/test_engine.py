@@ -90,17 +90,18 @@ def test_greedy_equals_full_recompute(model, prompts, expected, name):
 
 def test_sampling_is_seeded_reproducible_and_batch_invariant(model, prompts):
     cfg = ServeConfig(page_size=4, num_pages=128, max_seqs=8, token_budget=32, max_prefill_rows=2)
+    engine = Engine(model, cfg)
     sp = [
         SamplingParams(max_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=100 + i)
         for i in range(len(prompts))
     ]
-    a = [r.outputs()[0] for r in drive(Engine(model, cfg), prompts, None, seed=1, sampling=sp)]
-    b = [r.outputs()[0] for r in drive(Engine(model, cfg), prompts, None, seed=5, sampling=sp)]
+    a = [r.outputs()[0] for r in drive(engine, prompts, None, seed=1, sampling=sp)]
+    b = [r.outputs()[0] for r in drive(engine, prompts, None, seed=5, sampling=sp)]
     assert a == b  # different arrival steps (different batches), same samples
-    alone = Engine(model, cfg).generate([prompts[3]], sp[3])[0].outputs[0]
+    alone = engine.generate([prompts[3]], sp[3])[0].outputs[0]
     assert alone == a[3]
     other_seed = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=1)
-    assert Engine(model, cfg).generate([prompts[3]], other_seed)[0].outputs[0] != a[3]
+    assert engine.generate([prompts[3]], other_seed)[0].outputs[0] != a[3]
 
 
 def test_parallel_sampling_shares_prompt_pages(model, prompts):
