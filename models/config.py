@@ -15,6 +15,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from models.attention_config import AttentionConfig
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -55,6 +57,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; matmuls accumulate in float32
     param_dtype: str = "float32"
     init_std: float = 0.02
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -80,6 +83,8 @@ class ModelConfig:
                 getattr(self, name) in DTYPES,
                 f"model.{name}='{getattr(self, name)}' is not one of {sorted(DTYPES)}",
             )
+        object.__setattr__(self, "attention", AttentionConfig.from_any(self.attention))
+        self.attention.check_model(self.n_layers, self.n_heads)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
