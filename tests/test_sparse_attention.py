@@ -11,6 +11,7 @@ from models.gathered_attention import (
     block_attention,
     decode_attention,
     masked_attention,
+    merge_partial,
     needed_pages,
     reference_attention,
 )
@@ -158,6 +159,16 @@ def test_training_form_never_builds_a_length_squared_array(kind):
     assert _largest_array(grad, q, k, v) <= 4 * n * l  # O(n * l) with l ~ sqrt(n); n * n = 32 n * l
     dense = jax.grad(lambda q, k, v: jnp.sum(reference_attention(p, q, k, v, pos)), (0, 1, 2))
     assert _largest_array(dense, q, k, v) >= n * n
+
+
+def test_merging_disjoint_key_sets_equals_one_softmax():
+    q, k, v = qkv(1, 6, 2, 1, seed=4)
+    first = jnp.asarray(np.arange(6) < 2)[None, None, None, :]
+    part = lambda m: block_attention(q[:, None], k[:, None], v[:, None], m[:, None])
+    merged = merge_partial([part(first), part(~first)])[:, 0]
+    np.testing.assert_allclose(
+        merged, masked_attention(q, k, v, jnp.ones((1, 1, 6, 6), bool)), atol=1e-6
+    )
 
 
 def test_block_attention_zero_for_queries_that_see_nothing_and_rejects_bad_mask():
