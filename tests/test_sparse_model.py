@@ -100,9 +100,8 @@ def test_one_sparse_layer_sees_exactly_its_pattern(tiny_cfg, kind):
         np.testing.assert_array_equal(np.flatnonzero(seen[i]), pattern.needed_positions(i))
 
 
-@pytest.mark.parametrize("pattern", ["strided", "fixed,strided"])
-def test_model_with_sparse_layers_trains(tiny_cfg, pattern):
-    cfg = sparse_cfg(tiny_cfg, pattern=pattern, stride=8, summary=2, heads="union")
+def test_model_with_sparse_layers_trains(tiny_cfg):
+    cfg = sparse_cfg(tiny_cfg, pattern="fixed,strided", stride=8, summary=2, heads="union")
     tc = training.TrainConfig(steps=25, warmup_steps=2, lr=1e-2)
     tx = training.make_optimizer(tc)
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
