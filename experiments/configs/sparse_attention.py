@@ -29,7 +29,7 @@ PATTERNS = ("dense", "strided", "fixed")
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c = lm.get_config("default")
     c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=2048)
-    c.model.attention = dict(pattern="dense", stride=64, summary=8, heads="interleave")
+    c.model.attention.update(pattern="dense", stride=64, summary=8, heads="interleave")
     c.train.update(
         steps=200,
         batch_size=2,
