@@ -113,3 +113,28 @@ def test_runlocal_sweep_trains_all_three_patterns(tmp_path):
     results = [json.loads((tmp_path / n / "result.json").read_text()) for n in exp.PATTERNS]
     assert all(np.isfinite(r["heldout_loss"]) and r["heldout_loss"] < np.log(256) for r in results)
     assert "| fixed |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_command_prints_table_slopes_and_writes_plot(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.bench_attention",
+            "--lengths=64,128",
+            "--repeats=1",
+            f"--plot={tmp_path / 'b.png'}",
+            f"--out={tmp_path / 'b.json'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| 128 | 16 |" in out.stdout and "crossover strided vs dense" in out.stdout
+    assert len(json.loads((tmp_path / "b.json").read_text())) == 8
+    assert (tmp_path / "b.png").stat().st_size > 1000
