@@ -19,10 +19,11 @@ models/gathered_attention.py):
     fixed A1    each block with itself (block diagonal)         O(L * l)
     fixed A2    every query over the c * R summary keys         O(L * c * R)
 
-so with l ~ sqrt(L) time and memory grow like L * sqrt(L). In "union" mode
+so with l ~ sqrt(L) work and memory grow like L * sqrt(L). In "union" mode
 the two parts run over disjoint key sets (A2 minus A1) and their softmaxes
 merge exactly by log-sum-exp; in "interleave" mode each half of the heads
-runs one part only.
+runs one part only. A query that sees no key (a fixed-A2 head before the
+first summary position) outputs zeros.
 
 Positions. The rules read absolute positions. `mask` accepts any int
 positions: a key at a negative position (padding) is never visible, and a
@@ -43,14 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.attention_config import HEAD_MODES
+from models.config import ConfigError
 from models.gathered_attention import block_attention, fill_invalid, merge_partial
-
-
-def _error(msg: str):
-    from models.config import ConfigError
-
-    return ConfigError(msg)
-
 
 # ---------------------------------------------------------------------------
 # Reshape helpers: [B, L, ...] <-> R blocks of l
@@ -120,11 +115,13 @@ class FactorizedPattern:
 
     def __post_init__(self):
         if self.stride <= 0:
-            raise _error(f"{self.name} pattern: stride must be > 0, got {self.stride}")
+            raise ConfigError(f"{self.name} pattern: stride must be > 0, got {self.stride}")
         if self.heads not in HEAD_MODES:
-            raise _error(f"{self.name} pattern: heads='{self.heads}' is not one of {HEAD_MODES}")
+            raise ConfigError(
+                f"{self.name} pattern: heads='{self.heads}' is not one of {HEAD_MODES}"
+            )
         if self.heads == "interleave" and self.n_heads < 2:
-            raise _error(f"{self.name} pattern: heads='interleave' needs n_heads >= 2")
+            raise ConfigError(f"{self.name} pattern: heads='interleave' needs n_heads >= 2")
 
     # -- the rule, on broadcastable int arrays (numpy or jax) ----------------
 
@@ -253,7 +250,7 @@ class Fixed(FactorizedPattern):
     def __post_init__(self):
         super().__post_init__()
         if not 0 < self.summary <= self.stride:
-            raise _error(
+            raise ConfigError(
                 f"fixed pattern: summary={self.summary} must be in [1, stride={self.stride}]"
             )
 
@@ -324,4 +321,4 @@ def make_pattern(name: str, stride: int, summary: int, heads: str, n_heads: int)
         return Strided(stride, n_heads, heads)
     if name == "fixed":
         return Fixed(stride, n_heads, heads, summary)
-    raise _error(f"unknown sparse pattern '{name}'; choose strided or fixed")
+    raise ConfigError(f"unknown sparse pattern '{name}'; choose strided or fixed")
