@@ -65,18 +65,24 @@ def test_measure_runs_every_form_and_skips_what_does_not_fit():
 def test_experiment_points_build_the_right_models(variant):
     module, _ = sweep.load_module(os.path.join(ROOT, "experiments/configs/sparse_attention.py"))
     points = sweep.points_of(module, variant)
-    assert [p["name"] for p in points] == ["dense", "strided", "fixed"]
+    names = ["dense", "strided", "fixed"]
+    if variant == "default":
+        names += ["dense_seed1", "strided_seed1", "fixed_seed1"]
+    assert [p["name"] for p in points] == names
     kinds = {"dense": DenseCausal, "strided": Strided, "fixed": Fixed}
     for p in points:
-        cfg = ModelConfig.from_dict(sweep.point_config(module, variant, p)["model"])
-        assert all(isinstance(pattern_for_layer(cfg, i), kinds[p["name"]]) for i in range(2))
+        config = sweep.point_config(module, variant, p)
+        cfg = ModelConfig.from_dict(config["model"])
+        kind = kinds[p["name"].split("_")[0]]
+        assert all(isinstance(pattern_for_layer(cfg, i), kind) for i in range(2))
+        assert config.train.seed == (1 if "seed1" in p["name"] else 0)
     with pytest.raises(ValueError, match="unknown variant"):
         exp.get_config("huge")
 
 
 def test_summarize_writes_a_table_and_a_plot(tmp_path):
     rows = []
-    for i, name in enumerate(["dense", "strided", "fixed"]):
+    for i, name in enumerate(["dense", "strided", "fixed", "fixed_seed1"]):
         (tmp_path / name).mkdir()
         metrics = [
             {"step": 10, "split": "train", "loss": 3.0 - i / 10},
@@ -86,9 +92,21 @@ def test_summarize_writes_a_table_and_a_plot(tmp_path):
         (tmp_path / name / "metrics.jsonl").write_text(
             "".join(json.dumps(m) + "\n" for m in metrics)
         )
-        rows.append({"name": name, "heldout_loss": 2.6 - i / 10, "step_time_s": 2.0 / (i + 1)})
+        pattern = name.split("_")[0]
+        rows.append(
+            {
+                "name": name,
+                "model.attention.pattern": pattern,
+                "heldout_loss": 2.6 - i / 10,
+                "step_time_s": 2.0 / (i + 1),
+            }
+        )
+    rows[-1]["train.seed"] = 1
     text = exp.summarize(rows, tmp_path)
-    assert "| strided | 2.5000 | 3.607 | 1.00 | 0.50 |" in text
+    assert "| strided | strided | 0 | 2.5000 | 3.607 | 1.00 |" in text
+    assert "| fixed_seed1 | fixed | 1 | 2.3000 |" in text
+    assert "| strided | 1 | 2.5000 (0.0000) | 1.00 | 0.50 |" in text
+    assert "| fixed | 2 | 2.3500 (0.1000) | 0.58 | 0.29 |" in text
     assert (tmp_path / "sparse_attention.png").stat().st_size > 1000
 
 

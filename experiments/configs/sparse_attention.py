@@ -5,8 +5,8 @@ share of a step and the patterns' costs differ; every layer uses the point's
 pattern (l = 64 ~ sqrt(2048), c = 8, heads interleaved as in the paper).
 
 Variants:
-  default   ~0.8M params, 200 steps of 2 x 2048 tokens (three points: ~30 min on 2 loaded cores)
-  runlocal  tiny, 10 steps of 2 x 256 tokens (seconds per point)
+  default   ~0.8M params, 200 steps of 2 x 2048 tokens; 3 patterns x 2 seeds (~35 min, 2 cores)
+  runlocal  tiny, 10 steps of 2 x 256 tokens, one seed (seconds per point)
 
 Run:
   python -m experiments.sweep --config=experiments/configs/sparse_attention.py \
@@ -52,27 +52,49 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     return c
 
 
+SEEDS = (0, 1)  # init and data order; the second seed measures run-to-run spread
+
+
 def get_sweep(arg: str = "default") -> list[dict]:
-    del arg
-    return [{"name": p, "model.attention.pattern": p} for p in PATTERNS]
+    seeds = SEEDS if arg == "default" else SEEDS[:1]
+    return [
+        {"name": p + (f"_seed{s}" if s else ""), "model.attention.pattern": p, "train.seed": s}
+        for s in seeds
+        for p in PATTERNS
+    ]
 
 
 def summarize(rows: list[dict], workdir) -> str:
-    """Held-out loss and step time per pattern (ratios to dense from this sweep), plus a plot."""
+    """Held-out loss and step time per point and per pattern (mean over seeds), plus a plot."""
+    import numpy as np
+
     from mlx_sched import plots
 
     workdir = pathlib.Path(workdir)
-    dense = next((r for r in rows if r["name"] == "dense"), None)
     lines = [
-        "| attention | held-out loss (nats/byte) | bits/byte | step time (s, median) "
-        "| step time / dense |",
-        "|---|---|---|---|---|",
+        "| point | attention | seed | held-out loss (nats/byte) | bits/byte "
+        "| step time (s, median) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = r["step_time_s"] / dense["step_time_s"] if dense else float("nan")
+        loss = r["heldout_loss"]
         lines.append(
-            f"| {r['name']} | {r['heldout_loss']:.4f} | {r['heldout_loss'] / 0.693147:.3f} "
-            f"| {r['step_time_s']:.2f} | {ratio:.2f} |"
+            f"| {r['name']} | {r['model.attention.pattern']} | {r.get('train.seed', 0)} "
+            f"| {loss:.4f} | {loss / np.log(2):.3f} | {r['step_time_s']:.2f} |"
+        )
+    per = {p: [r for r in rows if r["model.attention.pattern"] == p] for p in PATTERNS}
+    per = {p: rs for p, rs in per.items() if rs}
+    dense_time = np.mean([r["step_time_s"] for r in per["dense"]]) if "dense" in per else np.nan
+    lines += [
+        "",
+        "| attention | seeds | held-out loss, mean (spread) | step time (s) | step time / dense |",
+        "|---|---|---|---|---|",
+    ]
+    for p, rs in per.items():
+        losses, times = [r["heldout_loss"] for r in rs], [r["step_time_s"] for r in rs]
+        lines.append(
+            f"| {p} | {len(rs)} | {np.mean(losses):.4f} ({np.ptp(losses):.4f}) "
+            f"| {np.mean(times):.2f} | {np.mean(times) / dense_time:.2f} |"
         )
     _plot(rows, workdir, plots)
     return "\n".join(lines) + f"\n\nplot: {workdir / 'sparse_attention.png'}\n"
@@ -91,8 +113,9 @@ def _plot(rows, workdir: pathlib.Path, plots) -> None:
     axes[0].set_ylabel("nats / byte")
     axes[0].legend(fontsize=7)
     axes[0].grid(alpha=0.3)
-    names = [r["name"] for r in rows]
+    names = [r["name"].replace("_seed", "\ns") for r in rows]
     axes[1].bar(names, [r["step_time_s"] for r in rows], color="gray")
+    axes[1].tick_params(axis="x", labelsize=7)
     axes[1].set_ylabel("step time (s, median)")
     fig.tight_layout()
     fig.savefig(workdir / "sparse_attention.png", dpi=80)
