@@ -32,7 +32,7 @@ def block_attention(q_BRMHX, k_BRWKX, v_BRWKX, mask_BRPMW):
     W, K = k_BRWKX.shape[2], k_BRWKX.shape[3]
     Q = H // K
     # kv-major layout with a kv head's Q query heads folded into the query axis, so
-    # each (batch, block, kv head) is one plain matmul (much faster on CPU than 6-D)
+    # each (batch, block, kv head) is one plain matmul (faster on CPU than a 6-D einsum)
     q_BRKMX = q_BRMHX.reshape(B, R, M, K, Q, X).transpose(0, 1, 3, 4, 2, 5).reshape(B, R, K, -1, X)
     k_BRKWX, v_BRKWX = k_BRWKX.transpose(0, 1, 3, 2, 4), v_BRWKX.transpose(0, 1, 3, 2, 4)
     s_BRKMW = jnp.einsum("brkmx,brkwx->brkmw", q_BRKMX, k_BRKWX, preferred_element_type=jnp.float32)
