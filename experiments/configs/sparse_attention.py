@@ -107,10 +107,10 @@ def _plot(rows, workdir: pathlib.Path, plots) -> None:
         records = plots.read_jsonl(workdir / r["name"] / "metrics.jsonl")
         train = [(m["step"], m["loss"]) for m in records if m["split"] == "train"]
         held = [(m["step"], m["ce"]) for m in records if m["split"] == "eval"]
-        (line,) = axes[0].plot(*zip(*train, strict=True), lw=1.1, label=f"{r['name']} train")
-        axes[0].plot(*zip(*held, strict=True), "o", color=line.get_color(), label="held-out")
+        (line,) = axes[0].plot(*zip(*train, strict=True), lw=1.1, label=r["name"])
+        axes[0].plot(*zip(*held, strict=True), "o", color=line.get_color())
     axes[0].set_xlabel("step")
-    axes[0].set_ylabel("nats / byte")
+    axes[0].set_ylabel("nats / byte (lines: train, dots: held-out)", fontsize=8)
     axes[0].legend(fontsize=7)
     axes[0].grid(alpha=0.3)
     names = [r["name"].replace("_seed", "\ns") for r in rows]
