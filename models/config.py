@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
+from models.attention_config import AttentionConfig
+
 if TYPE_CHECKING:
     from models.moe_config import MoEConfig
 
@@ -59,6 +61,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     moe: MoEConfig | None = None  # Mixture-of-Experts layers; a nested dict is converted
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -85,6 +88,8 @@ class ModelConfig:
                 f"model.{name}='{getattr(self, name)}' is not one of {sorted(DTYPES)}",
             )
         self._init_moe()
+        object.__setattr__(self, "attention", AttentionConfig.from_any(self.attention))
+        self.attention.check_model(self.n_layers, self.n_heads)
 
     def _init_moe(self):
         from models.moe_config import MoEConfig  # models.moe_config imports this module

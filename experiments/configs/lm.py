@@ -31,6 +31,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         dtype="float32",
         param_dtype="float32",
         init_std=0.02,
+        attention=dict(pattern="dense", stride=128, summary=8, heads="interleave"),
     )
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     c.data = dict(path="", heldout_fraction=0.02)
