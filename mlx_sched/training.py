@@ -225,6 +225,15 @@ class Trainer:
             return params, opt_state, 0
         meta = self.ckpt.read_meta(step)
         saved, now = meta.get("model", {}), self.model_cfg.to_json_dict()
+        # fields added since the checkpoint was written count as their defaults
+        defaults = ModelConfig(
+            **{
+                k: v
+                for k, v in self.model_cfg.to_dict().items()
+                if k in ("vocab_size", "d_model", "n_heads", "n_kv_heads")
+            }
+        )
+        saved = {**{k: v for k, v in defaults.to_json_dict().items() if k not in saved}, **saved}
         if saved and saved != now:
             diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             raise CheckpointError(

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention_core import NEG_INF
+from models.patterns import DenseCausal
 
 SMALL_QUERY_GROUP = 8  # query rows per kv head below which block-diagonal matmuls win
 
@@ -173,6 +174,50 @@ def paged_attention(
     return o_GLHX.astype(out_dtype)
 
 
+def gathered_decode_attention(
+    q_GHX: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer: int,
+    pages_GW: jax.Array,
+    q_pos_G: jax.Array,
+    kv_len_G: jax.Array,
+    pattern,
+) -> jax.Array:
+    """One decoding query per group, reading only the key positions its pattern needs.
+
+    For a sparse pattern, `pattern.needed_index` gives the (statically bounded)
+    positions each query needs; they are mapped through the page table and
+    gathered from the pages they live in, instead of reading the whole context.
+    """
+    packed = is_packed(k_cache)
+    out_dtype = q_GHX.dtype
+    q_GHX = _evens_odds(q_GHX.astype(jnp.float32)) if packed else q_GHX
+    G, H, X = q_GHX.shape
+    Z, K = k_cache.shape[-3], k_cache.shape[-2]
+    Q = H // K
+    W = pages_GW.shape[1]
+    idx_GU, valid_GU = pattern.needed_index(q_pos_G, W * Z)
+    page_GU = jnp.take_along_axis(pages_GW, idx_GU // Z, axis=1)
+
+    def gather(cache):
+        got = cache[layer, page_GU, idx_GU % Z]
+        return unpack(got) if packed else got
+
+    k_GUKX, v_GUKX = gather(k_cache), gather(v_cache)
+    ok_GPU = (
+        pattern.mask(q_pos_G[:, None], idx_GU)[:, :, 0]
+        & (valid_GU & (idx_GU < kv_len_G[:, None]))[:, None]
+    )
+    ok = ok_GPU.reshape(G, K, Q, -1) if ok_GPU.shape[1] == H else ok_GPU[:, :, None]
+    q_GKQX = q_GHX.reshape(G, K, Q, X) * jnp.asarray(X**-0.5, q_GHX.dtype)
+    s = jnp.where(ok, _scores(q_GKQX, k_GUKX), NEG_INF)
+    p = jnp.where(ok, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    o_GHX = _weighted_values(p.astype(v_GUKX.dtype), v_GUKX).reshape(G, H, X)
+    return (_interleave(o_GHX) if packed else o_GHX).astype(out_dtype)
+
+
 @dataclasses.dataclass
 class PagedContext:
     """Attention context for one serving step; `k`, `v` are replaced as layers write."""
@@ -200,7 +245,20 @@ class PagedContext:
         self.v = self.v.at[layer, self.write_page_T, self.write_offset_T].set(store(v_TKX))
         D = self.num_decode
         outs = []
-        if D:
+        if D and not isinstance(pattern, DenseCausal):  # sparse: read only the needed keys
+            outs.append(
+                gathered_decode_attention(
+                    q_THX[:D],
+                    self.k,
+                    self.v,
+                    layer,
+                    self.dec_pages_DW,
+                    self.positions_T[:D],
+                    self.dec_len_D,
+                    pattern,
+                )
+            )
+        elif D:
             q_pos = self.positions_T[:D, None]
             o = paged_attention(
                 q_THX[:D, None],

@@ -88,3 +88,32 @@ def test_serves_a_hugging_face_mixtral(tmp_path):
                 eos_token_id=None,
             )
         assert o.outputs[0] == g[0, len(p) :].tolist()
+
+
+@pytest.mark.parametrize("pattern", ["strided,dense", "fixed", "strided"])
+@pytest.mark.parametrize("heads", ["interleave", "union"])
+def test_sparse_attention_engine_matches_full_recompute(pattern, heads):
+    """Sparse layers: prefill masks the paged context; decode reads only the needed keys."""
+    cfg = ModelConfig.from_dict(
+        dict(
+            vocab_size=264,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=64,
+            max_seq_len=96,
+            attention=dict(pattern=pattern, stride=8, summary=2, heads=heads),
+        )
+    )
+    model = Transformer(cfg, nnx.Rngs(1))
+    prompts = _prompts(5, seed=2)
+    outs = Engine(model, SERVE).generate(prompts, SamplingParams(max_tokens=10))
+    assert [o.outputs[0] for o in outs] == reference.generate(model, prompts, 10)
+
+
+def test_sparse_decode_reads_fewer_keys_than_the_context():
+    from models.sparse_attention import make_pattern
+
+    strided = make_pattern("strided", 8, 2, "union", 4)
+    assert strided.num_needed(96) < 96 // 2  # per query: ~l + n / l keys, not n

@@ -145,3 +145,29 @@ def test_packed_bf16_cache_attention_matches_float32():
     got = fn(q, pack(k), pack(v), pages, q_pos, kv_len, DenseCausal(), 2)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), atol=2e-2)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gathered_sparse_decode_equals_masked_paged_attention(packed):
+    from models.paged_attention import gathered_decode_attention, pack
+    from models.sparse_attention import make_pattern
+
+    rng = np.random.default_rng(4)
+    G, H, K, X, Z, P, W = 3, 4, 2, 8, 4, 40, 9
+    pattern = make_pattern("fixed", 8, 2, "interleave", H)
+    kv_len = np.array([33, 9, 20], np.int32)
+    pages = rng.permutation(np.arange(1, P))[: G * W].reshape(G, W).astype(np.int32)
+    dt = jnp.bfloat16 if packed else jnp.float32
+    k = jnp.asarray(rng.normal(size=(1, P, Z, K, X)), dt)
+    v = jnp.asarray(rng.normal(size=(1, P, Z, K, X)), dt)
+    q = jnp.asarray(rng.normal(size=(G, H, X)), dt)
+    kc, vc = (pack(k), pack(v)) if packed else (k, v)
+    got = jax.jit(gathered_decode_attention, static_argnums=(3, 7))(
+        q, kc, vc, 0, pages, kv_len - 1, kv_len, pattern
+    )
+    ref = jax.jit(paged_attention, static_argnums=(6, 7, 8))(
+        q[:, None], kc, vc, pages, (kv_len - 1)[:, None], kv_len, pattern, 2, 0
+    )[:, 0]
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=1e-2 if packed else 1e-5
+    )

@@ -57,6 +57,18 @@ def test_rerun_on_finished_workdir_reuses_it(trained):
     assert keys == sorted(keys, key=lambda k: k[0]) and len(keys) == len(set(keys))
 
 
+def test_checkpoint_from_before_a_new_config_field_still_resumes(trained):
+    """Fields added to ModelConfig later (here: attention, moe) count as their defaults."""
+    workdir, _, eval_loss = trained
+    meta_file = workdir / "checkpoints" / "20" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    for key in ("attention", "moe"):
+        meta["model"].pop(key)
+    meta_file.write_text(json.dumps(meta))
+    _, _, again = training.train_from_config(_config(), workdir)
+    assert again == pytest.approx(eval_loss, abs=1e-6)
+
+
 def test_changed_model_on_same_workdir_is_a_clear_error(trained):
     workdir, _, _ = trained
     c = _config()
