@@ -29,8 +29,9 @@ import sharding
 from mlx_sched import steps
 from mlx_sched.request import Seq
 from mlx_sched.serve_config import ServeConfig
+from models import native_kernels
 from models.config import DTYPES
-from models.paged_attention import cache_layout
+from models.paged_attention import KernelOptions, cache_layout
 
 NUM_STOP_IDS = 8  # stop tokens per request checked on device inside a slice
 
@@ -81,6 +82,9 @@ class Runner:
         self.W = cfg.context_pages(model.cfg.max_seq_len)
         self.Z = cfg.page_size
         graphdef, params = nnx.split(model, nnx.Param)
+        compute = model.cfg.compute_dtype
+        if jnp.dtype(compute).itemsize < 4:  # serving keeps no f32 master copy: cast once, not
+            params = jax.tree.map(lambda p: p.astype(compute), params)  # at every matmul
         self.param_shardings = sharding.state_shardings(self.mesh, params)
         self.params = sharding.place(params, self.param_shardings)
         mc = model.cfg
@@ -91,19 +95,20 @@ class Runner:
         )
         zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=self.kv_sharding)
         self.k, self.v = zeros(), zeros()
+        # the native decode kernel runs on one CPU device; sharded meshes use pure JAX
+        native = cfg.native_kernels and self.mesh.size == 1 and native_kernels.available()
+        self.kernel = KernelOptions(cfg.attn_chunk_pages, native)
         repl = self.repl = sharding.replicated(self.mesh)
         kv_in = (self.param_shardings, self.kv_sharding, self.kv_sharding, repl)
         kv_out = (self.kv_sharding, self.kv_sharding)
         self._mixed = jax.jit(
-            functools.partial(steps.mixed_step, graphdef, cfg.attn_chunk_pages),
+            functools.partial(steps.mixed_step, graphdef, self.kernel),
             in_shardings=kv_in,
             out_shardings=(*kv_out, repl, repl),
             donate_argnums=(1, 2),
         )
         self._decode = jax.jit(
-            functools.partial(
-                steps.decode_slice, graphdef, cfg.attn_chunk_pages, self.Z, cfg.slice_len
-            ),
+            functools.partial(steps.decode_slice, graphdef, self.kernel, self.Z, cfg.slice_len),
             in_shardings=kv_in,
             out_shardings=(*kv_out, repl, repl, repl),
             donate_argnums=(1, 2),

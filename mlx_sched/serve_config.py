@@ -32,6 +32,7 @@ class ServeConfig:
     max_context: int = 0  # 0: the model's max_seq_len
     slice_len: int = 1  # decode iterations per call when no prefill is pending (1 = ORCA)
     attn_chunk_pages: int = 8  # pages read per inner-loop iteration of paged attention
+    native_kernels: bool = True  # native CPU decode-attention kernel when available
     preemption: str = "recompute"  # or "swap" (KV to host memory and back)
     prefix_caching: bool = True
     max_copies: int = 8  # copy-on-write page copies per step

@@ -51,7 +51,7 @@ def _sample_rows(logits_SV, b, prefix=""):
     )
 
 
-def mixed_step(graphdef, chunk_pages: int, params, k, v, b):
+def mixed_step(graphdef, kernel, params, k, v, b):
     """Decode tokens [0, D) then prefill tokens [D, T); returns (k, v, tokens, logprobs)."""
     model = nnx.merge(graphdef, params)
     k, v = copy_pages(k, v, b["copy_src"], b["copy_dst"])
@@ -66,7 +66,7 @@ def mixed_step(graphdef, chunk_pages: int, params, k, v, b):
         pre_index_RC=b["pre_index"],
         pre_pages_RW=b["pre_pages"],
         pre_len_R=b["pre_len"],
-        chunk_pages=chunk_pages,
+        kernel=kernel,
     )
     x_TD, _ = model.forward(model.embed_tokens(b["tokens"]), ctx)
     logits_SV = model.logits(x_TD[b["sample_index"]])
@@ -74,7 +74,7 @@ def mixed_step(graphdef, chunk_pages: int, params, k, v, b):
     return ctx.k, ctx.v, tokens_S, logp_S
 
 
-def decode_slice(graphdef, chunk_pages: int, page_size: int, slice_len: int, params, k, v, b):
+def decode_slice(graphdef, kernel, page_size: int, slice_len: int, params, k, v, b):
     """Up to `slice_len` decode iterations for D slots -> (k, v, tokens_SD, logp_SD, iters)."""
     model = nnx.merge(graphdef, params)
     k, v = copy_pages(k, v, b["copy_src"], b["copy_dst"])
@@ -96,7 +96,7 @@ def decode_slice(graphdef, chunk_pages: int, page_size: int, slice_len: int, par
             write_offset_T=jnp.where(done_D, 0, pos_D % page_size),
             dec_pages_DW=pages_DW,
             dec_len_D=jnp.where(done_D, 0, pos_D + 1),
-            chunk_pages=chunk_pages,
+            kernel=kernel,
         )
         x_DD, _ = model.forward(model.embed_tokens(c["tok"]), ctx)
         logits = model.logits(x_DD)

@@ -218,6 +218,15 @@ def gathered_decode_attention(
     return (_interleave(o_GHX) if packed else o_GHX).astype(out_dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How paged attention runs: context chunk size, and whether the native CPU decode kernel
+    (models/native_kernels.py) replaces the pure-JAX one for dense decode groups."""
+
+    chunk_pages: int = 8
+    native: bool = False
+
+
 @dataclasses.dataclass
 class PagedContext:
     """Attention context for one serving step; `k`, `v` are replaced as layers write."""
@@ -233,7 +242,11 @@ class PagedContext:
     pre_pages_RW: jax.Array | None = None  # [R, W]
     pre_len_R: jax.Array | None = None  # [R]
     mode: str = "serve"
-    chunk_pages: int = 8
+    kernel: KernelOptions = KernelOptions()
+
+    @property
+    def chunk_pages(self) -> int:
+        return self.kernel.chunk_pages
 
     @property
     def num_decode(self) -> int:
@@ -258,6 +271,13 @@ class PagedContext:
                     pattern,
                 )
             )
+        elif D and self.kernel.native:  # reads pages in place: no gathered copy
+            from models import native_kernels
+
+            o = native_kernels.paged_decode(
+                q_THX[:D], self.k, self.v, self.dec_pages_DW, self.dec_len_D, layer
+            )
+            outs.append(o.astype(q_THX.dtype))
         elif D:
             q_pos = self.positions_T[:D, None]
             o = paged_attention(

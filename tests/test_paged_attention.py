@@ -8,7 +8,7 @@ from flax import nnx
 
 from models import Transformer
 from models.attention_core import causal_attention
-from models.paged_attention import PagedContext, paged_attention
+from models.paged_attention import KernelOptions, PagedContext, paged_attention
 from models.patterns import DenseCausal
 
 
@@ -87,7 +87,7 @@ def test_paged_forward_equals_full_forward(tiny_cfg):
             jnp.arange(n, dtype=jnp.int32)[None],
             jnp.asarray(pages[None]),
             jnp.array([hi]),
-            chunk_pages=2,
+            kernel=KernelOptions(2),
         )
         x, _ = model.forward(model.embed_tokens(jnp.asarray(tokens[lo:hi])), ctx)
         got.append(np.asarray(model.logits(x)))
@@ -101,7 +101,7 @@ def test_paged_forward_equals_full_forward(tiny_cfg):
         jnp.asarray(pos % Z),
         jnp.asarray(pages[None]),
         jnp.array([19]),
-        chunk_pages=2,
+        kernel=KernelOptions(2),
     )
     x, _ = model.forward(model.embed_tokens(jnp.asarray(tokens[18:19])), ctx)
     got.append(np.asarray(model.logits(x)))
@@ -171,3 +171,28 @@ def test_gathered_sparse_decode_equals_masked_paged_attention(packed):
     np.testing.assert_allclose(
         np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=1e-2 if packed else 1e-5
     )
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_native_decode_kernel_equals_pure_jax(packed):
+    from models import native_kernels
+    from models.paged_attention import pack
+
+    if not native_kernels.available():
+        pytest.skip("no C++ compiler: the engine uses the pure-JAX kernel")
+    rng = np.random.default_rng(6)
+    G, H, K, X, Z, P, W, N = 5, 4, 2, 8, 4, 50, 9, 3
+    kv_len = np.array([33, 0, 1, 36, 17], np.int32)  # includes a padding slot
+    pages = rng.permutation(np.arange(1, P))[: G * W].reshape(G, W).astype(np.int32)
+    dt = jnp.bfloat16 if packed else jnp.float32
+    k = jnp.asarray(rng.normal(size=(N, P, Z, K, X)), dt)
+    v = jnp.asarray(rng.normal(size=(N, P, Z, K, X)), dt)
+    kc, vc = (pack(k), pack(v)) if packed else (k, v)
+    q = jnp.asarray(rng.normal(size=(G, H, X)), dt)
+    got = jax.jit(native_kernels.paged_decode, static_argnums=(5,))(q, kc, vc, pages, kv_len, 2)
+    ref = jax.jit(paged_attention, static_argnums=(6, 7, 8))(
+        q[:, None], kc, vc, pages, (kv_len - 1)[:, None], kv_len, DenseCausal(), 2, 2
+    )[:, 0]
+    tol = 1e-2 if packed else 1e-5
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref, np.float32), atol=tol)
+    assert np.all(np.asarray(got)[1] == 0)  # a padding slot reads nothing

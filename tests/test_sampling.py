@@ -67,3 +67,13 @@ def test_keys_depend_on_seed_and_position_only(change):
     assert np.array_equal(base, _draws(64, seed=3))
     other = _draws(64, seed=4) if change == "seed" else _draws(65, seed=3)[1:]
     assert not np.array_equal(base, other)
+
+
+def test_blocked_argmax_matches_argmax_including_ties():
+    from mlx_sched.sampling import argmax
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 7, (64, 1000)).astype(np.float32)  # many ties: first index wins
+    x[3] = -np.inf
+    x[4, 999] = 100.0
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
