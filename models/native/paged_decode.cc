@@ -86,87 +86,84 @@ inline float Bf16High(uint32_t w) {
   return f;
 }
 
-// Loads the rows of `n` consecutive tokens of one page and kv head into `out` [n][X] as float32.
+// Copies `count` head rows starting at `row` (contiguous in the cache) into `out` as float32.
 template <bool kPacked>
-inline void LoadPage(const void* base, int64_t first_row, int64_t K, int64_t n, int64_t X,
-                     float* out) {
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t row = first_row + t * K;
-    float* o = out + t * X;
-    if constexpr (kPacked) {
-      const uint32_t* w = static_cast<const uint32_t*>(base) + row * (X / 2);
-      uint32_t* ob = reinterpret_cast<uint32_t*>(o);
+inline void LoadRows(const void* base, int64_t row, int64_t count, int64_t X, float* out) {
+  if constexpr (kPacked) {
+    const uint32_t* w = static_cast<const uint32_t*>(base) + row * (X / 2);
+    uint32_t* ob = reinterpret_cast<uint32_t*>(out);
 #pragma omp simd
-      for (int64_t j = 0; j < X / 2; ++j) {
-        ob[2 * j] = w[j] << 16;
-        ob[2 * j + 1] = w[j] & 0xFFFF0000u;
-      }
-    } else {
-      const float* src = static_cast<const float*>(base) + row * X;
-      for (int64_t x = 0; x < X; ++x) o[x] = src[x];
+    for (int64_t j = 0; j < count * X / 2; ++j) {
+      ob[2 * j] = w[j] << 16;
+      ob[2 * j + 1] = w[j] & 0xFFFF0000u;
     }
+  } else {
+    const float* src = static_cast<const float*>(base) + row * X;
+    std::copy(src, src + count * X, out);
   }
 }
 
-constexpr int64_t kMaxPage = 256;  // tokens per page the stack buffers hold
-constexpr int64_t kMaxX = 256;     // head dim the stack buffers hold
-
-// One (sequence, kv head): online softmax over the sequence's pages, a page at a time
-// (scores of a page, one rescale per page), for the Q query heads sharing the kv head.
+// One sequence: online softmax over its pages, a page at a time. A page's K and V for all
+// kv heads are one contiguous block of the cache [Z, K, X], read once, sequentially; each
+// query head then takes its kv head's rows (scores of the page, one rescale per page).
 template <bool kPacked>
-void Task(int64_t g, int64_t kh, const float* q, const void* kc, const void* vc,
-          const int32_t* pages, const int32_t* kv_len, float* out, int64_t layer, int64_t P,
-          int64_t Z, int64_t K, int64_t X, int64_t H, int64_t W) {
+void Task(int64_t g, const float* q, const void* kc, const void* vc, const int32_t* pages,
+          const int32_t* kv_len, float* out, int64_t layer, int64_t P, int64_t Z, int64_t K,
+          int64_t X, int64_t H, int64_t W) {
   const int64_t Q = H / K;
   const float scale = 1.0f / std::sqrt(static_cast<float>(X));
-  alignas(64) float kbuf[kMaxPage * kMaxX], vbuf[kMaxPage * kMaxX], s[kMaxPage];
-  std::vector<float> acc(Q * X, 0.0f), qv(Q * X), m(Q, -std::numeric_limits<float>::infinity()),
-      l(Q, 0.0f);
-  for (int64_t i = 0; i < Q * X; ++i) qv[i] = q[(g * H + kh * Q) * X + i] * scale;
+  thread_local std::vector<float> kbuf, vbuf, s;
+  kbuf.resize(Z * K * X);
+  vbuf.resize(Z * K * X);
+  s.resize(Z);
+  std::vector<float> acc(H * X, 0.0f), qv(H * X), m(H, -std::numeric_limits<float>::infinity()),
+      l(H, 0.0f);
+  for (int64_t i = 0; i < H * X; ++i) qv[i] = q[g * H * X + i] * scale;
   const int64_t len = std::min<int64_t>(kv_len[g], W * Z);
   for (int64_t w = 0; w * Z < len; ++w) {
     const int64_t page = pages[g * W + w];
     if (page < 0 || page >= P) continue;
     const int64_t n = std::min<int64_t>(Z, len - w * Z);
-    const int64_t first_row = ((layer * P + page) * Z) * K + kh;
-    LoadPage<kPacked>(kc, first_row, K, n, X, kbuf);
-    LoadPage<kPacked>(vc, first_row, K, n, X, vbuf);
-    for (int64_t i = 0; i < Q; ++i) {
-      const float* qi = &qv[i * X];
+    const int64_t first_row = (layer * P + page) * Z * K;
+    LoadRows<kPacked>(kc, first_row, n * K, X, kbuf.data());
+    LoadRows<kPacked>(vc, first_row, n * K, X, vbuf.data());
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kh = h / Q;
+      const float* qh = &qv[h * X];
       float m_page = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < n; ++t) {
-        const float* kt = kbuf + t * X;
+        const float* kt = &kbuf[(t * K + kh) * X];
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t x = 0; x < X; ++x) dot += qi[x] * kt[x];
+        for (int64_t x = 0; x < X; ++x) dot += qh[x] * kt[x];
         s[t] = dot;
         m_page = std::max(m_page, dot);
       }
-      const float m_new = std::max(m[i], m_page);
-      const float c = std::exp(m[i] - m_new);
-      float* a = &acc[i * X];
+      const float m_new = std::max(m[h], m_page);
+      const float c = std::exp(m[h] - m_new);
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t t = 0; t < n; ++t) {  // vectorised exp (libmvec)
         s[t] = std::exp(s[t] - m_new);
         sum += s[t];
       }
+      float* a = &acc[h * X];
 #pragma omp simd
       for (int64_t x = 0; x < X; ++x) a[x] *= c;
       for (int64_t t = 0; t < n; ++t) {
         const float p = s[t];
-        const float* vt = vbuf + t * X;
+        const float* vt = &vbuf[(t * K + kh) * X];
 #pragma omp simd
         for (int64_t x = 0; x < X; ++x) a[x] += p * vt[x];
       }
-      l[i] = l[i] * c + sum;
-      m[i] = m_new;
+      l[h] = l[h] * c + sum;
+      m[h] = m_new;
     }
   }
-  for (int64_t i = 0; i < Q; ++i) {
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    float* o = &out[(g * H + kh * Q + i) * X];
-    for (int64_t x = 0; x < X; ++x) o[x] = acc[i * X + x] * inv;
+  for (int64_t h = 0; h < H; ++h) {
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+    float* o = &out[(g * H + h) * X];
+    for (int64_t x = 0; x < X; ++x) o[x] = acc[h * X + x] * inv;
   }
 }
 
@@ -186,22 +183,19 @@ ffi::Error PagedDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
     return ffi::Error::InvalidArgument("paged_decode: cache must be f32 or packed u32");
   if ((packed ? 2 * cd[4] : cd[4]) != X || H % K != 0)
     return ffi::Error::InvalidArgument("paged_decode: head shapes do not match");
-  if (Z > kMaxPage || X > kMaxX)
-    return ffi::Error::InvalidArgument("paged_decode: page size or head dim too large");
   const float* qp = q.typed_data();
   const void* kc = k_cache.untyped_data();
   const void* vc = v_cache.untyped_data();
   const int32_t* pg = pages.typed_data();
   const int32_t* lens = kv_len.typed_data();
   float* op = out->typed_data();
-  const int64_t tasks = G * K;
   std::atomic<int64_t> next{0};
   std::function<void()> work = [&] {
-    for (int64_t i = next.fetch_add(1); i < tasks; i = next.fetch_add(1)) {
+    for (int64_t g = next.fetch_add(1); g < G; g = next.fetch_add(1)) {
       if (packed)
-        Task<true>(i / K, i % K, qp, kc, vc, pg, lens, op, layer, P, Z, K, X, H, W);
+        Task<true>(g, qp, kc, vc, pg, lens, op, layer, P, Z, K, X, H, W);
       else
-        Task<false>(i / K, i % K, qp, kc, vc, pg, lens, op, layer, P, Z, K, X, H, W);
+        Task<false>(g, qp, kc, vc, pg, lens, op, layer, P, Z, K, X, H, W);
     }
   };
   static std::mutex one_call_at_a_time;
