@@ -89,6 +89,9 @@ def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> d
     host = sum(s.host_s for s in steps)
     device = sum(s.device_s for s in steps)
     decode_steps = [s for s in steps if s.kind == "decode"]
+    peak = max((s.running for s in steps), default=0)
+    full = [s for s in steps if peak and s.running == peak]
+    full_host = sum(s.host_s for s in full)
     return {
         "requests": len(requests),
         "finished": len(done),
@@ -111,6 +114,8 @@ def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> d
         "host_s": host,
         "device_s": device,
         "host_share": host / max(1e-12, host + device),
+        "peak_running": peak,
+        "host_share_at_peak": full_host / max(1e-12, full_host + sum(s.device_s for s in full)),
         "kv_live_fraction": percentiles([s.kv_live_fraction for s in steps if s.pages_in_use]),
         "buckets": _bucket_counts(steps),
     }
@@ -151,6 +156,10 @@ def format_table(summary: dict) -> str:
         ("preemptions", str(summary["preemptions"])),
         ("steps (decode slices)", f"{summary['steps']} ({summary['decode_steps']})"),
         ("host share of step time", f"{100 * summary['host_share']:.1f}%"),
+        (
+            f"host share at peak ({summary['peak_running']} running)",
+            f"{100 * summary['host_share_at_peak']:.1f}%",
+        ),
         ("KV slots holding live tokens (p50)", f"{100 * summary['kv_live_fraction']['p50']:.1f}%"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -52,3 +52,25 @@ def test_bench_train_reports_fraction_of_peak(tmp_path):
     assert "fraction of peak" in out
     r = json.loads((tmp_path / "r.json").read_text())["default"]
     assert r["fraction_of_peak"] > 0 and r["step_gflop"] > 0
+
+
+@pytest.mark.parametrize(
+    "variant", ["default", "online", "decode", "decode_small", "llama44m", "runlocal"]
+)
+def test_serve_config_variants_build_valid_engine_configs(variant):
+    from experiments.configs import serve
+    from mlx_sched.serve_config import ServeConfig
+    from models import ModelConfig
+
+    c = serve.get_config(variant)
+    ServeConfig.from_dict(c.serve.to_dict())  # raises on an invalid engine config
+    ModelConfig.from_dict(c.model.to_dict())
+    if variant == "decode_small":
+        assert c.model.d_model < serve.get_config("decode").model.d_model
+
+
+def test_serve_config_rejects_unknown_variant():
+    from experiments.configs import serve
+
+    with pytest.raises(ValueError, match="unknown variant"):
+        serve.get_config("nope")

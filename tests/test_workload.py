@@ -64,3 +64,24 @@ def test_request_metrics_definitions():
     s = metrics.summarize([m], [], wall_s=5.0)
     assert s["output_tok_s"] == pytest.approx(3 / 5.0)
     assert s["ttft"]["p50"] == pytest.approx(1.0)
+
+
+def test_step_summary_host_share_kv_live_and_peak():
+    def rec(running, host, device, live, pages):
+        return metrics.StepRecord(
+            t=0.0, kind="decode", shape=(8, 1), num_decode=running, num_prefill_tokens=0,
+            num_prefill_seqs=0, decode_ctx=0, prefill_attn=0, iters=1, new_tokens=running,
+            running=running, waiting=0, pages_in_use=pages, live_tokens=live, host_s=host,
+            device_s=device, page_size=16,
+        )  # fmt: skip
+
+    steps = [rec(2, 0.3, 0.7, 16, 2), rec(4, 0.1, 0.9, 60, 4), rec(4, 0.1, 0.9, 64, 4)]
+    s = metrics.summarize([], steps, wall_s=3.0)
+    assert s["host_share"] == pytest.approx(0.5 / 3.0)
+    assert s["peak_running"] == 4
+    assert s["host_share_at_peak"] == pytest.approx(0.2 / 2.0)  # only the steps with 4 running
+    assert s["kv_live_fraction"]["p50"] == pytest.approx(60 / 64)
+    assert s["buckets"] == {"decode[8, 1]": 3}
+    assert "host share at peak (4 running)" in metrics.format_table(
+        s | {"finished": 0, "requests": 0, "output_tok_s": 0.0, "total_tok_s": 0.0}
+    )

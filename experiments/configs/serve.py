@@ -4,6 +4,8 @@ Variants:
   default   1,000 ShareGPT-like requests (lengths scaled to the model), offline, 3.2M model
   online    the same at a Poisson rate (--config.workload.rate=...)
   decode    decode-heavy: 64 requests of 32 prompt -> 256 output tokens (slice-length study)
+  decode_small  the same on a 0.4M-parameter model (d_model 128, 2 layers), where the
+            per-call overhead that slices amortise is a larger share of an iteration
   llama44m  the vLLM comparison: random 44M Llama (d 512, 8 layers, vocab 32k), 32 x 128 -> 128
   runlocal  a tiny model and a short trace, for tests
 
@@ -50,8 +52,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(c)
     if arg == "online":
         c.workload.update(online=True, num_requests=300, rate=8.0)
-    elif arg == "decode":
+    elif arg in ("decode", "decode_small"):
         c.workload.update(num_requests=64, preset="decode_heavy", length_scale=1.0)
+        if arg == "decode_small":
+            c.model.update(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384)
     elif arg == "llama44m":
         c.model.update(
             vocab_size=32000,
