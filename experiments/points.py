@@ -79,6 +79,8 @@ def serve_point(config, workdir: pathlib.Path) -> dict:
     for key in ("ttft", "tpot", "itl", "e2e", "normalized_latency"):
         for p in ("p50", "p99", "mean"):
             out[f"{key}_{p}"] = summary[key][p]
+    e2e = [m["e2e"] for m in engine.request_metrics() if "e2e" in m]
+    out["e2e_max"] = float(max(e2e)) if e2e else None
     clients = sorted({r.client for r in reqs})
     weights = dict(config.serve.get("policy_args", {}).get("weights", {}))
     served = {c: sum(len(s.output) for r in reqs if r.client == c for s in r.seqs) for c in clients}
@@ -94,6 +96,8 @@ def serve_point(config, workdir: pathlib.Path) -> dict:
         mine = [m for m in rms if m["client"] == c and "ttft" in m]
         out[f"ttft_p50_{c}"] = float(np.percentile([m["ttft"] for m in mine], 50)) if mine else None
         out[f"e2e_mean_{c}"] = float(np.mean([m["e2e"] for m in mine])) if mine else None
+        gaps = [g for m in mine for g in m.get("itl", [])] + [m["ttft"] for m in mine]
+        out[f"stall_max_{c}"] = float(max(gaps)) if gaps else None  # longest wait for a token
     prios = sorted({r.priority for r in reqs})
     for p in prios:
         mine = [m for m in rms if m["priority"] == p and "ttft" in m]

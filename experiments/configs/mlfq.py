@@ -22,7 +22,7 @@ def get_config(arg: str = "default"):
         preemption="swap",
     )
     c.workload.clients = [
-        dict(name="c", rate=3.0, num_requests=150, preset="sharegpt", length_scale=0.5)
+        dict(name="c", rate=3.0, num_requests=150, preset="heavy_tail", length_scale=1.0)
     ]
     if arg == "runlocal":
         c.serve.update(token_budget=64, prefill_buckets=(64,), num_pages=256)
@@ -31,15 +31,43 @@ def get_config(arg: str = "default"):
     return c
 
 
+def starvation_clients(arg: str) -> list[dict]:
+    """A stream of short jobs that alone keeps every slot busy, and three long jobs that
+    arrive early: without promotion the long jobs, once demoted, wait for the stream to end."""
+    small = arg == "runlocal"
+    return [
+        dict(name="short", rate=20.0, num_requests=60 if small else 400, input_len=16,
+             output_len=8 if small else 16),
+        dict(name="long", rate=2.0, num_requests=3, input_len=16,
+             output_len=40 if small else 200, start=0.2),
+    ]  # fmt: skip
+
+
 def get_sweep(arg: str = "default"):
-    del arg
+    starve = {"workload.clients": starvation_clients(arg)}
     return [
         {"name": "fcfs", "serve.policy": "fcfs"},
-        {"name": "mlfq", "serve.policy": "mlfq", "serve.policy_args": {"q0": 0.01}},
+        {
+            "name": "mlfq",
+            "serve.policy": "mlfq",
+            "serve.policy_args": {"q0": 0.01, "promote_every": 20, "starve_s": 2.0},
+        },
         {
             "name": "mlfq_no_promotion",
             "serve.policy": "mlfq",
             "serve.policy_args": {"q0": 0.01, "promote_every": 0},
+        },
+        {
+            "name": "starve_promotion",
+            "serve.policy": "mlfq",
+            "serve.policy_args": {"q0": 0.01, "promote_every": 20, "starve_s": 2.0},
+            **starve,
+        },
+        {
+            "name": "starve_no_promotion",
+            "serve.policy": "mlfq",
+            "serve.policy_args": {"q0": 0.01, "promote_every": 0},
+            **starve,
         },
     ]
 
@@ -47,20 +75,49 @@ def get_sweep(arg: str = "default"):
 def summarize(rows, workdir):
     for r in rows:
         r["jct_mean"], r["jct_p99"] = r["e2e_mean"], r["e2e_p99"]
-    md = "# MLFQ (FastServe) vs FCFS: job completion time\n\n" + pc.table(
-        rows,
-        [
-            ("point", "name"),
-            ("JCT mean (s)", "jct_mean"),
-            ("JCT p50 (s)", "e2e_p50"),
-            ("JCT p99 (s)", "jct_p99"),
-            ("TTFT p50 (s)", "ttft_p50"),
-            ("normalized latency mean (s/token)", "normalized_latency_mean"),
-            ("preemptions", "preemptions"),
-            ("out tok/s", "output_tok_s"),
-        ],
+        r["jct_max"] = r.get("e2e_max")
+    columns = [
+        ("point", "name"),
+        ("JCT mean (s)", "jct_mean"),
+        ("JCT p50 (s)", "e2e_p50"),
+        ("JCT p99 (s)", "jct_p99"),
+        ("JCT max (s)", "jct_max"),
+        ("TTFT p50 (s)", "ttft_p50"),
+        ("normalized latency mean (s/token)", "normalized_latency_mean"),
+        ("preemptions", "preemptions"),
+        ("out tok/s", "output_tok_s"),
+    ]
+    pc.cdf_plot(
+        workdir,
+        {
+            r["name"]: [m["e2e"] for m in pc.request_metrics(workdir, r["name"]) if "e2e" in m]
+            for r in rows
+            if not r["name"].startswith("starve_")
+        },
+        "job completion time (s)",
+        "JCT under heavy-tailed output lengths",
+        "mlfq.png",
     )
     by = {r["name"]: r for r in rows}
+    starve = [r for r in rows if r["name"].startswith("starve_")]
+    main = [r for r in rows if not r["name"].startswith("starve_")]
+    md = "# MLFQ (FastServe) vs FCFS: job completion time\n\n" + pc.table(main, columns)
+    if starve:
+        md += (
+            "\nStarvation scenario: a stream of short jobs that alone fills every slot, plus "
+            "three long jobs arriving early (client `long`).\n\n"
+        )
+        md += pc.table(
+            starve,
+            [
+                ("point", "name"),
+                ("long jobs' longest wait for a token (s)", "stall_max_long"),
+                ("long jobs' JCT mean (s)", "e2e_mean_long"),
+                ("short jobs' JCT mean (s)", "e2e_mean_short"),
+                ("JCT max (s)", "jct_max"),
+                ("wall (s)", "wall_s"),
+            ],
+        )
     if "fcfs" in by and "mlfq" in by:
         f, m = by["fcfs"], by["mlfq"]
         md += (
@@ -68,10 +125,13 @@ def summarize(rows, workdir):
             f"mean JCT is {f['jct_mean'] / m['jct_mean']:.2f}x and its P99 "
             f"{f['jct_p99'] / m['jct_p99']:.2f}x lower than FCFS (>1 means better).\n"
         )
-    if "mlfq_no_promotion" in by and "mlfq" in by:
-        n, m = by["mlfq_no_promotion"], by["mlfq"]
+    if "starve_no_promotion" in by and "starve_promotion" in by:
+        n, m = by["starve_no_promotion"], by["starve_promotion"]
         md += (
-            f"Starvation: without promotion the P99 JCT is {n['jct_p99']:.1f}s vs "
-            f"{m['jct_p99']:.1f}s with it.\n"
+            f"Starvation: without promotion a long job waited up to {n['stall_max_long']:.1f}s "
+            f"for its next token vs {m['stall_max_long']:.1f}s with promotion; long-job JCT "
+            f"{n['e2e_mean_long']:.1f}s vs {m['e2e_mean_long']:.1f}s, short-job JCT "
+            f"{n['e2e_mean_short']:.2f}s vs {m['e2e_mean_short']:.2f}s.\n"
         )
+    md += "Plot: mlfq.png (JCT CDFs)\n"
     return md

@@ -58,3 +58,30 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def load_series(workdir: pathlib.Path, name: str, file: str = "service.json") -> dict | None:
     path = pathlib.Path(workdir) / name / file
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def request_metrics(workdir: pathlib.Path, name: str) -> list[dict]:
+    path = pathlib.Path(workdir) / name / "serving_requests.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def cdf_plot(workdir, curves: dict[str, list[float]], xlabel: str, title: str, out: str) -> None:
+    """One empirical CDF per labelled list of values (log x axis), saved as workdir/out."""
+    import numpy as np
+
+    from mlx_sched.plots import plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, values in curves.items():
+        if values:
+            v = np.sort(np.maximum(np.asarray(values, float), 1e-4))
+            ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(pathlib.Path(workdir) / out, dpi=110)
+    plt.close(fig)

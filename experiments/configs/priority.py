@@ -45,6 +45,12 @@ def get_sweep(arg: str = "default"):
 
 
 def summarize(rows, workdir):
+    curves = {}
+    for r in rows:
+        ms = [m for m in pc.request_metrics(workdir, r["name"]) if "ttft" in m]
+        for prio, cls in ((1, "high"), (0, "low")):
+            curves[f"{r['name']}: {cls}"] = [m["ttft"] for m in ms if m["priority"] == prio]
+    pc.cdf_plot(workdir, curves, "TTFT (s)", "TTFT by priority class", "priority.png")
     md = "# Priority classes: TTFT of high vs low\n\n" + pc.table(
         rows,
         [
@@ -66,4 +72,5 @@ def summarize(rows, workdir):
             f"{f['ttft_p50_prio1']:.2f}s (FCFS) to {p['ttft_p50_prio1']:.2f}s; the low class "
             f"from {f['ttft_p50_prio0']:.2f}s to {p['ttft_p50_prio0']:.2f}s.\n"
         )
+    md += "Plot: priority.png (TTFT CDFs per class)\n"
     return md

@@ -52,6 +52,16 @@ def summarize(rows, workdir):
         steps = json.loads((pathlib.Path(workdir) / r["name"] / "steps.json").read_text())
         r["peak_pages"] = max(s["pages_in_use"] for s in steps)
         r["e2e_spread"] = r["e2e_p99"] - r["e2e_p50"]
+    pc.cdf_plot(
+        workdir,
+        {
+            r["name"]: [m["e2e"] for m in pc.request_metrics(workdir, r["name"]) if "e2e" in m]
+            for r in rows
+        },
+        "end-to-end latency (s)",
+        "latency spread: request, iteration and slice-level batching",
+        "slice_level.png",
+    )
     md = "# Slice-level scheduling\n\n" + pc.table(
         rows,
         [
@@ -74,4 +84,5 @@ def summarize(rows, workdir):
             f"batching. Here slices of 128 tokens reach {vs_req:.2f}x the request-level and "
             f"{vs_iter:.2f}x the iteration-level (S=1) throughput.\n"
         )
+    md += "Plot: slice_level.png (E2E latency CDFs)\n"
     return md
