@@ -24,6 +24,8 @@ def get_config(arg: str = "default"):
     c.workload.clients = [
         dict(name="c", rate=3.0, num_requests=150, preset="heavy_tail", length_scale=1.0)
     ]
+    if arg == "default":
+        pc.scale_rates(c, 5.0)  # overload the real engine (~1,000 tok/s at 4 slots here)
     if arg == "runlocal":
         c.serve.update(token_budget=64, prefill_buckets=(64,), num_pages=256)
         pc.scale_clients(c, 0.1)
@@ -44,7 +46,10 @@ def starvation_clients(arg: str) -> list[dict]:
 
 
 def get_sweep(arg: str = "default"):
-    starve = {"workload.clients": starvation_clients(arg)}
+    clients = starvation_clients(arg)
+    if arg == "default":  # the real engine: the short stream must still fill every slot
+        clients[0] = {**clients[0], "rate": 100.0, "num_requests": 2000}
+    starve = {"workload.clients": clients}
     return [
         {"name": "fcfs", "serve.policy": "fcfs"},
         {

@@ -43,6 +43,16 @@ def scale_clients(c, factor: float) -> None:
     ]
 
 
+def scale_rates(c, factor: float) -> None:
+    """Multiply every client's arrival rate and request count by `factor` (same duration):
+    the real engine on this CPU serves the small model faster than the simulated device,
+    so its variant needs more load to reach the same overload."""
+    c.workload.clients = [
+        {**cl, "rate": cl["rate"] * factor, "num_requests": int(cl["num_requests"] * factor)}
+        for cl in c.workload.clients
+    ]
+
+
 def row_value(row: dict, key: str, fmt: str = "{:.3g}") -> str:
     v = row.get(key)
     return "" if v is None else fmt.format(v) if isinstance(v, float) else str(v)

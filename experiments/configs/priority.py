@@ -24,6 +24,8 @@ def get_config(arg: str = "default"):
             name="high", rate=1.0, num_requests=30, preset="sharegpt", length_scale=0.3, priority=1
         ),
     ]
+    if arg == "default":
+        pc.scale_rates(c, 5.0)  # overload the real engine (~1,500 tok/s at 4 slots here)
     if arg == "runlocal":
         c.serve.update(token_budget=64, prefill_buckets=(64,), num_pages=256)
         pc.scale_clients(c, 0.15)
