@@ -30,11 +30,18 @@ def _prompts(n, seed=0):
 @pytest.mark.parametrize(
     "moe",
     [
-        dict(num_experts=4, top_k=1, every=2, offset=1),
-        dict(num_experts=4, top_k=2, gates="topk_softmax", every=1, offset=0),
-        dict(num_experts=4, router="expert_choice", causal_fallback="top_k", every=2),
+        pytest.param(dict(num_experts=4, top_k=1, every=2, offset=1), id="switch"),
+        pytest.param(
+            dict(num_experts=4, top_k=2, gates="topk_softmax", every=1, offset=0),
+            id="gshard_top2",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            dict(num_experts=4, router="expert_choice", causal_fallback="top_k", every=2),
+            id="expert_choice_fallback",
+            marks=pytest.mark.slow,
+        ),
     ],
-    ids=["switch", "gshard_top2", "expert_choice_fallback"],
 )
 def test_moe_engine_is_dropless_and_matches_full_recompute(moe):
     cfg = ModelConfig.from_dict(
@@ -90,8 +97,20 @@ def test_serves_a_hugging_face_mixtral(tmp_path):
         assert o.outputs[0] == g[0, len(p) :].tolist()
 
 
-@pytest.mark.parametrize("pattern", ["strided,dense", "fixed", "strided"])
-@pytest.mark.parametrize("heads", ["interleave", "union"])
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "pattern, heads",
+    [
+        ("strided,dense", "interleave"),
+        ("fixed", "union"),
+        pytest.param("strided", "interleave", marks=_SLOW),
+        pytest.param("fixed", "interleave", marks=_SLOW),
+        pytest.param("strided", "union", marks=_SLOW),
+        pytest.param("strided,dense", "union", marks=_SLOW),
+    ],
+)
 def test_sparse_attention_engine_matches_full_recompute(pattern, heads):
     """Sparse layers: prefill masks the paged context; decode reads only the needed keys."""
     cfg = ModelConfig.from_dict(

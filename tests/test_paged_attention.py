@@ -73,10 +73,21 @@ def test_paged_forward_equals_full_forward(tiny_cfg):
     k, v = jnp.zeros(kshape), jnp.zeros(kshape)
     pages = np.arange(3, 3 + W, dtype=np.int32)  # any pages
     got = []
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, toks, *ctx_args):  # one compiled forward per call shape
+        m = nnx.merge(graphdef, state)
+        ctx = PagedContext(*ctx_args, kernel=KernelOptions(2))
+        x, _ = m.forward(m.embed_tokens(toks), ctx)
+        return m.logits(x), ctx.k, ctx.v
+
     for lo, hi in [(0, 11), (11, 18)]:  # two prefill chunks (one row each)
         n = hi - lo
         pos = np.arange(lo, hi, dtype=np.int32)
-        ctx = PagedContext(
+        logits, k, v = run(
+            state,
+            jnp.asarray(tokens[lo:hi]),
             k,
             v,
             jnp.asarray(pos),
@@ -87,13 +98,12 @@ def test_paged_forward_equals_full_forward(tiny_cfg):
             jnp.arange(n, dtype=jnp.int32)[None],
             jnp.asarray(pages[None]),
             jnp.array([hi]),
-            kernel=KernelOptions(2),
         )
-        x, _ = model.forward(model.embed_tokens(jnp.asarray(tokens[lo:hi])), ctx)
-        got.append(np.asarray(model.logits(x)))
-        k, v = ctx.k, ctx.v
+        got.append(np.asarray(logits))
     pos = np.array([18], np.int32)  # one decode token
-    ctx = PagedContext(
+    logits, k, v = run(
+        state,
+        jnp.asarray(tokens[18:19]),
         k,
         v,
         jnp.asarray(pos),
@@ -101,10 +111,8 @@ def test_paged_forward_equals_full_forward(tiny_cfg):
         jnp.asarray(pos % Z),
         jnp.asarray(pages[None]),
         jnp.array([19]),
-        kernel=KernelOptions(2),
     )
-    x, _ = model.forward(model.embed_tokens(jnp.asarray(tokens[18:19])), ctx)
-    got.append(np.asarray(model.logits(x)))
+    got.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(got), full, atol=2e-5)
 
 
