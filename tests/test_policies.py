@@ -82,6 +82,8 @@ def test_sarathi_rejects_a_budget_beyond_the_compiled_one():
         sim_engine("sarathi", {"token_budget": 128}, token_budget=64)
     with pytest.raises(ConfigError, match="variant must be one of"):
         sim_engine("sarathi", {"variant": "nope"})
+    with pytest.raises(ConfigError, match="< page_size"):
+        sim_engine("sarathi", {"token_budget": 4}, token_budget=64)  # page_size 8
 
 
 # -- MLFQ -------------------------------------------------------------------------------------
