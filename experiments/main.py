@@ -51,6 +51,8 @@ def main(argv):
     print("\n== samples (one line each, sampled by the engine)")
     print(samples)
     print(f"\nheld-out loss {eval_loss:.3f} nats/byte ({eval_loss / 0.6931:.3f} bits/byte)")
+    for line in training.router_summary(workdir / "metrics.jsonl"):
+        print(line)
     w, S = config.workload, config.serve.slice_len
     print(f"\n== serving {len(trace)} requests, Poisson {w.rate}/s, slice_len={S}")
     print(metrics.format_table(summary))

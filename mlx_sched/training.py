@@ -402,3 +402,26 @@ def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
 class _DataConfig:
     path: str = ""
     heldout_fraction: float = 0.02
+
+
+def router_summary(metrics_path) -> list[str]:
+    """One line per MoE layer from the last logged training step (empty for dense models)."""
+    path = pathlib.Path(metrics_path)
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    train = [r for r in rows if r.get("split") == "train"]
+    if not train:
+        return []
+    last = train[-1]
+    layers = sorted({k.split("/")[0] for k in last if k.startswith("layer_") and "/" in k})
+    lines = []
+    for layer in layers:
+        g = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(layer + "/")}
+        lines.append(
+            f"router {layer} (step {last['step']}): dropped {100 * g.get('dropped', 0):.1f}%, "
+            f"load max/mean {g.get('load_imbalance', float('nan')):.2f}, "
+            f"entropy {g.get('router_entropy', float('nan')):.2f}, "
+            f"tokens per expert {[int(t) for t in g.get('tokens_per_expert', [])]}"
+        )
+    return lines
