@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/main", "run folder")
 def main(argv):
     del argv
     from experiments import serving
-    from mlx_sched import data, metrics, training
+    from mlx_sched import data, metrics, plots, training
     from mlx_sched.request import SamplingParams
 
     config = _CONFIG.value
@@ -51,7 +51,7 @@ def main(argv):
     print("\n== samples (one line each, sampled by the engine)")
     print(samples)
     print(f"\nheld-out loss {eval_loss:.3f} nats/byte ({eval_loss / 0.6931:.3f} bits/byte)")
-    for line in training.router_summary(workdir / "metrics.jsonl"):
+    for line in plots.router_summary(workdir / "metrics.jsonl"):
         print(line)
     w, S = config.workload, config.serve.slice_len
     print(f"\n== serving {len(trace)} requests, Poisson {w.rate}/s, slice_len={S}")

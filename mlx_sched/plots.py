@@ -1,4 +1,5 @@
-"""Plots written next to metrics (matplotlib, Agg backend, PNG)."""
+"""A training run's metrics.jsonl: reading it, the loss plot (matplotlib, Agg, PNG) and the
+router summary the main job prints."""
 
 from __future__ import annotations
 
@@ -35,3 +36,22 @@ def loss_curve(metrics_path: str | pathlib.Path, out_png: str | pathlib.Path) ->
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def router_summary(metrics_path: str | pathlib.Path) -> list[str]:
+    """One line per MoE layer from the last logged training step (empty for dense models)."""
+    train = [r for r in read_jsonl(metrics_path) if r.get("split") == "train"]
+    if not train:
+        return []
+    last = train[-1]
+    layers = sorted({k.split("/")[0] for k in last if k.startswith("layer_") and "/" in k})
+    lines = []
+    for layer in layers:
+        g = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(layer + "/")}
+        lines.append(
+            f"router {layer} (step {last['step']}): dropped {100 * g.get('dropped', 0):.1f}%, "
+            f"load max/mean {g.get('load_imbalance', float('nan')):.2f}, "
+            f"entropy {g.get('router_entropy', float('nan')):.2f}, "
+            f"tokens per expert {[int(t) for t in g.get('tokens_per_expert', [])]}"
+        )
+    return lines

@@ -27,68 +27,10 @@ from flax import nnx
 import sharding
 from mlx_sched import data as data_lib
 from mlx_sched.checkpoint import Checkpointer, CheckpointError
+from mlx_sched.optim import TrainConfig, lr_at, make_optimizer
 from models.config import ConfigError, ModelConfig, check_keys
 from models.moe import check_mesh
 from models.transformer import Transformer
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 4
-    ckpt_every: int = 100
-    keep: int = 3
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ConfigError("train.lr and train.grad_clip must be > 0")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"train.warmup_steps must be in [0, steps], got {self.warmup_steps}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        check_keys(cls, d, "train config")
-        return cls(**dict(d))
-
-
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=tc.lr,
-        warmup_steps=tc.warmup_steps,
-        decay_steps=tc.steps,
-        end_value=tc.lr * tc.min_lr_ratio,
-    )
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
-    )
-
-
-def lr_at(tc: TrainConfig, step: int) -> float:
-    return float(
-        optax.warmup_cosine_decay_schedule(
-            0.0, tc.lr, tc.warmup_steps, tc.steps, tc.lr * tc.min_lr_ratio
-        )(step)
-    )
-
 
 # ---------------------------------------------------------------------------
 # Pure step functions
@@ -402,26 +344,3 @@ def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
 class _DataConfig:
     path: str = ""
     heldout_fraction: float = 0.02
-
-
-def router_summary(metrics_path) -> list[str]:
-    """One line per MoE layer from the last logged training step (empty for dense models)."""
-    path = pathlib.Path(metrics_path)
-    if not path.exists():
-        return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    train = [r for r in rows if r.get("split") == "train"]
-    if not train:
-        return []
-    last = train[-1]
-    layers = sorted({k.split("/")[0] for k in last if k.startswith("layer_") and "/" in k})
-    lines = []
-    for layer in layers:
-        g = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith(layer + "/")}
-        lines.append(
-            f"router {layer} (step {last['step']}): dropped {100 * g.get('dropped', 0):.1f}%, "
-            f"load max/mean {g.get('load_imbalance', float('nan')):.2f}, "
-            f"entropy {g.get('router_entropy', float('nan')):.2f}, "
-            f"tokens per expert {[int(t) for t in g.get('tokens_per_expert', [])]}"
-        )
-    return lines
