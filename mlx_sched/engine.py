@@ -24,7 +24,7 @@ from mlx_sched import metrics as metrics_lib
 from mlx_sched.paging import PagePool
 from mlx_sched.policies import make_policy
 from mlx_sched.request import Request, RequestError, SamplingParams, Seq, Status, validate_prompt
-from mlx_sched.runner import Runner, StepResult
+from mlx_sched.runner import NUM_STOP_IDS, Runner, StepResult
 from mlx_sched.scheduler import Scheduler, StepPlan
 from mlx_sched.serve_config import ServeConfig
 
@@ -107,8 +107,8 @@ class Engine:
         bad_stop = [t for t in sampling.stop_tokens if not 0 <= t < self.model_cfg.vocab_size]
         if bad_stop:
             raise RequestError(f"stop tokens outside the vocabulary: {bad_stop}")
-        if len(sampling.stop_tokens) + 1 >= 8:
-            raise RequestError("at most 6 stop tokens per request")
+        if len(sampling.stop_tokens) + 1 >= NUM_STOP_IDS:  # room for EOS, and one to spare
+            raise RequestError(f"at most {NUM_STOP_IDS - 2} stop tokens per request")
         need = self.pool.pages_for(len(tokens) + sampling.max_tokens) * sampling.n
         if need > self.cfg.num_pages - 1:
             raise RequestError(

@@ -66,6 +66,17 @@ class StepResult:
     build_s: float = 0.0  # host time spent building the batch
 
 
+def stop_ids(s: Seq, eos_token: int) -> list[int]:
+    """The token ids that end sequence `s`: its stop tokens, plus EOS unless ignored."""
+    sp = s.request.sampling
+    stops = list(sp.stop_tokens)
+    if eos_token >= 0 and not sp.ignore_eos:
+        stops.append(eos_token)
+    if len(stops) > NUM_STOP_IDS:
+        raise ValueError(f"at most {NUM_STOP_IDS - 1} stop tokens per request")
+    return stops
+
+
 def _bucket(buckets: tuple[int, ...], n: int) -> int:
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
@@ -256,13 +267,7 @@ class Runner:
         return D, bundle
 
     def stop_ids(self, s: Seq) -> list[int]:
-        sp = s.request.sampling
-        stops = list(sp.stop_tokens)
-        if self.cfg.eos_token >= 0 and not sp.ignore_eos:
-            stops.append(self.cfg.eos_token)
-        if len(stops) > NUM_STOP_IDS:
-            raise ValueError(f"at most {NUM_STOP_IDS - 1} stop tokens per request")
-        return stops
+        return stop_ids(s, self.cfg.eos_token)
 
     # -- running ------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from mlx_sched.cost_model import StepTimeModel
-from mlx_sched.runner import NUM_STOP_IDS, StepResult, _bucket
+from mlx_sched.runner import StepResult, _bucket, stop_ids
 from mlx_sched.serve_config import ServeConfig
 
 
@@ -65,13 +65,7 @@ class SimRunner:
         return 0
 
     def stop_ids(self, s) -> list[int]:
-        sp = s.request.sampling
-        stops = list(sp.stop_tokens)
-        if self.cfg.eos_token >= 0 and not sp.ignore_eos:
-            stops.append(self.cfg.eos_token)
-        if len(stops) > NUM_STOP_IDS:
-            raise ValueError(f"at most {NUM_STOP_IDS - 1} stop tokens per request")
-        return stops
+        return stop_ids(s, self.cfg.eos_token)
 
     def _tokens(self, n: int) -> np.ndarray:
         # ids from the upper half of the vocabulary: never a byte-level stop token

@@ -43,6 +43,7 @@ def _prompts(n, seed=0):
         (["a"], SamplingParams(), "sequence of token ids"),
         ([1, 2], SamplingParams(max_tokens=8, stop_tokens=(999,)), "stop tokens outside"),
         ([1, 2], SamplingParams(max_tokens=8, n=5), "exceeds serve.max_seqs"),
+        ([1, 2], SamplingParams(max_tokens=8, stop_tokens=range(7)), "at most 6 stop tokens"),
     ],
 )
 def test_bad_requests_are_rejected_and_leave_state_intact(engine, prompt, sampling, message):
