@@ -101,6 +101,13 @@ class Policy:
                     budget -= self.schedule_prefill(sched, plan, seq, budget)
         return budget
 
+    def serve_running(self, sched: Scheduler, plan: StepPlan, order: list[Request]) -> int:
+        """The stall-free core of a step: a token for every decode of `order`, then its in-flight
+        prefills under the rest of the token budget; returns the budget left."""
+        self.schedule_decodes(sched, plan, order)
+        budget = self.cfg.token_budget - len(plan.decode)
+        return self.schedule_partial_prefills(sched, plan, order, budget)
+
     def max_resident(self) -> int:
         """Sequences that may hold KV on the device at once. Policies that run every resident
         sequence each step need this <= max_seqs (the largest batch); policies that let

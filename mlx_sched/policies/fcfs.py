@@ -20,9 +20,7 @@ class FCFS(Policy):
         plan = StepPlan()
         self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
-        self.schedule_decodes(sched, plan, running)
-        budget = self.cfg.token_budget - len(plan.decode)
-        budget = self.schedule_partial_prefills(sched, plan, running, budget)
+        budget = self.serve_running(sched, plan, running)
         if not sched.swapped:
             self.admit_in_order(sched, plan, list(sched.waiting), budget, now)
         return self.finish_plan(sched, plan)

@@ -62,9 +62,7 @@ class Priority(Policy):
         rank = lambda reqs: sorted(reqs, key=lambda r: self.key(r, now))
         self.swap_in_all(sched, rank(sched.swapped))
         running = rank(sched.running)  # the tail is preempted first when KV runs short
-        self.schedule_decodes(sched, plan, running)
-        budget = self.cfg.token_budget - len(plan.decode)
-        budget = self.schedule_partial_prefills(sched, plan, running, budget)
+        budget = self.serve_running(sched, plan, running)
         for req in rank(sched.waiting):
             if budget <= 0 or sched.swapped:
                 break

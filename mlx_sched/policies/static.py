@@ -33,9 +33,7 @@ class Static(Policy):
                 seqs += sched.seqs_needed(req)
         self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
-        self.schedule_decodes(sched, plan, running)
-        budget = self.cfg.token_budget - len(plan.decode)
-        budget = self.schedule_partial_prefills(sched, plan, running, budget)
+        budget = self.serve_running(sched, plan, running)
         members = [r for r in self.batch if r in sched.waiting]
         self.admit_in_order(sched, plan, members, budget, now)
         return self.finish_plan(sched, plan)

@@ -96,9 +96,7 @@ class VTC(Policy):
         plan = StepPlan()
         self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
-        self.schedule_decodes(sched, plan, running)
-        budget = self.cfg.token_budget - len(plan.decode)
-        budget = self.schedule_partial_prefills(sched, plan, running, budget)
+        budget = self.serve_running(sched, plan, running)
         while budget > 0 and sched.waiting and not sched.swapped:
             u = min(self._backlogged(), key=lambda c: (self.counter.get(c, 0.0), c))
             req = next(r for r in sched.waiting if r.client == u)  # its oldest request
