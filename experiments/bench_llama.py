@@ -35,50 +35,32 @@ VLLM = {"float32": 866.0, "bfloat16": 2136.0}
 N_REQ, PROMPT, OUTPUT = 32, 128, 128
 
 
-def make_checkpoint(path: pathlib.Path) -> None:
+def make_checkpoint(path: pathlib.Path, model_config) -> None:
     from flax import nnx
 
     from models import ModelConfig, Transformer, hf
 
     if (path / "config.json").exists():
         return
-    cfg = ModelConfig(
-        vocab_size=32000,
-        d_model=512,
-        n_layers=8,
-        n_heads=8,
-        n_kv_heads=8,
-        d_ff=1536,
-        max_seq_len=512,
-        tie_embeddings=True,
-    )
-    hf.save_llama(Transformer(cfg, nnx.Rngs(0)), path)
+    hf.save_llama(Transformer(ModelConfig.from_dict(model_config), nnx.Rngs(0)), path)
 
 
 def main(argv):
     del argv
+    from experiments.configs import serve as serve_configs
     from mlx_sched.engine import Engine
     from mlx_sched.request import SamplingParams
     from mlx_sched.serve_config import ServeConfig
     from models import generate, hf
 
+    config = serve_configs.get_config("llama44m")  # the model and engine settings
     path = pathlib.Path(_CKPT.value)
-    make_checkpoint(path)
+    make_checkpoint(path, config.model)
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(0, 32000, PROMPT))) for _ in range(N_REQ)]
     sampling = SamplingParams(max_tokens=OUTPUT, ignore_eos=True)
-    serve = ServeConfig(
-        page_size=16,
-        num_pages=600,
-        max_seqs=N_REQ,
-        token_budget=1024,
-        max_prefill_rows=8,
-        prefill_chunk=128,
-        decode_buckets=(N_REQ,),
-        prefill_buckets=(1024,),
-        slice_len=_SLICE.value,
-        max_context=PROMPT + OUTPUT,
-    )
+    serve = ServeConfig.from_dict({**config.serve.to_dict(), "slice_len": _SLICE.value})
+    assert serve.max_seqs == N_REQ and serve.max_len(config.model.max_seq_len) == PROMPT + OUTPUT
     results = {}
     for dtype in _DTYPES.value:
         model = hf.load_model(path, dtype=dtype)
