@@ -79,7 +79,7 @@ def serve_point(config, workdir: pathlib.Path) -> dict:
     for key in ("ttft", "tpot", "itl", "e2e", "normalized_latency"):
         for p in ("p50", "p99", "mean"):
             out[f"{key}_{p}"] = summary[key][p]
-    e2e = [m["e2e"] for m in engine.request_metrics() if "e2e" in m]
+    e2e = [m["e2e"] for m in rms if "e2e" in m]
     out["e2e_max"] = float(max(e2e)) if e2e else None
     clients = sorted({r.client for r in reqs})
     weights = dict(config.serve.get("policy_args", {}).get("weights", {}))

@@ -90,8 +90,6 @@ def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> d
     device = sum(s.device_s for s in steps)
     decode_steps = [s for s in steps if s.kind == "decode"]
     peak = max((s.running for s in steps), default=0)
-    full = [s for s in steps if peak and s.running == peak]
-    full_host = sum(s.host_s for s in full)
     return {
         "requests": len(requests),
         "finished": len(done),
@@ -113,12 +111,18 @@ def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> d
         / max(1e-12, sum(s.host_s + s.device_s for s in decode_steps)),
         "host_s": host,
         "device_s": device,
-        "host_share": host / max(1e-12, host + device),
+        "host_share": _host_share(steps),
         "peak_running": peak,
-        "host_share_at_peak": full_host / max(1e-12, full_host + sum(s.device_s for s in full)),
+        "host_share_at_peak": _host_share([s for s in steps if s.running == peak]),
         "kv_live_fraction": percentiles([s.kv_live_fraction for s in steps if s.pages_in_use]),
         "buckets": _bucket_counts(steps),
     }
+
+
+def _host_share(steps: list[StepRecord]) -> float:
+    """Host (schedule + build + postprocess) share of the steps' host + device time."""
+    host = sum(s.host_s for s in steps)
+    return host / max(1e-12, host + sum(s.device_s for s in steps))
 
 
 def _bucket_counts(steps: list[StepRecord]) -> dict:
