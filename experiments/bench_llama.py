@@ -48,9 +48,9 @@ def make_checkpoint(path: pathlib.Path, model_config) -> None:
 def main(argv):
     del argv
     from experiments.configs import serve as serve_configs
-    from mlx_sched.engine import Engine
-    from mlx_sched.request import SamplingParams
-    from mlx_sched.serve_config import ServeConfig
+    from mlx_sched.serve.config import ServeConfig
+    from mlx_sched.serve.engine import Engine
+    from mlx_sched.serve.request import SamplingParams
     from models import generate, hf
 
     config = serve_configs.get_config("llama44m")  # the model and engine settings

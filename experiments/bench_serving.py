@@ -32,8 +32,8 @@ _SLICES = flags.DEFINE_list("slice_lens", [], "slice lengths to compare (default
 def main(argv):
     del argv
     from experiments import serving
-    from mlx_sched import metrics
-    from mlx_sched.data import load_corpus
+    from mlx_sched.serve import metrics
+    from mlx_sched.train.data import load_corpus
 
     config = _CONFIG.value
     workdir = common.require_workdir(_WORKDIR.value)

@@ -57,16 +57,16 @@ def measure(dtype: str, steps: int, batch: int, seq: int) -> dict:
     from flax import nnx
 
     from experiments.configs import lm
-    from mlx_sched import training
+    from mlx_sched.train import loop
     from models import ModelConfig, Transformer
 
     c = lm.get_config("default")
     cfg = ModelConfig.from_dict({**c.model.to_dict(), "dtype": dtype})
-    tc = training.TrainConfig.from_dict({**c.train.to_dict(), "batch_size": batch, "seq_len": seq})
-    tx = training.make_optimizer(tc)
+    tc = loop.TrainConfig.from_dict({**c.train.to_dict(), "batch_size": batch, "seq_len": seq})
+    tx = loop.make_optimizer(tc)
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
     opt = tx.init(params)
-    step = jax.jit(functools.partial(training.train_step, graphdef, tx, 0), donate_argnums=(0, 1))
+    step = jax.jit(functools.partial(loop.train_step, graphdef, tx, 0), donate_argnums=(0, 1))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, seq + 1)), jnp.int32)
     compiled = step.lower(params, opt, tokens, jnp.int32(0)).compile()
     cost = compiled.cost_analysis()

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from mlx_sched.checkpoint import CheckpointError
-from mlx_sched.data import DataError
-from models.config import ConfigError
+from mlx_sched.train.checkpoint import CheckpointError
+from mlx_sched.train.data import DataError
+from models.errors import ConfigError
 
 __all__ = ["USER_ERRORS", "ConfigError", "config_path", "require_workdir", "run"]
 from sharding.mesh import MeshError

@@ -20,12 +20,13 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/main", "run folder")
 def main(argv):
     del argv
     from experiments import serving
-    from mlx_sched import data, metrics, plots, training
-    from mlx_sched.request import SamplingParams
+    from mlx_sched.serve import metrics
+    from mlx_sched.serve.request import SamplingParams
+    from mlx_sched.train import data, loop, plots
 
     config = _CONFIG.value
     workdir = common.require_workdir(_WORKDIR.value)
-    trainer, params, eval_loss = training.train_from_config(config, workdir)
+    trainer, params, eval_loss = loop.train_from_config(config, workdir)
     model = trainer.model(params)
 
     logging.info("serving: compiling the engine's step shapes")

@@ -11,7 +11,7 @@ import numpy as np
 
 def _train_summary(trainer, eval_loss: float, workdir: pathlib.Path) -> dict:
     """Held-out loss, median step time and the final train record's metrics."""
-    from mlx_sched import plots
+    from mlx_sched.train import plots
 
     records = plots.read_jsonl(workdir / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
@@ -31,9 +31,9 @@ def _train_summary(trainer, eval_loss: float, workdir: pathlib.Path) -> dict:
 
 def train_point(config, workdir: pathlib.Path) -> dict:
     """Train to the configured steps; report held-out loss, step time and final train metrics."""
-    from mlx_sched import training
+    from mlx_sched.train import loop
 
-    trainer, _, eval_loss = training.train_from_config(config, workdir)
+    trainer, _, eval_loss = loop.train_from_config(config, workdir)
     return _train_summary(trainer, eval_loss, workdir)
 
 
@@ -41,9 +41,9 @@ def moe_point(config, workdir: pathlib.Path) -> dict:
     """train_point, plus held-out loss as served (dropless; EC through its causal fallback)
     and, for tokens-choose routers, at inference capacity factor 0.5 with and without
     batch-priority routing (the V-MoE compute-budget knob)."""
-    from mlx_sched import training
+    from mlx_sched.train import loop
 
-    trainer, params, eval_loss = training.train_from_config(config, workdir)
+    trainer, params, eval_loss = loop.train_from_config(config, workdir)
     out = _train_summary(trainer, eval_loss, workdir)
     moe = trainer.model_cfg.moe
     if moe is None:
@@ -61,7 +61,9 @@ def moe_point(config, workdir: pathlib.Path) -> dict:
 def serve_point(config, workdir: pathlib.Path) -> dict:
     """Serve the config's workload (real engine or simulator); latency, fairness, SLO results."""
     from experiments import serving
-    from mlx_sched import metrics, plots_serving, slo
+    from mlx_sched.lab import plots as serving_plots
+    from mlx_sched.lab import slo
+    from mlx_sched.serve import metrics
 
     engine, trace = serving.engine_and_trace(config)
     summary = serving.run(engine, trace, config, workdir)
@@ -113,7 +115,7 @@ def serve_point(config, workdir: pathlib.Path) -> dict:
             }
         )
     )
-    plots_serving.service(curves_t, curves, diff, workdir / "service.png")
+    serving_plots.service(curves_t, curves, diff, workdir / "service.png")
     metrics.write_json(workdir / "steps.json", [vars(s) for s in engine.step_records[-5000:]])
     return out
 

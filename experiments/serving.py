@@ -10,14 +10,16 @@ import jax
 from flax import nnx
 
 import sharding
-from mlx_sched import metrics, plots_serving, workload
-from mlx_sched.checkpoint import CheckpointError, open_existing
-from mlx_sched.cost_model import StepTimeModel
-from mlx_sched.engine import Engine
-from mlx_sched.replay import replay
-from mlx_sched.serve_config import ServeConfig
+from mlx_sched.lab import plots as serving_plots
+from mlx_sched.lab import workload
+from mlx_sched.lab.replay import replay
+from mlx_sched.serve import metrics
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.cost_model import StepTimeModel
+from mlx_sched.serve.engine import Engine
+from mlx_sched.train.checkpoint import CheckpointError, open_existing
 from models import ModelConfig, Transformer
-from models.config import ConfigError
+from models.errors import ConfigError
 
 
 def load_model(config) -> Transformer:
@@ -55,7 +57,7 @@ def make_engine(model, config, **overrides) -> Engine:
 def engine_and_trace(config):
     """Engine and trace for a serving experiment: `config.device` is "real" or "sim"."""
     if config.get("device", "real") == "sim":
-        from mlx_sched.simulator import SimClock, SimModel, SimRunner
+        from mlx_sched.lab.simulator import SimClock, SimModel, SimRunner
 
         mc = ModelConfig.from_dict(config.model)
         serve = ServeConfig.from_dict(config.serve.to_dict())
@@ -108,8 +110,8 @@ def run(engine: Engine, trace, config, workdir: pathlib.Path | None = None, tag:
         name = f"serving{('_' + tag) if tag else ''}"
         metrics.write_json(workdir / f"{name}.json", summary)
         metrics.write_json(workdir / f"{name}_requests.json", engine.request_metrics())
-        plots_serving.latency_cdfs(engine.request_metrics(), workdir / f"{name}_latency.png")
-        plots_serving.timeline(engine.step_records, workdir / f"{name}_timeline.png")
+        serving_plots.latency_cdfs(engine.request_metrics(), workdir / f"{name}_latency.png")
+        serving_plots.timeline(engine.step_records, workdir / f"{name}_timeline.png")
     return summary
 
 

@@ -15,9 +15,9 @@ common.define_distributed_flags()
 def main(argv):
     del argv
     common.init_distributed()
-    from mlx_sched import training
+    from mlx_sched.train import loop
 
-    training.train_from_config(_CONFIG.value, common.require_workdir(_WORKDIR.value))
+    loop.train_from_config(_CONFIG.value, common.require_workdir(_WORKDIR.value))
 
 
 if __name__ == "__main__":

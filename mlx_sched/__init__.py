@@ -1,0 +1,16 @@
+"""mlx_sched: the host side of training and serving, in sub-packages by kind of code.
+
+- `serve/`  the serving engine: requests, the page pool, the scheduler and its
+            policies, the runner and its jitted steps, sampling, the engine loop,
+            serving metrics. Imports `models` (the forward signature and the paged
+            attention context) and `sharding`; nothing else of this package.
+- `train/`  the training loop, optimizer, checkpoints, data, training plots.
+            Imports `models` and `sharding`.
+- `lab/`    what experiments drive and measure the engine with: workloads and
+            traces, replay, SLO and fairness metrics, the simulator, serving
+            plots. Imports `serve` (and `models` for configs).
+- `plotting.py` the headless matplotlib every package draws with.
+
+The import graph is models <- mlx_sched <- experiments; only `sharding/` knows
+mesh axis names; nothing here imports from `experiments/`.
+"""

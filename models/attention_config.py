@@ -6,16 +6,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from models.errors import check_keys
+from models.errors import require as _require
+
 PATTERN_NAMES = ("dense", "strided", "fixed")
 HEAD_MODES = ("interleave", "union")
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        # imported here: models.config imports this module at its top
-        from models.config import ConfigError
-
-        raise ConfigError(msg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +84,5 @@ class AttentionConfig:
             value = value.to_dict()
         if not isinstance(value, Mapping):
             _require(False, f"model.attention must be a mapping, got {type(value).__name__}")
-        from models.config import check_keys
-
         check_keys(cls, value, "model.attention")
         return cls(**value)

@@ -8,38 +8,20 @@ value fails at config time with a one-line message, not deep in a trace.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 
 from models.attention_config import AttentionConfig
+from models.errors import ConfigError, check_keys
+from models.errors import require as _require
+from models.moe_config import MoEConfig
 
-if TYPE_CHECKING:
-    from models.moe_config import MoEConfig
+__all__ = ["DTYPES", "ConfigError", "ModelConfig", "check_keys"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says what to fix."""
-
-
-def check_keys(cls: type, given: Mapping[str, Any], where: str) -> None:
-    """Raise a ConfigError naming the closest valid key for each unknown one."""
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in given:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown {where} key '{key}'{hint}; valid keys: {', '.join(valid)}")
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +74,6 @@ class ModelConfig:
         self.attention.check_model(self.n_layers, self.n_heads)
 
     def _init_moe(self):
-        from models.moe_config import MoEConfig  # models.moe_config imports this module
-
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
         _require(

@@ -14,17 +14,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from models.config import ConfigError, check_keys
+from models.errors import ConfigError, check_keys
+from models.errors import require as _require
 
 ROUTERS = ("top_k", "expert_choice")
 GATES = ("softmax", "topk_softmax")
 SECOND_POLICIES = ("all", "random")
 FALLBACKS = ("top_k", "none")
-
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.attention_core import causal_attention
-from models.config import ConfigError
+from models.errors import ConfigError
 
 
 class DenseCausal:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.attention_config import HEAD_MODES
-from models.config import ConfigError
+from models.errors import ConfigError
 from models.gathered_attention import block_attention, fill_invalid, merge_partial
 
 # ---------------------------------------------------------------------------

@@ -20,5 +20,21 @@ def tiny_cfg() -> ModelConfig:
     )
 
 
+_approx = pytest.approx
+
+
+def _approx_without_jax_arrays(expected, *args, **kwargs):
+    """pytest.approx, refusing JAX arrays: pytest >= 9.2 reaches `arr.flat`, which JAX arrays do
+    not implement, so such a comparison passes or fails depending on the pytest version."""
+    items = expected.values() if isinstance(expected, dict) else expected
+    items = items if isinstance(items, list | tuple | type({}.values())) else ()
+    if isinstance(expected, jax.Array) or any(isinstance(x, jax.Array) for x in items):
+        raise TypeError("pytest.approx given a JAX array: convert it with float() or np.asarray()")
+    return _approx(expected, *args, **kwargs)
+
+
+pytest.approx = _approx_without_jax_arrays
+
+
 def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()}"

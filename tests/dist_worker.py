@@ -16,9 +16,9 @@ if int(nproc) > 1:
     sharding.initialize(f"127.0.0.1:{port}", int(nproc), int(pid))
 
 from experiments.configs import lm  # noqa: E402
-from mlx_sched import training  # noqa: E402
+from mlx_sched.train import loop  # noqa: E402
 
 config = lm.get_config("runlocal")
 config.mesh.update(data=-1, tensor=2)
 config.train.update(steps=4, log_every=1, eval_every=2, ckpt_every=2)
-training.train_from_config(config, workdir)
+loop.train_from_config(config, workdir)

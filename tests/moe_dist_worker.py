@@ -16,10 +16,10 @@ if int(nproc) > 1:
     sharding.initialize(f"127.0.0.1:{port}", int(nproc), int(pid))
 
 from experiments.configs import moe_routing  # noqa: E402
-from mlx_sched import training  # noqa: E402
+from mlx_sched.train import loop  # noqa: E402
 
 config = moe_routing.get_config("runlocal")
 config.mesh.update(data=-1, expert=2)  # 4 experts on 2 expert-axis devices, 2-way data
 config.model.moe.update(capacity_factor=0.75, batch_priority=True, jitter=0.1)
 config.train.update(steps=4, log_every=1, eval_every=2, ckpt_every=2)
-training.train_from_config(config, workdir)
+loop.train_from_config(config, workdir)

@@ -59,7 +59,7 @@ def test_bench_train_reports_fraction_of_peak(tmp_path):
 )
 def test_serve_config_variants_build_valid_engine_configs(variant):
     from experiments.configs import serve
-    from mlx_sched.serve_config import ServeConfig
+    from mlx_sched.serve.config import ServeConfig
     from models import ModelConfig
 
     c = serve.get_config(variant)

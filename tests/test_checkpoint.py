@@ -8,14 +8,14 @@ import pytest
 from flax import nnx
 
 import sharding
-from mlx_sched import training
-from mlx_sched.checkpoint import Checkpointer, CheckpointError, open_existing
+from mlx_sched.train import loop
+from mlx_sched.train.checkpoint import Checkpointer, CheckpointError, open_existing
 from models import Transformer
 
 
 def _state(cfg, mesh):
-    tc = training.TrainConfig(steps=10, warmup_steps=1)
-    tx = training.make_optimizer(tc)
+    tc = loop.TrainConfig(steps=10, warmup_steps=1)
+    tx = loop.make_optimizer(tc)
     _, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
     p_sh = sharding.state_shardings(mesh, params)
     params = sharding.place(params, p_sh)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlx_sched import data
+from mlx_sched.train import data
 
 
 @pytest.fixture(scope="module")

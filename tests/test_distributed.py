@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mlx_sched import plots
+from mlx_sched.train import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")

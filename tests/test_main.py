@@ -40,7 +40,7 @@ def test_main_job_runs_and_reports(tmp_path):
 
 
 def test_router_summary_reads_the_last_training_step(tmp_path):
-    from mlx_sched.plots import router_summary
+    from mlx_sched.train.plots import router_summary
 
     path = tmp_path / "metrics.jsonl"
     assert router_summary(path) == []  # no metrics yet

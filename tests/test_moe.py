@@ -160,7 +160,9 @@ def test_router_metrics_and_losses_are_returned():
         "loss", "aux_loss", "z_loss", "router_entropy", "dropped", "load_imbalance",
         "tokens_per_expert",
     }  # fmt: skip
-    assert float(a["loss"]) == pytest.approx(0.1 * a["aux_loss"] + 0.01 * a["z_loss"], rel=1e-6)
+    assert float(a["loss"]) == pytest.approx(
+        0.1 * float(a["aux_loss"]) + 0.01 * float(a["z_loss"]), rel=1e-6
+    )
     assert a["tokens_per_expert"].shape == (4,) and float(a["tokens_per_expert"].sum()) == 16
     tpe = a["tokens_per_expert"]
     assert float(a["load_imbalance"]) == pytest.approx(float(tpe.max() / tpe.mean()))

@@ -3,7 +3,7 @@
 import pytest
 from test_distributed import _run  # tests/ is on sys.path under pytest
 
-from mlx_sched import plots
+from mlx_sched.train import plots
 
 WORKER = __file__.replace("test_moe_distributed.py", "moe_dist_worker.py")
 

@@ -10,7 +10,7 @@ import pytest
 
 from experiments import sweep
 from experiments.configs import moe_routing
-from mlx_sched import plots, training
+from mlx_sched.train import loop, plots
 from models import ConfigError, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     c = moe_routing.get_config("runlocal")
     c.mesh.update(data=2, expert=4)
     c.train.update(steps=10, log_every=5, eval_every=10, ckpt_every=10)
-    trainer, params, eval_loss = training.train_from_config(c, workdir)
+    trainer, params, eval_loss = loop.train_from_config(c, workdir)
     return workdir, trainer, params, eval_loss
 
 
@@ -57,14 +57,14 @@ def test_experts_not_dividing_the_expert_axis_fail_before_training(tmp_path):
     c = moe_routing.get_config("runlocal")
     c.mesh.update(data=1, expert=8)
     with pytest.raises(ConfigError, match="num_experts=4 is not divisible by the 8 devices"):
-        training.train_from_config(c, tmp_path)
+        loop.train_from_config(c, tmp_path)
 
 
 def test_aux_metrics_keep_scalars_and_vectors():
     aux = {"layer_1": {"loss": 1.0, "dropped": jnp.float32(0.5), "tokens_per_expert": jnp.ones(4)}}
-    out = training._aux_metrics(aux)
+    out = loop._aux_metrics(aux)
     assert set(out) == {"layer_1/dropped", "layer_1/tokens_per_expert"}
-    assert training._to_json(out["layer_1/tokens_per_expert"]) == [1.0, 1.0, 1.0, 1.0]
+    assert loop._to_json(out["layer_1/tokens_per_expert"]) == [1.0, 1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("variant, n_points", [("default", 4 * 4 + 3), ("long", 4)])
@@ -116,7 +116,7 @@ def test_moe_point_adds_served_and_compute_budget_evals(trained, monkeypatch):
     from experiments import points
 
     workdir, trainer, params, eval_loss = trained
-    monkeypatch.setattr(training, "train_from_config", lambda c, w: (trainer, params, eval_loss))
+    monkeypatch.setattr(loop, "train_from_config", lambda c, w: (trainer, params, eval_loss))
     out = points.moe_point(None, workdir)
     assert out["heldout_loss"] == eval_loss and out["step_time_s"] > 0
     for key in ("heldout_serve", "heldout_cf0.5_bpr", "heldout_cf0.5_nobpr"):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_sched.paging import NULL_PAGE, OutOfPages, PagePool, hash_chain
+from mlx_sched.serve.paging import NULL_PAGE, OutOfPages, PagePool, hash_chain
 
 
 def test_allocate_and_free_round_trip():

@@ -4,10 +4,10 @@ modelled device time), plus the fairness and starvation properties."""
 import numpy as np
 import pytest
 
-from mlx_sched.engine import Engine
-from mlx_sched.request import RequestError, SamplingParams
-from mlx_sched.serve_config import ServeConfig
-from mlx_sched.simulator import SimClock, SimModel, SimRunner
+from mlx_sched.lab.simulator import SimClock, SimModel, SimRunner
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.engine import Engine
+from mlx_sched.serve.request import RequestError, SamplingParams
 from models import ConfigError, ModelConfig
 
 MC = ModelConfig(max_seq_len=2048)

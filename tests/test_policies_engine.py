@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlx_sched.engine import Engine
-from mlx_sched.request import SamplingParams, Status
-from mlx_sched.serve_config import ServeConfig
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.engine import Engine
+from mlx_sched.serve.request import SamplingParams, Status
 from models import ModelConfig, Transformer
 from models import generate as reference
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlx_sched.sampling import sample
+from mlx_sched.serve.sampling import sample
 
 V = 40
 LOGITS = jnp.asarray(np.random.default_rng(0).normal(size=(1, V)) * 2.0, jnp.float32)
@@ -70,7 +70,7 @@ def test_keys_depend_on_seed_and_position_only(change):
 
 
 def test_blocked_argmax_matches_argmax_including_ties():
-    from mlx_sched.sampling import argmax
+    from mlx_sched.serve.sampling import argmax
 
     rng = np.random.default_rng(5)
     x = rng.integers(0, 7, (64, 1000)).astype(np.float32)  # many ties: first index wins

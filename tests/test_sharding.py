@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import sharding
-from mlx_sched import training
+from mlx_sched.train import loop
 from models import Transformer
 
 LAYOUTS = {
@@ -80,12 +80,12 @@ def test_sharded_forward_equals_single_device(tiny_cfg, layout):
 
 @pytest.mark.parametrize("layout", ["data_x_tensor", "fsdp"])
 def test_sharded_train_step_equals_single_device(tiny_cfg, layout):
-    tc = training.TrainConfig(steps=10, warmup_steps=1)
-    tx = training.make_optimizer(tc)
+    tc = loop.TrainConfig(steps=10, warmup_steps=1)
+    tx = loop.make_optimizer(tc)
     model = Transformer(tiny_cfg, nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     batch = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
-    step = functools.partial(training.train_step, graphdef, tx, 0)
+    step = functools.partial(loop.train_step, graphdef, tx, 0)
 
     ref_p, _, ref_m = jax.jit(step)(params, tx.init(params), batch, jnp.int32(0))
 

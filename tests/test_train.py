@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import lm
-from mlx_sched import plots, training
+from mlx_sched.train import loop, plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def _config(**train):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    trainer, params, eval_loss = training.train_from_config(_config(), workdir)
+    trainer, params, eval_loss = loop.train_from_config(_config(), workdir)
     return workdir, trainer, eval_loss
 
 
@@ -42,8 +42,8 @@ def test_training_learns_and_writes_outputs(trained):
 
 
 def test_schedule_warms_up_then_decays():
-    tc = training.TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
-    lrs = [training.lr_at(tc, s) for s in (0, 5, 10, 55, 100)]
+    tc = loop.TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [loop.lr_at(tc, s) for s in (0, 5, 10, 55, 100)]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5)
     assert lrs[2] == pytest.approx(1.0) and lrs[2] > lrs[3] > lrs[4]
     assert lrs[4] == pytest.approx(0.1)
@@ -51,7 +51,7 @@ def test_schedule_warms_up_then_decays():
 
 def test_rerun_on_finished_workdir_reuses_it(trained):
     workdir, _, eval_loss = trained
-    _, _, again = training.train_from_config(_config(), workdir)
+    _, _, again = loop.train_from_config(_config(), workdir)
     assert again == pytest.approx(eval_loss, abs=1e-6)
     keys = [(r["step"], r["split"]) for r in plots.read_jsonl(workdir / "metrics.jsonl")]
     assert keys == sorted(keys, key=lambda k: k[0]) and len(keys) == len(set(keys))
@@ -65,7 +65,7 @@ def test_checkpoint_from_before_a_new_config_field_still_resumes(trained):
     for key in ("attention", "moe"):
         meta["model"].pop(key)
     meta_file.write_text(json.dumps(meta))
-    _, _, again = training.train_from_config(_config(), workdir)
+    _, _, again = loop.train_from_config(_config(), workdir)
     assert again == pytest.approx(eval_loss, abs=1e-6)
 
 
@@ -75,8 +75,8 @@ def test_changed_model_on_same_workdir_is_a_clear_error(trained):
     c.model.d_model = 32
     c.model.n_heads = 2
     c.model.n_kv_heads = 1
-    with pytest.raises(training.CheckpointError, match="different model"):
-        training.train_from_config(c, workdir)
+    with pytest.raises(loop.CheckpointError, match="different model"):
+        loop.train_from_config(c, workdir)
 
 
 def _cli(*args, env=None, check=True):

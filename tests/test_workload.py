@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from mlx_sched import metrics, workload
-from mlx_sched.request import Request, SamplingParams, Status
+from mlx_sched.lab import workload
+from mlx_sched.serve import metrics
+from mlx_sched.serve.request import Request, SamplingParams, Status
 
 
 def test_poisson_and_gamma_rates_and_burstiness():

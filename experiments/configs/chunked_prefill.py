@@ -53,7 +53,7 @@ def get_sweep(arg: str = "default"):
 
 
 def summarize(rows, workdir):
-    from mlx_sched.plots import plt
+    from mlx_sched.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:

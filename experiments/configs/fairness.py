@@ -49,7 +49,7 @@ def get_sweep(arg: str = "default"):
 
 
 def summarize(rows, workdir):
-    from mlx_sched.plots import plt
+    from mlx_sched.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for r in rows:

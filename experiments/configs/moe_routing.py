@@ -151,7 +151,7 @@ def summarize(rows: list[dict], workdir) -> str:
 
 
 def _plots(table: list[dict], workdir: pathlib.Path) -> None:
-    from mlx_sched.plots import plt
+    from mlx_sched.plotting import plt
 
     by_name = {t["name"]: t for t in table}
     panels = [

@@ -79,7 +79,7 @@ def cdf_plot(workdir, curves: dict[str, list[float]], xlabel: str, title: str, o
     """One empirical CDF per labelled list of values (log x axis), saved as workdir/out."""
     import numpy as np
 
-    from mlx_sched.plots import plt
+    from mlx_sched.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, values in curves.items():

@@ -68,7 +68,7 @@ def summarize(rows: list[dict], workdir) -> str:
     """Held-out loss and step time per point and per pattern (mean over seeds), plus a plot."""
     import numpy as np
 
-    from mlx_sched import plots
+    from mlx_sched.train import plots
 
     workdir = pathlib.Path(workdir)
     lines = [

@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from mlx_sched.plots import plt
+from mlx_sched.plotting import plt
 
 
 def latency_cdfs(requests: list[dict], out_png: str | pathlib.Path) -> None:

@@ -26,9 +26,9 @@ import numpy as np
 from flax import nnx
 
 import sharding
-from mlx_sched import steps
-from mlx_sched.request import Seq
-from mlx_sched.serve_config import ServeConfig
+from mlx_sched.serve import steps
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.request import Seq
 from models import native_kernels
 from models.config import DTYPES
 from models.paged_attention import KernelOptions, cache_layout

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlx_sched.sampling import sample
+from mlx_sched.serve.sampling import sample
 from models.paged_attention import PagedContext
 
 

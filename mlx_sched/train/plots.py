@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from mlx_sched.plotting import plt
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:

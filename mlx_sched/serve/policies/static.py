@@ -9,9 +9,9 @@ slices, like everything else in the engine.
 
 from __future__ import annotations
 
-from mlx_sched.policies.base import Policy
-from mlx_sched.request import Request
-from mlx_sched.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.request import Request
+from mlx_sched.serve.scheduler import Scheduler, StepPlan
 
 
 class Static(Policy):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from mlx_sched.request import SamplingParams
-from mlx_sched.workload import TraceRequest
+from mlx_sched.lab.workload import TraceRequest
+from mlx_sched.serve.request import SamplingParams
 
 
 def replay(

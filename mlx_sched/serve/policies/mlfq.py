@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlx_sched.policies.base import Policy
-from mlx_sched.request import Request
-from mlx_sched.scheduler import Scheduler, StepPlan
-from models.config import ConfigError
+from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.request import Request
+from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from models.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

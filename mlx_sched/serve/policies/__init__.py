@@ -7,15 +7,15 @@ swap). Optional hooks let a policy keep its own state (counters, queues).
 
 from __future__ import annotations
 
-from mlx_sched.policies.base import Policy
-from mlx_sched.policies.fcfs import FCFS
-from mlx_sched.policies.mlfq import MLFQ
-from mlx_sched.policies.priority import Priority
-from mlx_sched.policies.sarathi import Sarathi
-from mlx_sched.policies.slice import SliceLevel
-from mlx_sched.policies.static import Static
-from mlx_sched.policies.vtc import VTC
-from models.config import ConfigError
+from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.policies.fcfs import FCFS
+from mlx_sched.serve.policies.mlfq import MLFQ
+from mlx_sched.serve.policies.priority import Priority
+from mlx_sched.serve.policies.sarathi import Sarathi
+from mlx_sched.serve.policies.slice import SliceLevel
+from mlx_sched.serve.policies.static import Static
+from mlx_sched.serve.policies.vtc import VTC
+from models.errors import ConfigError
 
 REGISTRY: dict[str, type[Policy]] = {
     p.name: p for p in (FCFS, Static, Sarathi, MLFQ, VTC, SliceLevel, Priority)

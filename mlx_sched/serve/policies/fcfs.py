@@ -9,8 +9,8 @@ With no prefill pending, decodes run as a slice of `slice_len` iterations.
 
 from __future__ import annotations
 
-from mlx_sched.policies.base import Policy
-from mlx_sched.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.scheduler import Scheduler, StepPlan
 
 
 class FCFS(Policy):

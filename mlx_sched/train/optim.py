@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import optax
 
-from models.config import ConfigError, check_keys
+from models.errors import ConfigError, check_keys
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,13 +20,20 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 
-from mlx_sched import metrics as metrics_lib
-from mlx_sched.paging import PagePool
-from mlx_sched.policies import make_policy
-from mlx_sched.request import Request, RequestError, SamplingParams, Seq, Status, validate_prompt
-from mlx_sched.runner import NUM_STOP_IDS, Runner, StepResult
-from mlx_sched.scheduler import Scheduler, StepPlan
-from mlx_sched.serve_config import ServeConfig
+from mlx_sched.serve import metrics as metrics_lib
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.paging import PagePool
+from mlx_sched.serve.policies import make_policy
+from mlx_sched.serve.request import (
+    Request,
+    RequestError,
+    SamplingParams,
+    Seq,
+    Status,
+    validate_prompt,
+)
+from mlx_sched.serve.runner import NUM_STOP_IDS, Runner, StepResult
+from mlx_sched.serve.scheduler import Scheduler, StepPlan
 
 
 @dataclasses.dataclass

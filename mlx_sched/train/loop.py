@@ -25,9 +25,9 @@ import optax
 from flax import nnx
 
 import sharding
-from mlx_sched import data as data_lib
-from mlx_sched.checkpoint import Checkpointer, CheckpointError
-from mlx_sched.optim import TrainConfig, lr_at, make_optimizer
+from mlx_sched.train import data as data_lib
+from mlx_sched.train.checkpoint import Checkpointer, CheckpointError
+from mlx_sched.train.optim import TrainConfig, lr_at, make_optimizer
 from models.config import ConfigError, ModelConfig, check_keys
 from models.moe import check_mesh
 from models.transformer import Transformer
@@ -234,7 +234,7 @@ class Trainer:
 
     def run(self):
         """Train to `steps`, resuming if a checkpoint exists. Returns (params, final eval loss)."""
-        from mlx_sched import plots
+        from mlx_sched.train import plots
 
         tc = self.tc
         params, opt_state, start = self.init_or_restore()

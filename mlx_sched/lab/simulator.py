@@ -17,9 +17,9 @@ import dataclasses
 
 import numpy as np
 
-from mlx_sched.cost_model import StepTimeModel
-from mlx_sched.runner import StepResult, _bucket, stop_ids
-from mlx_sched.serve_config import ServeConfig
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.cost_model import StepTimeModel
+from mlx_sched.serve.runner import StepResult, _bucket, stop_ids
 
 
 class SimClock:

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from models.config import ConfigError, check_keys
+from models.errors import ConfigError, check_keys
 
 PREEMPTION_MODES = ("recompute", "swap")
 

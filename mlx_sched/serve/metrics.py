@@ -15,7 +15,7 @@ import pathlib
 
 import numpy as np
 
-from mlx_sched.request import Request
+from mlx_sched.serve.request import Request
 
 PERCENTILES = (50, 90, 99)
 

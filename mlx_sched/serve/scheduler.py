@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mlx_sched.cost_model import StepTimeModel
-from mlx_sched.paging import PagePool, hash_chain, page_hash
-from mlx_sched.request import Request, Seq, Status
-from mlx_sched.serve_config import ServeConfig
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.cost_model import StepTimeModel
+from mlx_sched.serve.paging import PagePool, hash_chain, page_hash
+from mlx_sched.serve.request import Request, Seq, Status
 
 
 @dataclasses.dataclass

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from mlx_sched.request import Request, Seq
-from mlx_sched.scheduler import Scheduler, StepPlan
-from mlx_sched.serve_config import ServeConfig
-from models.config import ConfigError, check_keys
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.request import Request, Seq
+from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from models.errors import ConfigError, check_keys
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,5 @@
+"""Training: the loop (`loop.py`), optimizer and schedule (`optim.py`), orbax checkpoints
+(`checkpoint.py`), byte-level data (`data.py`) and training plots (`plots.py`).
+
+May import `models` and `sharding`; never `mlx_sched.serve`, `mlx_sched.lab` or `experiments`.
+"""
