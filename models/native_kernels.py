@@ -3,11 +3,21 @@
 `paged_decode` reads a sequence's K and V straight from the paged cache, with
 no gathered copy (the pure-JAX kernel must gather the pages first, and on a
 CPU that copy, not the arithmetic, dominates decode attention). The C++
-source in models/native/ is compiled once per machine with the system's
-C++ compiler into a cache folder (MLX_SCHED_KERNEL_CACHE, default
+source in models/native/ is compiled with the system's C++ compiler (CXX,
+default g++) into a cache folder (MLX_SCHED_KERNEL_CACHE, default
 ~/.cache/mlx_sched/kernels) and registered with XLA. Where that is not
-possible (no compiler, not a CPU backend, MLX_SCHED_NATIVE=0), `available()`
-is False and callers use the pure-JAX kernel, which computes the same thing.
+possible (no compiler, a failed build, not a CPU backend,
+MLX_SCHED_NATIVE=0), `available()` is False, a warning carries the reason
+(for a failed build, the compiler's error output), and callers use the
+pure-JAX kernel, which computes the same thing.
+
+A cached library is reused only when its name's key, `cache_key()`, matches:
+a hash of the source, the compiler flags and libraries, the JAX FFI headers'
+folder and JAX version, the compiler (its resolved path and `--version`
+output) and the CPU's instruction-set flags (/proc/cpuinfo; elsewhere the
+machine and processor names). The build uses `-march=native`, so a cache
+folder shared between machines (a network home) holds one build per CPU
+kind and never loads one built for another CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 
@@ -38,7 +49,9 @@ def _cache_dir() -> pathlib.Path:
 FLAGS = [
     "-O3",
     "-march=native",
-    "-ffast-math",
+    # not -ffast-math: the kernel's -inf sentinels need IEEE infinities (see the .cc)
+    "-fno-math-errno",
+    "-fno-trapping-math",
     "-fopenmp-simd",
     "-shared",
     "-fPIC",
@@ -46,24 +59,76 @@ FLAGS = [
     "-w",
 ]
 LIBS = ["-lmvec", "-lm"]  # vectorised expf
+ERROR_CHARS = 2000  # of the compiler's error output in the fallback warning
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+def _compiler_identity(cxx: str) -> str:
+    """The compiler's resolved path and `--version` output (a failing compiler still gets one)."""
+    try:
+        r = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+        version = f"{r.returncode}\n{r.stdout}{r.stderr}"
+    except (OSError, subprocess.SubprocessError) as e:
+        version = repr(e)
+    return f"{os.path.realpath(cxx)}\n{version}"
+
+
+def _cpu_flags() -> str:
+    """The instruction sets -march=native compiles for: sorted /proc/cpuinfo flags on Linux."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("flags", "Features"):  # x86, arm
+                return " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def cache_key(cxx: str) -> str:
+    """Name key of the library `cxx` builds from SOURCE on this CPU: changes with any input."""
+    parts = [
+        SOURCE.read_bytes(),
+        " ".join([*FLAGS, *LIBS]).encode(),
+        jax.ffi.include_dir().encode(),
+        jax.__version__.encode(),
+        _compiler_identity(cxx).encode(),
+        _cpu_flags().encode(),
+    ]
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)  # length-prefixed: no ambiguous joins
+    return h.hexdigest()[:16]
 
 
 def _build() -> pathlib.Path:
-    include = jax.ffi.include_dir()
-    recipe = " ".join([*FLAGS, *LIBS, include, jax.__version__]).encode()
-    key = hashlib.sha256(SOURCE.read_bytes() + recipe).hexdigest()[:16]
-    out = _cache_dir() / f"paged_decode_{key}.so"
-    if out.exists():
-        return out
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found")
+    out = _cache_dir() / f"paged_decode_{cache_key(cxx)}.so"
+    if out.exists():
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    include = jax.ffi.include_dir()
     cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(tmp), *LIBS]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     tmp.rename(out)  # atomic: concurrent builders never see a half-written library
     return out
+
+
+def _reason(e: Exception) -> str:
+    """Why the kernel is unavailable; for a failed build, the start of the compiler's errors."""
+    if isinstance(e, subprocess.CalledProcessError):
+        # the first error is the cause; those after it often cascade from it
+        errors = (e.stderr or e.stdout or "").strip()
+        if len(errors) > ERROR_CHARS:
+            errors = errors[:ERROR_CHARS] + " [...]"
+        return f"build failed, {e.cmd[0]} exited with {e.returncode}:\n{errors}"
+    return str(e)
 
 
 @functools.cache
@@ -74,8 +139,8 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MlxPagedDecode), platform="cpu")
-    except Exception as e:  # a missing compiler or headers: fall back to pure JAX
-        logging.warning("native paged-decode kernel unavailable (%s); using pure JAX", e)
+    except Exception as e:  # a missing compiler, a failed build: fall back to pure JAX
+        logging.warning("native paged-decode kernel unavailable, using pure JAX: %s", _reason(e))
         return False
     return True
 

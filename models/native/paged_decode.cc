@@ -6,6 +6,9 @@
 // page table with an online softmax. The cache is float32 [N, P, Z, K, X], or
 // bfloat16 packed two to a uint32 word [N, P, Z, K, X/2] (element 2j in the low
 // half, 2j+1 in the high half). Tasks run on a small pool of the kernel's own.
+//
+// IEEE arithmetic throughout: the running max starts at -inf and its first rescale is
+// exp(-inf) = 0, so this file must not be built with finite-math assumptions (-ffast-math).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -18,6 +21,19 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__FINITE_MATH_ONLY__) && __FINITE_MATH_ONLY__
+#error "paged_decode.cc relies on IEEE infinities: build without -ffast-math/-ffinite-math-only"
+#endif
+
+// glibc declares libmvec's vector expf only under -ffast-math; declare it here so that the
+// `omp simd` exp loop below still calls the vector variant (_ZGVdN8v_expf with AVX2, ...).
+#if defined(__x86_64__) && defined(__GLIBC__)
+extern "C" {
+#pragma omp declare simd notinbranch
+float expf(float);
+}
+#endif
 
 namespace ffi = xla::ffi;
 

@@ -1,0 +1,87 @@
+"""The native decode kernel: its cache key, its fallback on a failed build, exactness at edges."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import native_kernels
+from models.paged_attention import pack, paged_attention
+from models.patterns import DenseCausal
+
+
+def test_cache_key_changes_with_cpu_and_compiler(monkeypatch):
+    def key(cpu: str, compiler: str) -> str:
+        monkeypatch.setattr(native_kernels, "_cpu_flags", lambda: cpu)
+        monkeypatch.setattr(native_kernels, "_compiler_identity", lambda cxx: compiler)
+        return native_kernels.cache_key("g++")
+
+    base = key("avx avx2 fma sse4_2", "/usr/bin/g++-12\ng++ 12.2.0")
+    assert key("avx avx2 fma sse4_2", "/usr/bin/g++-12\ng++ 12.2.0") == base
+    assert key("avx avx2 avx512f fma sse4_2", "/usr/bin/g++-12\ng++ 12.2.0") != base
+    assert key("avx avx2 fma sse4_2", "/usr/bin/g++-12\ng++ 12.3.0") != base
+    assert key("avx avx2 fma sse4_2", "/opt/gcc/bin/g++\ng++ 12.2.0") != base
+
+
+def test_cpu_flags_are_read_and_sorted():
+    flags = native_kernels._cpu_flags().split()
+    assert flags and flags == sorted(flags)
+
+
+@pytest.fixture
+def fresh_available(monkeypatch, tmp_path):
+    """available() recomputed under a throwaway kernel cache; recomputed again afterwards, so
+    later tests get the real kernel (registering the same library twice is allowed)."""
+    monkeypatch.setenv("MLX_SCHED_KERNEL_CACHE", str(tmp_path / "kernels"))
+    monkeypatch.delenv("MLX_SCHED_NATIVE", raising=False)
+    native_kernels.available.cache_clear()
+    yield native_kernels.available
+    native_kernels.available.cache_clear()
+
+
+def test_failed_build_warns_with_the_compiler_errors(
+    fresh_available, monkeypatch, tmp_path, caplog
+):
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text(
+        "#!/bin/sh\necho 'paged_decode.cc:1:1: error: no vector unit here' >&2\nexit 1\n"
+    )
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    with caplog.at_level(logging.WARNING):
+        assert fresh_available() is False
+    (warning,) = [r.getMessage() for r in caplog.records if "native paged-decode" in r.message]
+    assert "exited with 1" in warning and "error: no vector unit here" in warning
+    assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_native_decode_exact_at_edges(packed):
+    """An empty context gives exact zeros; scores of +-1e4 (softmax at its limits, rescales of
+    exp(-2e4) = 0 between pages) match the pure-JAX kernel; nothing is NaN or inf."""
+    if not native_kernels.available():
+        pytest.skip("no C++ compiler: the engine uses the pure-JAX kernel")
+    rng = np.random.default_rng(7)
+    G, H, K, X, Z, P, W, N, layer = 4, 4, 2, 8, 4, 40, 9, 2, 1
+    kv_len = np.array([0, 33, 30, 21], np.int32)  # empty, huge +-, huge negative, ordinary
+    pages = rng.permutation(np.arange(1, P))[: G * W].reshape(G, W).astype(np.int32)
+    k = rng.normal(size=(N, P, Z, K, X)).astype(np.float32)
+    v = rng.normal(size=(N, P, Z, K, X)).astype(np.float32)
+    q = rng.normal(size=(G, H, X)).astype(np.float32)
+    k[:, pages[1]] *= 5e3  # scores of order +-1e4
+    k[:, pages[2]] = -5e3 * np.abs(k[:, pages[2]])  # every score about -1e4
+    q[2] = np.abs(q[2])
+    dt = jnp.bfloat16 if packed else jnp.float32
+    k, v, q = jnp.asarray(k, dt), jnp.asarray(v, dt), jnp.asarray(q, dt)
+    kc, vc = (pack(k), pack(v)) if packed else (k, v)
+    got = np.asarray(
+        jax.jit(native_kernels.paged_decode, static_argnums=(5,))(q, kc, vc, pages, kv_len, layer)
+    )
+    ref = jax.jit(paged_attention, static_argnums=(6, 7, 8))(
+        q[:, None], kc, vc, pages, (kv_len - 1)[:, None], kv_len, DenseCausal(), 2, layer
+    )[:, 0]
+    assert np.all(np.isfinite(got))
+    assert np.all(got[0] == 0)
+    np.testing.assert_allclose(got, np.asarray(ref, np.float32), atol=1e-2 if packed else 1e-5)
