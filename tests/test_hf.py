@@ -1,5 +1,7 @@
-"""Hugging Face Llama checkpoints: logits parity with transformers, export, bad folders."""
+"""Hugging Face Llama checkpoints: logits parity with transformers, export and its refusals,
+bad folders."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from models import Transformer, hf  # noqa: E402
+from models import ConfigError, Transformer, hf  # noqa: E402
 
 
 def _hf_llama(tmp_path, tie=False, kv_heads=2):
@@ -52,16 +54,60 @@ def test_llama_logits_match_transformers(tmp_path, tie, kv_heads):
     )
 
 
-def test_saved_llama_loads_in_transformers(tmp_path, tiny_cfg):
-    model = Transformer(tiny_cfg, nnx.Rngs(3))
+@pytest.mark.parametrize("tie, rope_theta", [(True, 10000.0), (False, 5000.0)])
+def test_saved_llama_loads_in_transformers(tmp_path, tiny_cfg, tie, rope_theta):
+    cfg = dataclasses.replace(tiny_cfg, tie_embeddings=tie, rope_theta=rope_theta, norm_eps=1e-6)
+    model = Transformer(cfg, nnx.Rngs(3))
     hf.save_llama(model, tmp_path)
-    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    theirs, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
     tokens = np.random.default_rng(1).integers(0, 256, (2, 20))
     np.testing.assert_allclose(
-        np.asarray(model(jnp.asarray(tokens))), _hf_logits(theirs, tokens), atol=1e-4
+        np.asarray(model(jnp.asarray(tokens))), _hf_logits(theirs.eval(), tokens), atol=1e-4
     )
     again = hf.load_llama(tmp_path)
-    assert again.cfg == tiny_cfg
+    assert again.cfg == cfg
+
+
+def _refused(save, cfg, tmp_path, message):
+    """`save` raises a ConfigError matching `message` and leaves the target folder absent."""
+    out = tmp_path / "exported"
+    with pytest.raises(ConfigError, match=message):
+        save(Transformer(cfg, nnx.Rngs(0)), out)
+    assert not out.exists()
+
+
+MIXTRAL_MOE = dict(num_experts=4, top_k=2, gates="topk_softmax", every=1, offset=0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"moe": MIXTRAL_MOE}, r"Llama has dense MLPs only; save it with hf\.save_mixtral"),
+        (
+            {"moe": {**MIXTRAL_MOE, "router": "expert_choice", "gates": "softmax"}},
+            "dense MLPs only; nor can Mixtral hold it: model.moe.router='expert_choice'",
+        ),
+        (
+            {"attention": {"pattern": "strided,dense", "stride": 8, "summary": 2}},
+            r"layers \[0\] use Sparse Transformer attention .*pattern='strided,dense'",
+        ),
+    ],
+    ids=["moe", "moe-expert-choice", "sparse-attention"],
+)
+def test_save_llama_refuses_what_llama_cannot_hold(tmp_path, tiny_cfg, change, message):
+    _refused(hf.save_llama, dataclasses.replace(tiny_cfg, **change), tmp_path, message)
+
+
+def test_save_model_picks_the_format(tmp_path, tiny_cfg):
+    moe_cfg = dataclasses.replace(tiny_cfg, moe={**MIXTRAL_MOE, "capacity_factor": 2.0})
+    for cfg, model_type in [(tiny_cfg, "llama"), (moe_cfg, "mixtral")]:
+        out = tmp_path / model_type
+        hf.save_model(Transformer(cfg, nnx.Rngs(0)), out)
+        assert hf.read_config(out)["model_type"] == model_type
+        assert hf.load_model(out).cfg == cfg
+    assert hf.export_problems(tiny_cfg, "llama") == []
+    assert hf.export_problems(moe_cfg, "mixtral") == []
 
 
 def test_not_a_model_folder(tmp_path):
