@@ -96,3 +96,20 @@ def test_too_small_corpus_is_a_clear_error():
         data.Batcher(np.zeros(100, np.uint16), 8, 64)
     with pytest.raises(data.DataError, match="too few for one batch"):
         data.eval_batches(np.zeros(100, np.uint16), 8, 64, 2)
+
+
+def test_data_errors_name_the_cause_and_settings_that_exist():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    # zero eval batches is that setting's mistake, not a held-out split too small
+    with pytest.raises(data.DataError, match=r"^train.eval_batches must be > 0, got 0$"):
+        data.eval_batches(tokens, 2, 8, 0)
+    with pytest.raises(data.DataError) as e:
+        data.eval_batches(tokens[:100], 8, 64, 4)
+    hint = str(e.value)
+    for setting in ("data.path", "data.heldout_fraction", "batch_size", "seq_len"):
+        assert setting in hint
+    assert "eval batch" not in hint  # no such setting
+    with pytest.raises(data.DataError, match="train.batch_size must be a multiple of the 2"):
+        data.Batcher(tokens, 3, 8, process_count=2)
+    with pytest.raises(data.DataError, match=r"data.heldout_fraction must be in \(0, 0.5\)"):
+        data.load_corpus(None, heldout_fraction=0.7)

@@ -3,7 +3,9 @@
 Orbax writes each step into a temporary folder and renames it when complete,
 so a killed save never becomes "latest". Step folders that lack orbax's
 completion metadata (copied by hand, or written by a non-atomic file system
-and cut short) are moved aside to `<step>.incomplete` at start-up. Restore
+and cut short) are moved aside to `<step>.incomplete` at start-up. A complete
+checkpoint whose files cannot be read is moved aside to `<step>.corrupt` by
+`restore_latest`, which then resumes from the newest earlier one. Restore
 targets carry the *current* mesh's shardings, so a checkpoint saved on one
 mesh shape restores onto another.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,6 +27,43 @@ ITEMS = ("params", "opt_state", "meta")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable; the message says what to do."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A complete checkpoint's files cannot be read."""
+
+
+class _DropOrphanedReads(logging.Filter):
+    def filter(self, record):
+        return "exception was never retrieved" not in record.getMessage()
+
+
+def _is_orphaned_read(e: BaseException | None, tb) -> bool:
+    """A read's completion reported into the closed event loop of a failed restore."""
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return isinstance(e, RuntimeError) and "call_soon_threadsafe" in frames
+
+
+def _quiet_orphaned_reads() -> None:
+    """Silence the reads a failed restore leaves behind. Orbax reads the arrays concurrently on
+    an event loop that it closes as soon as one read fails; the others finish later on
+    tensorstore's threads and report "Event loop is closed" (as unraisable exceptions) or
+    "exception was never retrieved" (asyncio's log), hundreds of lines after the one error
+    that matters. Installed once, on the first failed restore; other errors still print."""
+    if getattr(sys.unraisablehook, "drops_orphaned_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_orphaned_read(unraisable.exc_value, unraisable.exc_traceback):
+            previous(unraisable)
+
+    hook.drops_orphaned_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_DropOrphanedReads())
 
 
 def _abstract(tree):
@@ -89,7 +130,8 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            raise CheckpointError(
+            _quiet_orphaned_reads()
+            raise CorruptCheckpoint(
                 f"checkpoint {self.directory / str(step)} is unreadable ({_short(e)}); delete that "
                 "folder to resume from the previous checkpoint, or use a fresh --workdir"
             ) from e
@@ -99,10 +141,57 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:
-            raise CheckpointError(
+            _quiet_orphaned_reads()
+            raise CorruptCheckpoint(
                 f"checkpoint {self.directory / str(step)} has unreadable metadata ({_short(e)})"
             ) from e
         return dict(out["meta"])
+
+    def restore_latest(
+        self,
+        params_like,
+        opt_state_like=None,
+        check: Callable[[int, dict[str, Any]], None] | None = None,
+    ):
+        """(step, params, opt_state, meta) of the newest checkpoint that reads, or None if there
+        is no checkpoint. `check(step, meta)` may refuse one (raising CheckpointError: e.g. a
+        different model), which stops the search. Unreadable checkpoints newer than the one
+        restored are moved aside to `<step>.corrupt`, with a warning naming each."""
+        corrupt: list[tuple[int, CorruptCheckpoint]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+                if check is not None:
+                    check(step, meta)
+                params, opt_state, meta = self.restore(step, params_like, opt_state_like)
+            except CorruptCheckpoint as e:
+                corrupt.append((step, e))
+                continue
+            for bad, e in corrupt:
+                self._set_aside(bad, _short(e.__cause__ or e), step)
+            return step, params, opt_state, meta
+        if corrupt:
+            steps = [s for s, _ in corrupt]
+            raise CorruptCheckpoint(
+                f"no checkpoint in {self.directory} is readable (steps {steps}; step {steps[0]}: "
+                f"{_short(corrupt[0][1].__cause__ or corrupt[0][1])}); use a fresh --workdir, or "
+                "delete that folder to train from step 0"
+            )
+        return None
+
+    def _set_aside(self, step: int, why: str, resumed: int) -> None:
+        source = self.directory / str(step)
+        target = source.with_name(f"{step}.corrupt")
+        logging.warning(
+            "checkpoint step %d is unreadable (%s); moved aside to %s; resuming from step %d",
+            step,
+            why,
+            target,
+            resumed,
+        )
+        if jax.process_index() == 0 and source.exists():
+            source.rename(target)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

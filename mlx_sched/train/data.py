@@ -88,7 +88,7 @@ def load_corpus(path: str | None = None, heldout_fraction: float = 0.02) -> Corp
     path); a single file is split by its tail.
     """
     if not 0.0 < heldout_fraction < 0.5:
-        raise DataError(f"heldout_fraction must be in (0, 0.5), got {heldout_fraction}")
+        raise DataError(f"data.heldout_fraction must be in (0, 0.5), got {heldout_fraction}")
     if path in (None, ""):
         root, files, source = stdlib_root(), None, "stdlib"
         files = _text_files(root, "*.py")
@@ -141,14 +141,17 @@ class Batcher:
         process_count: int = 1,
     ):
         if batch_size % process_count:
-            raise DataError(f"batch_size={batch_size} must divide by {process_count} processes")
+            raise DataError(
+                f"train.batch_size must be a multiple of the {process_count} processes, "
+                f"got {batch_size}"
+            )
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < batch_size:
             raise DataError(
                 f"the corpus has {len(tokens)} tokens: only {self.num_windows} windows of "
-                f"seq_len={seq_len}, fewer than batch_size={batch_size}; use more text or a "
-                "smaller batch or seq_len"
+                f"seq_len={seq_len}, fewer than batch_size={batch_size}; use more text "
+                "(data.path) or a smaller train.batch_size or train.seq_len"
             )
         self.per_epoch = self.num_windows // batch_size
         rows = batch_size // process_count
@@ -172,11 +175,14 @@ class Batcher:
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int):
     """The first `num_batches` full batches of consecutive windows of the held-out stream."""
+    if num_batches < 1:
+        raise DataError(f"train.eval_batches must be > 0, got {num_batches}")
     n = min(num_batches, ((len(tokens) - 1) // seq_len) // batch_size)
     if n == 0:
         raise DataError(
             f"held-out split has {len(tokens)} tokens, too few for one batch of "
-            f"{batch_size} x {seq_len}; use more text or a smaller eval batch"
+            f"train.batch_size x train.seq_len = {batch_size} x {seq_len}; use more text "
+            "(data.path), a larger data.heldout_fraction, or a smaller batch_size or seq_len"
         )
     out = []
     for b in range(n):

@@ -83,6 +83,36 @@ def eval_step(graphdef, params, batch_BL1, mode="eval"):
 
 
 # ---------------------------------------------------------------------------
+# Config-time checks
+# ---------------------------------------------------------------------------
+
+
+def check_fits(model_cfg: ModelConfig, tc: TrainConfig, mesh_shape: dict[str, int]) -> None:
+    """Training batches and the model's heads must fit the mesh (checked before any compile):
+    the sharding rules would otherwise fail on an indivisible batch, or silently replicate
+    heads the tensor axis cannot split."""
+    if tc.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len must be <= model.max_seq_len={model_cfg.max_seq_len}, got {tc.seq_len}"
+        )
+    rows = [a for a in ("data", "fsdp", "expert") if mesh_shape.get(a, 1) > 1]
+    split = int(np.prod([mesh_shape[a] for a in rows]))
+    if tc.batch_size % split:
+        axes = " x ".join(f"mesh.{a}={mesh_shape[a]}" for a in rows)
+        raise ConfigError(
+            f"train.batch_size must be a multiple of {split} (the batch is split over {axes}), "
+            f"got {tc.batch_size}"
+        )
+    t = mesh_shape.get("tensor", 1)
+    heads = {"model.n_heads": model_cfg.n_heads, "model.n_kv_heads": model_cfg.n_kv_heads}
+    if any(n % t for n in heads.values()):
+        g = int(np.gcd(*heads.values()))
+        ok = [d for d in range(1, g + 1) if g % d == 0]
+        names = " and ".join(f"{k}={v}" for k, v in heads.items())
+        raise ConfigError(f"mesh.tensor must divide {names} (one of {ok}), got {t}")
+
+
+# ---------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------
 
@@ -101,6 +131,7 @@ class Trainer:
         corpus: data_lib.Corpus | None = None,
     ):
         self.model_cfg, self.tc, self.mesh = model_cfg, train_cfg, mesh
+        check_fits(model_cfg, train_cfg, dict(mesh.shape))
         check_mesh(model_cfg, dict(mesh.shape), train_cfg.batch_size, train_cfg.seq_len)
         self.workdir = pathlib.Path(workdir).absolute()
         self.primary = jax.process_index() == 0
@@ -160,14 +191,20 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             params = self._init()
             opt_state = self._opt_init(params)
-        step = self.ckpt.latest_step()
-        if step is None:
+        found = self.ckpt.restore_latest(params, opt_state, check=self._check_saved_model)
+        if found is None:
             if self.primary and self.metrics_path.exists():
                 self.metrics_path.unlink()
             return params, opt_state, 0
-        meta = self.ckpt.read_meta(step)
+        step, params, opt_state, meta = found
+        logging.info("resumed from step %d (data position %d)", step, meta["data_position"])
+        self._truncate_metrics(step)
+        return params, opt_state, int(meta["data_position"])
+
+    def _check_saved_model(self, step: int, meta: dict) -> None:
+        """Refuse a checkpoint written for another model; fields added to ModelConfig since it
+        was written count as their defaults."""
         saved, now = meta.get("model", {}), self.model_cfg.to_json_dict()
-        # fields added since the checkpoint was written count as their defaults
         defaults = ModelConfig(
             **{
                 k: v
@@ -179,13 +216,9 @@ class Trainer:
         if saved and saved != now:
             diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             raise CheckpointError(
-                f"checkpoint in {self.ckpt.directory} was written for a different model "
+                f"checkpoint {step} in {self.ckpt.directory} was written for a different model "
                 f"(saved vs now: {diff}); use a fresh --workdir or the same model config"
             )
-        params, opt_state, meta = self.ckpt.restore(step, params, opt_state)
-        logging.info("resumed from step %d (data position %d)", step, meta["data_position"])
-        self._truncate_metrics(step)
-        return params, opt_state, int(meta["data_position"])
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records logged after the checkpoint we resume from, so the curve continues."""

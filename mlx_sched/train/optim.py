@@ -33,17 +33,39 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ConfigError("train.lr and train.grad_clip must be > 0")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"train.warmup_steps must be in [0, steps], got {self.warmup_steps}")
+            _check(self, name, 0, lo_open=True)
+        _check(self, "eval_batches", 0, lo_open=True, what="held-out batches per evaluation")
+        _check(self, "keep", 0, lo_open=True, what="checkpoints kept; 0 keeps none to resume from")
+        _check(self, "seed", 0)
+        _check(self, "lr", 0.0, lo_open=True)
+        _check(self, "grad_clip", 0.0, lo_open=True)
+        _check(self, "weight_decay", 0.0)
+        _check(self, "min_lr_ratio", 0.0, 1.0)
+        _check(self, "b1", 0.0, 1.0, hi_open=True)
+        _check(self, "b2", 0.0, 1.0, hi_open=True)
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError(
+                f"train.warmup_steps must be in [0, train.steps={self.steps}), got "
+                f"{self.warmup_steps}: lower train.warmup_steps along with train.steps"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         check_keys(cls, d, "train config")
         return cls(**dict(d))
+
+
+def _check(tc: TrainConfig, name: str, lo, hi=None, lo_open=False, hi_open=False, what=""):
+    """A ConfigError naming `train.<name>` and its allowed range unless the value lies in it."""
+    v = getattr(tc, name)
+    ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        if hi is None:
+            allowed = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            allowed = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        note = f" ({what})" if what else ""
+        raise ConfigError(f"train.{name} must be {allowed}{note}, got {v}")
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
