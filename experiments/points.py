@@ -59,16 +59,25 @@ def moe_point(config, workdir: pathlib.Path) -> dict:
 
 
 def serve_point(config, workdir: pathlib.Path) -> dict:
-    """Serve the config's workload (real engine or simulator); latency, fairness, SLO results."""
+    """Serve the config's workload (real engine or simulator); latency, fairness, SLO results.
+
+    With `workload.offered_load` > 0 the clients' rates are first set to that multiple of the
+    engine's capacity measured on this machine (once per sweep: `<sweep>/capacity.json`)."""
     from experiments import serving
     from mlx_sched.lab import plots as serving_plots
     from mlx_sched.lab import slo
     from mlx_sched.serve import metrics
 
+    capacity = None
+    if config.workload.get("offered_load", 0):
+        capacity = serving.capacity(config, pathlib.Path(workdir).parent / "capacity.json")
+        config = serving.at_offered_load(config, capacity)
     engine, trace = serving.engine_and_trace(config)
     summary = serving.run(engine, trace, config, workdir)
     reqs = list(engine.requests.values())
     rms = engine.request_metrics()
+    arrivals = [r.arrival for r in trace]
+    span = max(arrivals) - min(arrivals)
     out = {
         "policy": engine.cfg.policy,
         "requests": summary["requests"],
@@ -77,6 +86,11 @@ def serve_point(config, workdir: pathlib.Path) -> dict:
         "output_tok_s": summary["output_tok_s"],
         "preemptions": summary["preemptions"],
         "compiles_after_warmup": summary["compiles_after_warmup"],
+        # the load this run saw: offered (arrivals) vs served (completions), both measured
+        "capacity_req_s": capacity,
+        "offered_req_s": (len(trace) - 1) / span if config.workload.online and span else None,
+        "served_req_s": summary["finished"] / summary["wall_s"],
+        "max_request_cost": max((m["prompt_len"] + 2 * m["output_len"] for m in rms), default=0),
     }
     for key in ("ttft", "tpot", "itl", "e2e", "normalized_latency"):
         for p in ("p50", "p99", "mean"):
@@ -90,6 +104,7 @@ def serve_point(config, workdir: pathlib.Path) -> dict:
     backlogged = slo.backlogged_service(reqs, weights)
     out["backlogged_service"] = backlogged
     out["jain"] = slo.jain_index(backlogged.values()) if len(clients) > 1 else None
+    out["backlogged_share"] = slo.backlogged_share(reqs) if len(clients) > 1 else None
     grid, diff = slo.service_difference(reqs, weights)
     out["max_service_diff"] = float(np.nanmax(diff)) if np.any(~np.isnan(diff)) else 0.0
     if config.get("slo"):

@@ -3,10 +3,12 @@ replay a workload, write metrics and plots."""
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
 import jax
+import ml_collections
 from flax import nnx
 
 import sharding
@@ -17,6 +19,7 @@ from mlx_sched.serve import metrics
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.cost_model import StepTimeModel
 from mlx_sched.serve.engine import Engine
+from mlx_sched.serve.request import RequestError
 from mlx_sched.train.checkpoint import CheckpointError, open_existing
 from models import ModelConfig, Transformer
 from models.errors import ConfigError
@@ -71,6 +74,80 @@ def engine_and_trace(config):
     return engine, make_trace(model, config)
 
 
+# ---------------------------------------------------------------------------
+# Offered load relative to the capacity measured here
+# ---------------------------------------------------------------------------
+
+
+def measure_capacity(config, per_slot: int = 8) -> float:
+    """Requests per second the engine finishes when full, on this machine (or the simulated
+    device): the experiment's own client mix, `per_slot` requests per slot, all queued at t=0,
+    FCFS. An experiment that must overload the engine sets its rates from this figure rather
+    than from one measured on another machine."""
+    cal = ml_collections.ConfigDict(config.to_dict())
+    cal.serve.policy, cal.serve.policy_args = "fcfs", {}
+    cal.workload.online = False
+    clients = [dict(c) for c in cal.workload.clients]
+    n, total = per_slot * cal.serve.max_seqs, sum(c["rate"] for c in clients)
+    cal.workload.clients = [
+        {**c, "num_requests": max(1, round(n * c["rate"] / total))} for c in clients
+    ]
+    engine, trace = engine_and_trace(cal)
+    wall = replay(engine, trace, online=False)
+    return engine.summary(wall)["finished"] / wall
+
+
+def capacity(config, cache: pathlib.Path) -> float:
+    """`measure_capacity`, measured once per engine / model / request mix and kept in `cache`
+    (a sweep's points share one figure, so they are offered the same load)."""
+    c = config.to_dict()
+    key = json.dumps(
+        {
+            "device": c.get("device", "real"),
+            "model": c.get("model"),
+            "weights": [c.get("checkpoint"), c.get("hf_path")],
+            "sim_cost": c.get("sim_cost"),
+            "serve": {k: v for k, v in c["serve"].items() if k not in ("policy", "policy_args")},
+            "clients": [
+                {k: v for k, v in cl.items() if k not in ("rate", "num_requests")}
+                for cl in c["workload"]["clients"]
+            ],
+        },
+        sort_keys=True,
+        default=str,
+    )
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        logging.info("measuring the engine's capacity for this request mix")
+        known[key] = measure_capacity(config)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(known, indent=1))
+    logging.info("capacity %.3f req/s (%s)", known[key], cache)
+    return known[key]
+
+
+def at_offered_load(config, capacity_req_s: float):
+    """A copy of `config` whose clients together offer `workload.offered_load` x the capacity:
+    their rates keep their ratios, and their request counts keep the trace's duration."""
+    w = config.workload
+    if w.offered_load <= 0:
+        raise ConfigError(f"workload.offered_load must be > 0, got {w.offered_load}")
+    clients = [dict(c) for c in w.clients]
+    total = sum(c["rate"] for c in clients)
+    duration = max(c["num_requests"] / c["rate"] for c in clients)
+    scale = w.offered_load * capacity_req_s / total
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.workload.clients = [
+        {
+            **c,
+            "rate": c["rate"] * scale,
+            "num_requests": max(1, round(c["rate"] * scale * duration)),
+        }
+        for c in clients
+    ]
+    return out
+
+
 def make_trace(model, config, corpus=None) -> list[workload.TraceRequest]:
     w = config.workload
     max_total = min(model.cfg.max_seq_len, config.serve.get("max_context") or model.cfg.max_seq_len)
@@ -99,7 +176,14 @@ def make_trace(model, config, corpus=None) -> list[workload.TraceRequest]:
 def run(engine: Engine, trace, config, workdir: pathlib.Path | None = None, tag: str = "") -> dict:
     """Replay the trace; returns the summary (and writes JSON + plots to workdir if given)."""
     w = config.workload
-    wall = replay(engine, trace, online=w.online, time_scale=w.time_scale)
+    try:
+        wall = replay(engine, trace, online=w.online, time_scale=w.time_scale)
+    except RequestError as e:
+        raise RequestError(
+            f"{e} (here serve.num_pages={engine.cfg.num_pages}; the trace's lengths come from "
+            "the workload section: preset / length_scale, or each client's input_len / "
+            "output_len)"
+        ) from e
     summary = engine.summary(wall)
     summary["compiles_after_warmup"] = engine.runner.compiles_since_warmup
     summary["serve"] = {

@@ -83,15 +83,28 @@ def summarize(rows, workdir):
             ("out tok/s", "output_tok_s"),
         ],
     )
-    sf = sorted((r for r in rows if r["name"].startswith("stall")), key=lambda r: r["itl_p99"])
+    sf = [r for r in rows if r["name"].startswith("stall")]
     pf = [r for r in rows if r["name"].startswith("prefill_first")]
-    if sf and pf:
-        big = max(sf, key=lambda r: int(r["name"].rsplit("_", 1)[1]))
-        md += (
-            f"\nPaper: a smaller budget lowers P99 TBT at the cost of TTFT; prefill-first "
-            f"stalls decodes. Here the smallest-budget point has P99 TBT "
-            f"{sf[0]['itl_p99_ms']:.1f} ms vs {big['itl_p99_ms']:.1f} ms at the largest; "
-            f"prefill-first's P99 TBT is {pf[0]['itl_p99_ms']:.1f} ms against stall-free's "
-            f"{big['itl_p99_ms']:.1f} ms at the same budget. Plot: chunked_prefill.png\n"
-        )
+    if len(sf) > 1 and pf:
+        md += "\n" + verdict(sf, pf[0]) + " Plot: chunked_prefill.png\n"
     return md
+
+
+def verdict(stall_free: list[dict], prefill_first: dict) -> str:
+    """Sarathi-Serve's two claims, each checked against this run's numbers."""
+    by_budget = sorted(stall_free, key=lambda r: int(r["name"].rsplit("_", 1)[1]))
+    small, big, pf = by_budget[0], by_budget[-1], prefill_first
+    ms = lambda r, k: 1e3 * r[k]
+    tbt = ms(small, "itl_p99") < ms(big, "itl_p99")
+    ttft = ms(small, "ttft_p50") > ms(big, "ttft_p50")
+    stall = ms(pf, "itl_p99") > ms(big, "itl_p99")
+    yes = lambda ok: "reproduces" if ok else "does NOT reproduce"
+    return (
+        f"Paper: a smaller budget lowers P99 TBT at the cost of TTFT; prefill-first stalls "
+        f"decodes. Here the smallest budget ({small['name']}) has P99 TBT "
+        f"{ms(small, 'itl_p99'):.1f} ms vs {ms(big, 'itl_p99'):.1f} ms at the largest "
+        f"({big['name']}), TTFT p50 {ms(small, 'ttft_p50'):.0f} vs {ms(big, 'ttft_p50'):.0f} ms: "
+        f"the TBT gain {yes(tbt)}, its TTFT cost {yes(ttft)}. Prefill-first's P99 TBT is "
+        f"{ms(pf, 'itl_p99'):.1f} ms against stall-free's {ms(big, 'itl_p99'):.1f} ms at the "
+        f"same budget: the stall {yes(stall)}."
+    )

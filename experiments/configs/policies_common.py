@@ -19,9 +19,11 @@ def base(arg: str) -> ml_collections.ConfigDict:
     c = serve.get_config("runlocal" if arg == "runlocal" else "default")
     c.device = "sim" if arg == "sim" else "real"
     c.serve.update(policy="fcfs", slice_len=1)
-    c.serve.policy_args = {}
     c.workload.update(online=True)
     c.workload.clients = []
+    # > 0: the clients' rates are scaled (ratios and trace duration kept) so that together they
+    # offer this multiple of the engine's capacity as measured on this machine before the run
+    c.workload.offered_load = 0.0
     c.slo = dict(ttft=1.0, tpot=0.05)
     # the simulated device: step times of a mid-size model on one accelerator
     c.sim_cost = dict(
@@ -51,6 +53,25 @@ def scale_rates(c, factor: float) -> None:
         {**cl, "rate": cl["rate"] * factor, "num_requests": int(cl["num_requests"] * factor)}
         for cl in c.workload.clients
     ]
+
+
+def load_note(row: dict) -> tuple[bool, str]:
+    """Whether a point's engine was overloaded, judged from what the run measured (offered vs
+    served requests per second), and a sentence saying so."""
+    offered, served, cap = (
+        row.get("offered_req_s"),
+        row.get("served_req_s"),
+        row.get("capacity_req_s"),
+    )
+    if not offered or not served:
+        return False, f"{row['name']} did not record its offered and served load"
+    text = f"{row['name']} was offered {offered:.2f} req/s and served {served:.2f} req/s"
+    if cap:
+        text += f" (capacity measured before the run: {cap:.2f} req/s)"
+    return offered >= OVERLOADED * served, text
+
+
+OVERLOADED = 1.2  # offered / served at or above which requests queued faster than they finished
 
 
 def row_value(row: dict, key: str, fmt: str = "{:.3g}") -> str:

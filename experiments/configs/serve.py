@@ -36,6 +36,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         preemption="recompute",
         prefix_caching=True,
         policy="fcfs",
+        policy_args={},  # the policy's settings: --config.serve.policy_args="{'key': value}"
         attn_chunk_pages=8,
         max_context=0,
     )

@@ -79,6 +79,15 @@ def backlog_mask(requests, client: str, grid) -> np.ndarray:
     return out
 
 
+def backlogged_share(requests, points=400) -> float:
+    """Share of the run (first arrival to last token) in which every client had a request
+    queued: the regime in which VTC's fairness guarantee, and FCFS's unfairness, show."""
+    grid, curves = service_curves(requests, points=points)
+    if len(curves) < 2 or len(grid) == 0:
+        return 0.0
+    return float(np.mean(np.all([backlog_mask(requests, c, grid) for c in curves], axis=0)))
+
+
 def service_difference(requests, weights=None, w_in=1.0, w_out=2.0, points=400):
     """Max - min weighted service received since all clients became backlogged, over time.
 
