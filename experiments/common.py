@@ -2,24 +2,45 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging as logging_std
+import os
 import pathlib
 import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from mlx_sched.serve.request import RequestError
 from mlx_sched.train.checkpoint import CheckpointError
 from mlx_sched.train.data import DataError
 from models.errors import ConfigError
-
-__all__ = ["USER_ERRORS", "ConfigError", "config_path", "require_workdir", "run"]
 from sharding.mesh import MeshError
 
+__all__ = [
+    "USER_ERRORS",
+    "ConfigError",
+    "WorkdirBusy",
+    "config_path",
+    "claim_workdir",
+    "config_tag",
+    "lock_workdir",
+    "require_sections",
+    "require_workdir",
+    "run",
+]
+
+
+class WorkdirBusy(RuntimeError):
+    """Another process holds the workdir's lock."""
+
+
 # Errors that are the user's to fix: printed as one line, exit status 2.
-USER_ERRORS = (ConfigError, DataError, MeshError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, MeshError, CheckpointError, RequestError, WorkdirBusy)
 
 CONFIGS = pathlib.Path(__file__).parent / "configs"
+LOCK_NAME = ".lock"
+_held_locks: dict[pathlib.Path, int] = {}  # workdir -> fd, open for the process's lifetime
 
 
 def config_path(name: str, variant: str | None = None) -> str:
@@ -42,14 +63,70 @@ def init_distributed():
         sharding.initialize(f.coordinator, f.num_processes, f.process_id)
 
 
+def config_tag(spec: str, home: str) -> str:
+    """The variant of a `--config` value (`.../serve.py:online` -> `online`), prefixed by the
+    file's name when it is not the entry point's `home` config (`x.py:online` -> `x_online`):
+    output names that keep two variants' results apart in one workdir."""
+    path, _, variant = spec.partition(":")
+    stem = pathlib.Path(path).stem
+    return (variant or "default") if stem == home else f"{stem}_{variant or 'default'}"
+
+
+def require_sections(config, spec: str, sections: tuple[str, ...], why: str) -> None:
+    """A ConfigError naming the sections an entry point needs that the --config lacks."""
+    missing = [k for k in sections if k not in config]
+    if missing:
+        raise ConfigError(f"--config={spec} has no {' or '.join(missing)} section: {why}")
+
+
 def require_workdir(value: str | None) -> pathlib.Path:
     if not value:
         raise ConfigError("--workdir is required: pass --workdir=/path/to/run (created if missing)")
     path = pathlib.Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--workdir={value} exists and is not a folder")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir={value} cannot be created ({e.strerror}); pass a folder you can write to"
+        ) from e
     return path
+
+
+def claim_workdir(value: str | None) -> pathlib.Path:
+    """The workdir, created and locked for this run (by process 0 of a multi-process run: the
+    others share the folder with it)."""
+    path = require_workdir(value)
+    if "process_id" not in flags.FLAGS or flags.FLAGS.process_id == 0:
+        lock_workdir(path)
+    return path
+
+
+def lock_workdir(path: pathlib.Path) -> None:
+    """Hold `<workdir>/.lock` (flock, holding our pid) until this process ends, so that a second
+    run on the same workdir fails at once instead of interleaving with this one. The kernel
+    releases the lock when the process dies, even by `kill -9`, so a killed run resumes."""
+    path = pathlib.Path(path).absolute()
+    if path in _held_locks:
+        return
+    lock = path / LOCK_NAME
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"--workdir={path} is not writable ({e.strerror})") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise WorkdirBusy(
+            f"--workdir={path} is in use by process {other} (its {LOCK_NAME}); wait for it to "
+            "finish, or pass another --workdir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[path] = fd
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -96,16 +173,23 @@ def run(main: Callable[[list[str]], None]) -> None:
             main(argv)
         except USER_ERRORS as e:
             logging.flush()
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             sys.exit(2)
 
     app.run(wrapped, flags_parser=_parse_flags)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a mistyped --config.x.y override as one clean line."""
+    """absl flag parsing, with a mistyped --config.x.y override or a missing config file as one
+    clean line."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+            _ = flags.FLAGS["config"].value.keys  # a config file that failed to load raises here
+        return rest
+    except OSError:
+        print(f"error: {missing_config_message(argv)}", file=sys.stderr)
+        sys.exit(2)
     except flags.Error as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
         # config-file errors carry a whole traceback: keep the flag and the final error
@@ -117,3 +201,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
         msg = " ".join(text.replace("'", " ").replace('"', "'").split())
         print(f"error: bad --config override: unknown key {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+def missing_config_message(argv: list[str]) -> str:
+    """One line naming the --config file that does not exist, and the ones that do."""
+    spec = ""
+    for i, a in enumerate(argv):
+        if a.startswith(("--config=", "-config=")):
+            spec = a.split("=", 1)[1]
+        elif a in ("--config", "-config") and i + 1 < len(argv):
+            spec = argv[i + 1]
+    path = spec.partition(":")[0]
+    known = ", ".join(
+        sorted(p.name for p in CONFIGS.glob("*.py") if "def get_config" in p.read_text())
+    )
+    return (
+        f"--config={spec}: config file '{path}' does not exist; configs in "
+        f"{CONFIGS.relative_to(CONFIGS.parent.parent)}/: {known}"
+    )

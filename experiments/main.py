@@ -25,7 +25,15 @@ def main(argv):
     from mlx_sched.train import data, loop, plots
 
     config = _CONFIG.value
-    workdir = common.require_workdir(_WORKDIR.value)
+    common.require_sections(
+        config,
+        flags.FLAGS["config"].config_filename,
+        ("train", "serve", "workload", "sample"),
+        "experiments.main trains and then serves, which needs a config with both "
+        "(experiments/configs/main.py); to only train use experiments.train, to only serve "
+        "experiments.bench_serving",
+    )
+    workdir = common.claim_workdir(_WORKDIR.value)
     trainer, params, eval_loss = loop.train_from_config(config, workdir)
     model = trainer.model(params)
 

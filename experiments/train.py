@@ -17,7 +17,7 @@ def main(argv):
     common.init_distributed()
     from mlx_sched.train import loop
 
-    loop.train_from_config(_CONFIG.value, common.require_workdir(_WORKDIR.value))
+    loop.train_from_config(_CONFIG.value, common.claim_workdir(_WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,20 @@ Run:
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+
+def optional(section: dict | None = None) -> config_dict.FieldReference:
+    """A config field holding a section or None, so `--config.model.moe=None` turns it off
+    (and a dict literal turns it on); a plain ConfigDict field accepts neither."""
+    value = None if section is None else ml_collections.ConfigDict(section)
+    return config_dict.FieldReference(value, field_type=object)
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    # warm-up follows the step count (10%) unless set itself, so lowering train.steps alone works
+    steps = config_dict.FieldReference(300)
     c.model = dict(
         vocab_size=264,
         d_model=256,
@@ -32,15 +42,16 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         param_dtype="float32",
         init_std=0.02,
         attention=dict(pattern="dense", stride=128, summary=8, heads="interleave"),
+        moe=optional(None),
     )
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     c.data = dict(path="", heldout_fraction=0.02)
     c.train = dict(
-        steps=300,
+        steps=steps,
         batch_size=16,
         seq_len=256,
         lr=3e-3,
-        warmup_steps=30,
+        warmup_steps=steps // 10,
         min_lr_ratio=0.1,
         weight_decay=0.1,
         b1=0.9,
@@ -63,7 +74,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
             steps=20,
             batch_size=8,
             seq_len=64,
-            warmup_steps=2,
             log_every=5,
             eval_every=10,
             eval_batches=2,

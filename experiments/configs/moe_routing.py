@@ -39,18 +39,18 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c = lm.get_config("default")
     c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256)
     moe = MoEConfig(num_experts=8, capacity_factor=1.25, jitter=0.01, every=2, offset=1)
-    c.model.moe = dataclasses.asdict(moe)
+    c.model.moe = lm.optional(dataclasses.asdict(moe))
     c.train.update(
         steps=300,
         batch_size=8,
         seq_len=128,
-        warmup_steps=40,
         log_every=20,
         eval_every=150,
         eval_batches=16,
         ckpt_every=300,
         keep=1,
     )
+    c.train.warmup_steps = c.train.get_ref("steps") * 2 // 15  # 40 of 300; follows train.steps
     c.kind = "moe"
     if arg == "runlocal":
         c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
@@ -59,7 +59,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
             steps=20,
             batch_size=8,
             seq_len=64,
-            warmup_steps=2,
             log_every=5,
             eval_every=10,
             eval_batches=2,

@@ -34,7 +34,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         steps=200,
         batch_size=2,
         seq_len=2048,
-        warmup_steps=20,
         log_every=10,
         eval_every=100,
         eval_batches=8,
