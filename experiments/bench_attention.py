@@ -3,6 +3,9 @@
   python -m experiments.bench_attention                         # n = 128 .. 16384, table + plot
   python -m experiments.bench_attention --lengths=512,1024 --repeats=2 --plot=/tmp/a.png
 
+Writes the plot and every measurement as JSON under runs/bench_attention/ (--plot, --out),
+never into docs/, whose copy of the plot is the README's figure.
+
 One attention call (batch 1, --heads query heads, head_dim 64, float32) in
 four forms: `dense` (the model's causal kernel), `strided` and `fixed` (the
 efficient reshape/gather forms, both sub-patterns unioned in every head,
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import time
 
 import numpy as np
@@ -33,8 +37,9 @@ _HEADS = flags.DEFINE_integer("heads", 1, "query heads (= kv heads)")
 _SUMMARY = flags.DEFINE_integer("summary", 8, "c of the fixed pattern")
 _FORMS = flags.DEFINE_list("forms", "dense,strided,fixed,masked", "forms to measure")
 _MAX_GIB = flags.DEFINE_float("max_gib", 8.0, "skip a form whose program needs more memory")
-_OUT = flags.DEFINE_string("out", None, "optional JSON output path")
-_PLOT = flags.DEFINE_string("plot", "docs/sparse_attention_bench.png", "log-log plot path")
+RUNS = pathlib.Path("runs/bench_attention")  # never docs/: its copy is the README's figure
+_OUT = flags.DEFINE_string("out", str(RUNS / "bench_attention.json"), "JSON output path")
+_PLOT = flags.DEFINE_string("plot", str(RUNS / "sparse_attention_bench.png"), "log-log plot path")
 
 X = 64
 
@@ -222,12 +227,12 @@ def main(argv):
             for key in ("train_ms_median", "mem_mib"):
                 x = crossover(per["dense"], per[f], key)
                 print(f"crossover {f} vs dense ({key}): " + ("none" if x is None else f"{x:.0f}"))
-    if _PLOT.value:
-        plot(rows, names, _PLOT.value)
-        print(f"plot: {_PLOT.value}")
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(rows, f, indent=1)
+    plot_path, out_path = pathlib.Path(_PLOT.value), pathlib.Path(_OUT.value)
+    for path in (plot_path, out_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, names, str(plot_path))
+    out_path.write_text(json.dumps(rows, indent=1))
+    print(f"plot: {plot_path}\nJSON: {out_path}")
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ def test_bench_serving_reports_slice_comparison(tmp_path):
     )
     assert "compilations after warm-up: 0" in out
     assert "decode tok/s S=4 / S=1:" in out
-    data = json.loads((tmp_path / "bench_serving.json").read_text())
+    data = json.loads((tmp_path / "bench_serving_runlocal.json").read_text())
     assert set(data) == {"1", "4"} and data["4"]["finished"] == data["4"]["requests"]
-    assert (tmp_path / "serving_S4_timeline.png").exists()
+    # named by variant, so another variant in the same workdir does not overwrite them
+    assert (tmp_path / "serving_runlocal_S4_timeline.png").exists()
+    assert not list(tmp_path.glob("serving_S*"))
 
 
 @pytest.mark.slow
@@ -74,3 +76,11 @@ def test_serve_config_rejects_unknown_variant():
 
     with pytest.raises(ValueError, match="unknown variant"):
         serve.get_config("nope")
+
+
+def test_benchmarks_never_write_into_docs():
+    """docs/ holds the README's figures; a benchmark run writes under runs/ (or --workdir)."""
+    from experiments import bench_attention
+
+    for flag in (bench_attention._PLOT, bench_attention._OUT):
+        assert flag.default.startswith("runs/") and "docs" not in flag.default
