@@ -1,7 +1,7 @@
 """Run every point of a config file's sweep; skip points already done; write one table + plots.
 
   python -m experiments.sweep --config=experiments/configs/moe_routing.py:runlocal \
-      --workdir=/tmp/moe_sweep [--only=switch_cf1.0,dense] [--list]
+      --workdir=/tmp/moe_sweep [--only=switch_cf1,dense] [--list] [--config.train.steps=40]
 
 A config file that offers a sweep defines, beside `get_config(arg)`:
 
@@ -12,6 +12,8 @@ and its config has a `kind` field naming the point runner in
 `experiments/points.py` ("train", ...). Each point runs in its own
 subprocess (a crash or kill loses only that point) and writes
 `<workdir>/<name>/result.json`; a re-run skips points whose result exists.
+`--config.a.b=v` overrides apply to every point's base config; a point's own
+value for the same key wins. The sweep holds `<workdir>/.lock` while it runs.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import sys
 import time
 
 from absl import flags, logging
+from ml_collections import config_flags
 
 from experiments import common
 
-_CONFIG = flags.DEFINE_string("config", None, "config file with get_sweep(), e.g. x.py:variant")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file with get_sweep(), e.g. x.py:variant", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "sweep folder; one sub-folder per point")
 _ONLY = flags.DEFINE_list("only", None, "run only these point names")
 _LIST = flags.DEFINE_bool("list", False, "print the points and exit")
@@ -49,10 +54,11 @@ def load_module(spec: str):
     return module, (variant or "default")
 
 
-def point_config(module, variant: str, point: dict):
-    """The base config with a point's dotted-key overrides applied (unknown keys are errors)."""
+def point_config(module, variant: str, point: dict, overrides: dict | None = None):
+    """The base config with the command line's `overrides` (flat dotted keys) and then the
+    point's dotted-key settings applied (unknown keys are errors)."""
     config = module.get_config(variant)
-    for key, value in point.items():
+    for key, value in {**(overrides or {}), **point}.items():
         if key == "name":
             continue
         node = config
@@ -76,10 +82,12 @@ def points_of(module, variant: str) -> list[dict]:
     return points
 
 
-def run_one(module, variant: str, point: dict, workdir: pathlib.Path) -> dict:
+def run_one(
+    module, variant: str, point: dict, workdir: pathlib.Path, overrides: dict | None = None
+) -> dict:
     from experiments import points as point_runners
 
-    config = point_config(module, variant, point)
+    config = point_config(module, variant, point, overrides)
     kind = config.get("kind", "train")
     if kind not in point_runners.RUNNERS:
         raise common.ConfigError(
@@ -109,25 +117,47 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def override_args(argv: list[str]) -> list[str]:
+    """The `--config.a.b=v` (or `--config.a.b v`) arguments of `argv`, to pass to a point's
+    process as they were given."""
+    out = []
+    for i, a in enumerate(argv):
+        if a.startswith(("--config.", "-config.", "--noconfig.", "-noconfig.")):
+            takes_next = "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            out += [a, argv[i + 1]] if takes_next else [a]
+    return out
+
+
 def main(argv):
     del argv
-    if not _CONFIG.value:
+    if _CONFIG.value is None:
         raise common.ConfigError(
             "--config is required, e.g. --config=experiments/configs/x.py:variant"
         )
-    module, variant = load_module(_CONFIG.value)
+    spec = flags.FLAGS["config"].config_filename
+    overrides = dict(flags.FLAGS["config"].override_values)
+    module, variant = load_module(spec)
     points = points_of(module, variant)
+    for p in points:
+        mine = sorted(set(overrides) & set(p) - {"name"})
+        if mine:
+            logging.warning(
+                "point %s sets %s itself; its value wins over --config", p["name"], mine
+            )
     if _LIST.value:
+        if overrides:
+            print("every point:", overrides)
         for p in points:
             print(p["name"], {k: v for k, v in p.items() if k != "name"})
         return
     workdir = common.require_workdir(_WORKDIR.value)
-    if _POINT.value:  # child process: one point
+    if _POINT.value:  # child process: one point, under the parent's lock
         (point,) = [p for p in points if p["name"] == _POINT.value]
         pdir = workdir / point["name"]
         pdir.mkdir(parents=True, exist_ok=True)
-        run_one(module, variant, point, pdir)
+        run_one(module, variant, point, pdir, overrides)
         return
+    common.lock_workdir(workdir)
     selected = [p for p in points if not _ONLY.value or p["name"] in _ONLY.value]
     if _ONLY.value and len(selected) != len(_ONLY.value):
         known = [p["name"] for p in points]
@@ -144,7 +174,8 @@ def main(argv):
             sys.executable,
             "-m",
             "experiments.sweep",
-            f"--config={_CONFIG.value}",
+            f"--config={spec}",
+            *override_args(sys.argv[1:]),
             f"--workdir={workdir}",
             f"--point={point['name']}",
         ]
