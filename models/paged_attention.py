@@ -6,7 +6,10 @@ into. A step's tokens are flat (`x_TD`); the context knows, per token, where
 its K and V go (`write_page_T`, `write_offset_T`), and which *groups* of
 queries read which pages:
 
-- the decode group: G = D slots, one query each, the first D tokens;
+- the decode group: G = D slots of `dec_width` (L) consecutive queries each, the
+  first D * L tokens (L = 1: one query per slot, with the native kernel as
+  its fast path; L > 1: a sequence verifying draft tokens, each query seeing
+  the context up to its own position);
 - the prefill group: R rows of up to C consecutive tokens of one sequence,
   gathered from the remaining tokens by `pre_index_RC`.
 
@@ -237,12 +240,13 @@ class PagedContext:
     write_page_T: jax.Array  # [T]
     write_offset_T: jax.Array  # [T]
     dec_pages_DW: jax.Array  # [D, W]
-    dec_len_D: jax.Array  # [D] context length incl. this token; 0 for padding slots
+    dec_len_D: jax.Array  # [D] context length incl. this step's tokens; 0 for padding slots
     pre_index_RC: jax.Array | None = None  # [R, C] index into the prefill tokens; pad = Tp
     pre_pages_RW: jax.Array | None = None  # [R, W]
     pre_len_R: jax.Array | None = None  # [R]
     mode: str = "serve"
     kernel: KernelOptions = KernelOptions()
+    dec_width: int = 1  # L: consecutive query positions per decode slot
 
     @property
     def chunk_pages(self) -> int:
@@ -256,9 +260,23 @@ class PagedContext:
         store = pack if is_packed(self.k) else (lambda x: x.astype(self.k.dtype))
         self.k = self.k.at[layer, self.write_page_T, self.write_offset_T].set(store(k_TKX))
         self.v = self.v.at[layer, self.write_page_T, self.write_offset_T].set(store(v_TKX))
-        D = self.num_decode
+        D, L = self.num_decode, self.dec_width
         outs = []
-        if D and not isinstance(pattern, DenseCausal):  # sparse: read only the needed keys
+        if D and L > 1:  # several queries per slot: causal by position within the slot
+            H, X = q_THX.shape[1:]
+            o = paged_attention(
+                q_THX[: D * L].reshape(D, L, H, X),
+                self.k,
+                self.v,
+                self.dec_pages_DW,
+                self.positions_T[: D * L].reshape(D, L),
+                self.dec_len_D,
+                pattern,
+                self.chunk_pages,
+                layer,
+            )
+            outs.append(o.reshape(D * L, H, X))
+        elif D and not isinstance(pattern, DenseCausal):  # sparse: read only the needed keys
             outs.append(
                 gathered_decode_attention(
                     q_THX[:D],
@@ -294,10 +312,10 @@ class PagedContext:
             outs.append(o[:, 0])
         if self.pre_index_RC is not None:
             R, C = self.pre_index_RC.shape
-            q_pre = q_THX[D:]
+            q_pre = q_THX[D * L :]
             Tp = q_pre.shape[0]
             q_pad = jnp.concatenate([q_pre, jnp.zeros_like(q_pre[:1])])  # row Tp: padding
-            pos_pad = jnp.concatenate([self.positions_T[D:], jnp.zeros((1,), jnp.int32)])
+            pos_pad = jnp.concatenate([self.positions_T[D * L :], jnp.zeros((1,), jnp.int32)])
             o_RCHX = paged_attention(
                 q_pad[self.pre_index_RC],
                 self.k,

@@ -92,13 +92,3 @@ def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
         raise ValueError(f"{len(names)} logical names {tuple(names)} for a rank-{x.ndim} array")
     spec = logical_to_spec(names, dict(mesh.shape), x.shape)
     return jax.lax.with_sharding_constraint(x, spec)
-
-
-def tree_shardings(mesh: Mesh, axes_tree, shapes_tree):
-    """NamedShardings for a pytree of logical-axis tuples and a matching tree of shapes."""
-    return jax.tree.map(
-        lambda names, s: named_sharding(mesh, names, s.shape),
-        axes_tree,
-        shapes_tree,
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, str | None) for n in x),
-    )

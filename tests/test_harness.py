@@ -10,5 +10,5 @@ def test_approx_refuses_jax_arrays_and_accepts_numbers():
         pytest.approx(jnp.float32(1.0))
     with pytest.raises(TypeError, match="JAX array"):
         pytest.approx([1.0, jnp.float32(2.0)])
-    assert 1.0 == pytest.approx(1.0)
+    assert pytest.approx(1.0) == 1.0
     assert np.asarray([1.0, 2.0]) == pytest.approx(np.asarray(jnp.asarray([1.0, 2.0])))

@@ -19,7 +19,9 @@ import numpy as np
 
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.cost_model import StepTimeModel
-from mlx_sched.serve.runner import StepResult, _bucket, stop_ids
+from mlx_sched.serve.interface import StepResult
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.shapes import shape_for
 
 
 class SimClock:
@@ -46,6 +48,8 @@ class SimModel:
 
 
 class SimRunner:
+    """A `StepRunner` whose device is a cost model: same buckets (`shape_for`), no compute."""
+
     def __init__(
         self,
         model_cfg,
@@ -58,47 +62,44 @@ class SimRunner:
         self.cost = cost or StepTimeModel()
         self.max_len = cfg.max_len(model_cfg.max_seq_len)
         self.rng = np.random.default_rng(seed)
-        self.compiles_since_warmup = 0
-        self._host: dict[int, int] = {}
+
+    @property
+    def compiles_since_warmup(self) -> int:
+        return 0
 
     def warmup(self, progress=None) -> int:
         return 0
 
-    def stop_ids(self, s) -> list[int]:
-        return stop_ids(s, self.cfg.eos_token)
-
-    def _tokens(self, n: int) -> np.ndarray:
+    def _tokens(self, n: int) -> list[int]:
         # ids from the upper half of the vocabulary: never a byte-level stop token
         lo = self.model_cfg.vocab_size // 2
-        return self.rng.integers(lo, self.model_cfg.vocab_size, n).astype(np.int32)
+        return self.rng.integers(lo, self.model_cfg.vocab_size, n).tolist()
 
-    def run_mixed(self, decode, prefill, copies=()) -> StepResult:
-        D = 0 if not decode else _bucket(self.cfg.decode_buckets, len(decode))
-        n_pre = sum(n for _, n in prefill)
-        Tp = _bucket(self.cfg.prefill_buckets, max(1, n_pre))
-        dt = self.cost.step_time(
-            prefill_tokens=n_pre,
-            prefill_pairs=sum(n * (s.num_computed + n) for s, n in prefill),
-            decode_tokens=len(decode),
-            decode_ctx=sum(s.num_computed for s in decode),
-        )
+    def run(self, plan: StepPlan) -> StepResult:
+        shape = shape_for(plan, self.cfg)
+        decodes, prefills = plan.decodes, plan.prefills
+        if shape.kind == "mixed":
+            dt = self.cost.step_time(
+                prefill_tokens=sum(n for _, n in prefills),
+                prefill_pairs=sum(n * (s.num_computed + n) for s, n in prefills),
+                decode_tokens=sum(n for _, n in decodes),
+                decode_ctx=sum(s.num_computed for s, _ in decodes),
+            )
+            iters = 1
+            counts = [n if s.remaining == 1 else 1 for s, n in plan.work]
+        else:
+            iters = max(n for _, n in plan.work)
+            ctx = sum(s.num_computed for s, _ in plan.work)
+            B = len(plan.work)
+            dt = sum(self.cost.decode_time(B, ctx + i * B) for i in range(iters))
+            counts = [n for _, n in plan.work]
         self.clock.advance(dt)
-        R = self.cfg.max_prefill_rows
-        return StepResult("mixed", (D, Tp), self._tokens(D + R), np.zeros(D + R), 1, dt)
+        samples = [self._tokens(c) for c in counts]
+        return StepResult(shape.kind, shape.dims, samples, None, iters, dt)
 
-    def run_decode(self, decode, steps_per_seq, copies=()) -> StepResult:
-        D = _bucket(self.cfg.decode_buckets, len(decode))
-        S = self.cfg.slice_len
-        iters = max(steps_per_seq) if steps_per_seq else 0
-        ctx = sum(s.num_computed for s in decode)
-        dt = sum(self.cost.decode_time(len(decode), ctx + i * len(decode)) for i in range(iters))
-        self.clock.advance(dt)
-        toks = self._tokens(S * D).reshape(S, D)
-        return StepResult("decode", (D, S), toks, np.zeros((S, D)), iters, dt)
-
-    def swap_out(self, pages):
+    def read_pages(self, pages):
         n = len(pages)
         return np.zeros((1, n)), np.zeros((1, n))
 
-    def swap_in(self, pages, k, v) -> None:
+    def write_pages(self, pages, k, v) -> None:
         return None

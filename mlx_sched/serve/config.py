@@ -1,8 +1,14 @@
-"""Serving configuration: page pool, token budget, compiled-shape buckets, slice length, policy."""
+"""Serving configuration: page pool, token budget, compiled-shape buckets, slice length, policy.
+
+Fields hold what the user asked for (`()` / `0` meaning "the default"); what
+follows from them (the resolved bucket lists, the chunk size) are properties,
+so `dataclasses.replace(cfg, max_seqs=128)` re-derives them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +35,7 @@ class ServeConfig:
     prefill_chunk: int = 0  # max tokens of one sequence in one step; 0: token_budget
     decode_buckets: tuple[int, ...] = ()  # () = powers of two from 8 up to max_seqs
     prefill_buckets: tuple[int, ...] = ()  # () = powers of four from 32 up to token_budget
+    decode_widths: tuple[int, ...] = (1,)  # positions a decoding sequence computes in a step
     max_context: int = 0  # 0: the model's max_seq_len
     slice_len: int = 1  # decode iterations per call when no prefill is pending (1 = ORCA)
     attn_chunk_pages: int = 8  # pages read per inner-loop iteration of paged attention
@@ -58,30 +65,58 @@ class ServeConfig:
         need(self.attn_chunk_pages >= 1, "attn_chunk_pages must be >= 1")
         need(self.preemption in PREEMPTION_MODES, f"preemption must be one of {PREEMPTION_MODES}")
         need(self.max_copies >= 1, "max_copies must be >= 1")
+        need(self.max_context >= 0, f"max_context must be >= 0, got {self.max_context}")
         need(
             self.kv_dtype in ("", "float32", "bfloat16"), "kv_dtype must be '', float32 or bfloat16"
         )
-        chunk = self.prefill_chunk or self.token_budget
-        need(0 < chunk <= self.token_budget, "prefill_chunk must be in [1, token_budget]")
-        object.__setattr__(self, "prefill_chunk", chunk)
-        dec = tuple(sorted(set(self.decode_buckets))) or _powers(
+        need(
+            0 <= self.prefill_chunk <= self.token_budget,
+            f"prefill_chunk must be in [0, token_budget={self.token_budget}] (0: the budget), "
+            f"got {self.prefill_chunk}",
+        )
+        for name, sizes, top, what in (
+            ("decode_buckets", self.decode_sizes, self.max_seqs, "max_seqs"),
+            ("prefill_buckets", self.prefill_sizes, self.token_budget, "token_budget"),
+        ):
+            need(sizes[0] > 0, f"{name} must be > 0, got {getattr(self, name)}")
+            need(sizes[-1] == top, f"{name} must end at {what}={top}, got {getattr(self, name)}")
+        widths = self.decode_widths
+        need(
+            bool(widths) and tuple(sorted(set(widths))) == tuple(widths) and widths[0] == 1,
+            f"decode_widths must be increasing and start at 1, got {widths}",
+        )
+
+    # -- derived ------------------------------------------------------------------
+
+    @functools.cached_property
+    def chunk_tokens(self) -> int:
+        """Most tokens one sequence computes in one step (the prefill chunk)."""
+        return self.prefill_chunk or self.token_budget
+
+    @functools.cached_property
+    def decode_sizes(self) -> tuple[int, ...]:
+        """Compiled decode-slot counts D."""
+        return tuple(sorted(set(self.decode_buckets))) or _powers(
             min(8, self.max_seqs), self.max_seqs, 2
         )
-        need(dec[-1] == self.max_seqs, f"decode_buckets must end at max_seqs={self.max_seqs}")
-        need(dec[0] > 0, "decode_buckets must be > 0")
-        object.__setattr__(self, "decode_buckets", dec)
-        pre = tuple(sorted(set(self.prefill_buckets))) or _powers(
+
+    @functools.cached_property
+    def prefill_sizes(self) -> tuple[int, ...]:
+        """Compiled prefill-token counts Tp of a mixed step."""
+        return tuple(sorted(set(self.prefill_buckets))) or _powers(
             min(32, self.token_budget), self.token_budget, 4
         )
-        need(pre[-1] == self.token_budget, "prefill_buckets must end at token_budget")
-        need(pre[0] > 0, "prefill_buckets must be > 0")
-        object.__setattr__(self, "prefill_buckets", pre)
+
+    @functools.cached_property
+    def max_width(self) -> int:
+        """Most positions (1 + draft tokens) a decoding sequence computes in one step."""
+        return self.decode_widths[-1]
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ServeConfig:
         d = dict(d)
         check_keys(cls, d, "serve config")
-        for key in ("decode_buckets", "prefill_buckets"):
+        for key in ("decode_buckets", "prefill_buckets", "decode_widths"):
             if key in d:
                 d[key] = tuple(d[key])
         if "policy_args" in d:
@@ -90,8 +125,7 @@ class ServeConfig:
 
     def context_pages(self, model_max_len: int) -> int:
         """Page-table width: pages for the longest allowed context."""
-        ctx = min(self.max_context or model_max_len, model_max_len)
-        return -(-ctx // self.page_size)
+        return -(-self.max_len(model_max_len) // self.page_size)
 
     def max_len(self, model_max_len: int) -> int:
         return min(self.max_context or model_max_len, model_max_len)

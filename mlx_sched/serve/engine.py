@@ -22,18 +22,22 @@ import jax
 
 from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.interface import StepResult, StepRunner
+from mlx_sched.serve.kv_store import HostKVStore
 from mlx_sched.serve.paging import PagePool
+from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.policies import make_policy
 from mlx_sched.serve.request import (
+    NUM_STOP_IDS,
     Request,
     RequestError,
     SamplingParams,
     Seq,
     Status,
+    stop_ids,
     validate_prompt,
 )
-from mlx_sched.serve.runner import NUM_STOP_IDS, Runner, StepResult
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.scheduler import Scheduler
 
 
 @dataclasses.dataclass
@@ -63,16 +67,21 @@ class Engine:
         mesh: jax.sharding.Mesh | None = None,
         clock: Callable[[], float] = time.perf_counter,
         warmup: bool = True,
-        runner=None,
+        runner: StepRunner | None = None,
     ):
-        """`runner` replaces the device runner (e.g. `simulator.SimRunner`); `clock` is the
+        """`runner` replaces the device runner (e.g. `lab.simulator.SimRunner`); `clock` is the
         time source of every timestamp (a `SimClock` in simulation)."""
         self.cfg = cfg or ServeConfig()
         self.model_cfg = model.cfg
-        self.runner = runner if runner is not None else Runner(model, self.cfg, mesh)
+        if runner is None:
+            from mlx_sched.serve.runner import Runner  # jax device code: only when needed
+
+            runner = Runner(model, self.cfg, mesh)
+        self.runner = runner
         self.max_len = self.runner.max_len
         self.pool = PagePool(self.cfg.num_pages, self.cfg.page_size)
-        self.sched = Scheduler(self.cfg, self.pool, self.runner.swap_out, self.runner.swap_in)
+        self.store = HostKVStore()
+        self.sched = Scheduler(self.cfg, self.pool, self.store)
         self.policy = make_policy(self.cfg.policy, self.cfg)
         self.policy.bind(self.sched)
         self.clock = clock
@@ -85,9 +94,7 @@ class Engine:
         self._stops: dict[str, frozenset[int]] = {}
         if warmup:
             n = self.runner.warmup(
-                lambda i, n, kind, shape: logging.info(
-                    "warm-up %d/%d: %s %s", i + 1, n, kind, shape
-                )
+                lambda i, n, shape: logging.info("warm-up %d/%d: %s", i + 1, n, shape)
             )
             logging.info("warm-up compiled %d shapes", n)
 
@@ -153,6 +160,7 @@ class Engine:
             s.done = True
             s.finish_reason = s.finish_reason or "abort"
         req.status, req.finished_at = Status.ABORTED, self.clock()
+        self._stops.pop(req.id, None)
         self.policy.on_finish(req, req.finished_at)
 
     def has_work(self) -> bool:
@@ -163,10 +171,12 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         plan = self.policy.schedule(self.sched, self.clock())
-        if plan.empty:
+        if not plan.work:
+            self._move_kv(plan)
+            self.sched.release(plan)
             if self.sched.has_work() and not self.sched.running:
                 self._fail_unschedulable()
-            elif self.sched.running:
+            elif self.sched.running and plan.empty:
                 raise RuntimeError(
                     f"policy '{self.policy.name}' scheduled nothing with "
                     f"{len(self.sched.running)} running and {len(self.sched.waiting)} waiting "
@@ -174,43 +184,36 @@ class Engine:
                 )
             return []
         t1 = time.perf_counter()
-        result = self._run(plan)
+        self._move_kv(plan)
+        result = self.runner.run(plan)
+        self.sched.release(plan)
         t2 = time.perf_counter()
+        decodes, prefills = plan.decodes, plan.prefills  # as they were when the step ran
         outputs = self._postprocess(plan, result)
         new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
         host_s = (t1 - t0) + result.build_s + (time.perf_counter() - t2)
-        self._record(plan, result, host_s, new_tokens)
+        self._record(decodes, prefills, result, host_s, new_tokens)
         return outputs
 
-    def _run(self, plan: StepPlan) -> StepResult:
-        if plan.prefill:
-            return self.runner.run_mixed(plan.decode, plan.prefill, plan.copies)
-        return self.runner.run_decode(plan.decode, plan.slice_steps, plan.copies)
+    def _move_kv(self, plan: StepPlan) -> None:
+        """The plan's KV movement before its device step: reads to host first, then writes."""
+        for t in plan.swap_out:
+            self.store.fill(t.seq_id, *self.runner.read_pages(t.pages))
+        for t in plan.swap_in:
+            self.runner.write_pages(t.pages, *self.store.take(t.seq_id))
+        if plan.send or plan.receive:
+            raise NotImplementedError("this engine has no peer to send KV pages to or from")
 
     def _postprocess(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         now = self.clock()
-        new: dict[int, list[int]] = {}
-        if result.kind == "mixed":
-            D = result.shape[0]
-            for i, seq in enumerate(plan.decode):
-                seq.num_computed += 1
-                self._append(seq, [int(result.tokens[i])], new, now)
-            for r, (seq, n) in enumerate(plan.prefill):
-                seq.num_computed += n
-                if seq.num_computed == len(seq.tokens):
-                    self._append(seq, [int(result.tokens[D + r])], new, now)
-        else:
-            for i, seq in enumerate(plan.decode):
-                toks = [int(t) for t in result.tokens[: min(result.iters, plan.slice_steps[i]), i]]
-                self._append(seq, toks, new, now, computed_per_token=True)
-        touched = {s.request for s in plan.decode} | {s.request for s, _ in plan.prefill}
+        new: dict[str, list[int]] = {}
+        logps = result.logprobs or [None] * len(plan.work)
+        for (seq, n), samples, lp in zip(plan.work, result.samples, logps, strict=True):
+            self._commit(seq, n, samples, lp, plan.as_slice, new, now)
         outputs = []
-        for req in touched:
+        for req in plan.requests():
             if req.status is not Status.RUNNING:
                 continue
-            for seq in req.seqs:
-                if not seq.done:
-                    self.sched.register_full_pages(seq)
             if self.sched.needs_fork(req):
                 self.sched.fork(req)
             if all(s.done for s in req.seqs):
@@ -220,29 +223,63 @@ class Engine:
                 outputs.append(out)
         return outputs
 
-    def _append(self, seq: Seq, toks: list[int], new, now, computed_per_token=False) -> None:
-        """Append sampled tokens up to a stop condition; finish the sequence if one is met."""
+    def _commit(self, seq: Seq, n: int, samples, logps, sequential: bool, new, now) -> None:
+        """The one place a step's results enter a sequence: accept its sampled tokens, append
+        them up to a stop condition, advance num_computed, and release what was not kept.
+
+        The entry computed n positions from p = num_computed. In a slice every sample is the
+        next token. Otherwise sample j was drawn after position q = p + n - len(samples) + j;
+        it is a new token when q >= len(tokens) - 1, and while it confirms the draft token it
+        predicted, the next sample (drawn after that draft token) is read too. Positions
+        computed past the kept tokens (rejected drafts) are overwritten later; their pages
+        are released now and never enter the prefix cache.
+        """
         req = seq.request
-        stops = self._stops.get(req.id)
-        if stops is None:
-            stops = self._stops[req.id] = frozenset(self.runner.stop_ids(seq))
+        p0, L0 = seq.num_computed, len(seq.tokens)
+        if sequential:
+            taken, picked = list(samples), list(range(len(samples)))
+        else:
+            taken, picked = [], []
+            first = p0 + n - len(samples)
+            for j, tok in enumerate(samples):
+                k = first + j + 1 - L0  # index of the predicted token among the drafts
+                if k < 0:
+                    continue  # a prefill position: the next token is already known
+                taken.append(tok)
+                picked.append(j)
+                if k >= len(seq.draft) or tok != seq.draft[k]:
+                    break
+        stops = self._stop_set(seq)
         limit = req.prompt_len + req.sampling.max_tokens
-        taken = new.setdefault(id(seq), [])
-        for tok in toks:
-            if computed_per_token:
-                seq.num_computed += 1
+        appended = new.setdefault(seq.id, [])
+        for tok, j in zip(taken, picked, strict=True):
             seq.tokens.append(tok)
             seq.token_times.append(now)
-            taken.append(tok)
+            if logps is not None and req.sampling.logprobs:
+                seq.logprobs.append(logps[j])
+            appended.append(tok)
             if tok in stops:
                 seq.done, seq.finish_reason = True, "stop"
             elif len(seq.tokens) >= limit:
                 seq.done, seq.finish_reason = True, "length"
             if seq.done:
-                self.sched.register_full_pages(seq)
-                self.sched.free_seq(seq)
                 break
-        self.policy.on_tokens(seq.request, len(taken), now)
+        computed = len(samples) if sequential else n
+        seq.num_computed = min(p0 + computed, len(seq.tokens) - 1 if taken else p0 + computed)
+        seq.draft = []
+        self.sched.register_full_pages(seq)
+        if seq.done:
+            self.sched.free_seq(seq)
+        else:
+            self.sched.trim(seq)
+        if taken:
+            self.policy.on_tokens(req, len(appended), now)
+
+    def _stop_set(self, seq: Seq) -> frozenset[int]:
+        stops = self._stops.get(seq.request.id)
+        if stops is None:
+            stops = self._stops[seq.request.id] = frozenset(stop_ids(seq, self.cfg.eos_token))
+        return stops
 
     def _finish(self, req: Request, now: float) -> None:
         self._stops.pop(req.id, None)
@@ -251,7 +288,7 @@ class Engine:
         self.policy.on_finish(req, now)
 
     def _output(self, req: Request, new) -> RequestOutput | None:
-        toks = [new.get(id(s), []) for s in req.seqs]
+        toks = [new.get(s.id, []) for s in req.seqs]
         if not any(toks) and not req.is_finished:
             return None
         out = RequestOutput(req.id, toks, req.is_finished, req)
@@ -269,7 +306,7 @@ class Engine:
         logging.error("request %s %s", req.id, req.error)
         self.abort(req.id)
 
-    def _record(self, plan: StepPlan, result: StepResult, host_s: float, new_tokens: int) -> None:
+    def _record(self, decodes, prefills, result: StepResult, host_s: float, new_tokens: int):
         Z = self.cfg.page_size
         self._steps += 1
         if self._steps % self.KV_STATS_EVERY == 1 or self.KV_STATS_EVERY == 1:
@@ -283,11 +320,11 @@ class Engine:
             t=self.clock(),
             kind=result.kind,
             shape=result.shape,
-            num_decode=len(plan.decode),
-            num_prefill_tokens=sum(n for _, n in plan.prefill),
-            num_prefill_seqs=len(plan.prefill),
-            decode_ctx=sum(s.num_computed for s in plan.decode),
-            prefill_attn=sum(n * s.num_computed for s, n in plan.prefill),  # after the step
+            num_decode=len(decodes),
+            num_prefill_tokens=sum(n for _, n in prefills),
+            num_prefill_seqs=len(prefills),
+            decode_ctx=sum(s.num_computed for s, _ in decodes),
+            prefill_attn=sum(n * s.num_computed for s, n in prefills),  # after the step
             iters=result.iters,
             new_tokens=new_tokens,
             running=self.sched.num_running_seqs,

@@ -172,9 +172,6 @@ class PagePool:
         self._hash_of[page] = h
         self._page_of[h] = page
 
-    def is_cached_content(self, page: int) -> bool:
-        return page in self._hash_of
-
     # -- stats -------------------------------------------------------------------
 
     def stats(self) -> PoolStats:

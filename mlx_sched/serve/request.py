@@ -13,6 +13,10 @@ import enum
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
+NUM_STOP_IDS = 8  # stop ids (stop tokens + EOS) per request, checked on device inside a slice
+
 
 class RequestError(ValueError):
     """A request is invalid; nothing about it was accepted."""
@@ -26,8 +30,19 @@ class Status(enum.Enum):
     ABORTED = "aborted"
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+
+
+def _is_number(x) -> bool:
+    return (_is_int(x) or isinstance(x, float | np.floating)) and math.isfinite(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How a request's tokens are chosen: temperature, then top-k, then top-p over the
+    renormalised top-k probabilities (as Hugging Face and vLLM do)."""
+
     max_tokens: int = 16
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: off
@@ -36,20 +51,42 @@ class SamplingParams:
     n: int = 1
     seed: int = 0
     ignore_eos: bool = False
+    logprobs: bool = False  # return each chosen token's log-probability
 
     def __post_init__(self):
-        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
-        checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (isinstance(self.n, int) and self.n >= 1, "n must be >= 1"),
-            (isinstance(self.seed, int) and 0 <= self.seed < 2**31, "seed must be in [0, 2^31)"),
-        ]
-        for ok, msg in checks:
+        def need(ok: bool, field: str, rule: str):
             if not ok:
-                raise RequestError(f"invalid sampling params: {msg} ({self})")
+                value = getattr(self, field)
+                raise RequestError(
+                    f"invalid sampling params: {field} {rule}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+
+        need(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an int >= 1")
+        need(
+            _is_number(self.temperature) and self.temperature >= 0,
+            "temperature",
+            "must be a number >= 0 (0: greedy)",
+        )
+        need(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an int >= 0 (0: off)")
+        need(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        need(_is_int(self.n) and self.n >= 1, "n", "must be an int >= 1")
+        need(_is_int(self.seed) and 0 <= self.seed < 2**31, "seed", "must be an int in [0, 2^31)")
+        need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a bool")
+        need(isinstance(self.logprobs, bool), "logprobs", "must be a bool")
+        stops = self.stop_tokens
+        need(
+            not isinstance(stops, str | bytes)
+            and hasattr(stops, "__iter__")
+            and all(_is_int(t) for t in stops),
+            "stop_tokens",
+            "must be a sequence of int token ids",
+        )
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in stops))
+        for f in ("max_tokens", "top_k", "n", "seed"):
+            object.__setattr__(self, f, int(getattr(self, f)))
+        for f in ("temperature", "top_p"):
+            object.__setattr__(self, f, float(getattr(self, f)))
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +107,8 @@ class Seq:
     done: bool = False
     finish_reason: str | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)  # when sampling asks
+    draft: list[int] = dataclasses.field(default_factory=list)  # proposed next tokens, unverified
 
     @property
     def prompt_len(self) -> int:
@@ -90,6 +129,8 @@ class Seq:
 
     @property
     def id(self) -> str:
+        """Unique within an engine; the key of everything kept per sequence (host KV, policy
+        state), so it survives copies, pickling and migration to another engine."""
         return f"{self.request.id}/{self.index}" if self.request.sampling.n > 1 else self.request.id
 
 
@@ -137,11 +178,31 @@ class Request:
 def validate_prompt(
     prompt: Sequence[int], vocab_size: int, max_len: int, max_tokens: int
 ) -> list[int]:
-    """The prompt as a list of ints, or a RequestError saying what is wrong with it."""
-    try:
+    """The prompt as a list of ints, or a RequestError saying what is wrong with it.
+
+    Only integer token ids are accepted (Python ints or a 1-D integer numpy array): a string,
+    floats or a float array are refused rather than coerced.
+    """
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+            raise RequestError(
+                f"prompt must be a 1-D integer array of token ids, got {prompt.dtype} "
+                f"with shape {prompt.shape}"
+            )
         tokens = [int(t) for t in prompt]
-    except (TypeError, ValueError) as e:
-        raise RequestError(f"prompt must be a sequence of token ids: {e}") from e
+    elif isinstance(prompt, str | bytes) or not isinstance(prompt, Sequence):
+        raise RequestError(
+            f"prompt must be a sequence of token ids, got {type(prompt).__name__}"
+            + ("; tokenize text first" if isinstance(prompt, str | bytes) else "")
+        )
+    else:
+        bad = [t for t in prompt if not _is_int(t)]
+        if bad:
+            raise RequestError(
+                f"prompt must be a sequence of token ids (ints), got {bad[0]!r} "
+                f"({type(bad[0]).__name__})"
+            )
+        tokens = [int(t) for t in prompt]
     if not tokens:
         raise RequestError("empty prompt: a request needs at least one prompt token")
     bad = [t for t in tokens if not 0 <= t < vocab_size]
@@ -153,3 +214,14 @@ def validate_prompt(
             f"length {max_len}"
         )
     return tokens
+
+
+def stop_ids(seq: Seq, eos_token: int) -> list[int]:
+    """The token ids that end `seq`: its stop tokens, plus EOS unless ignored."""
+    sp = seq.request.sampling
+    stops = list(sp.stop_tokens)
+    if eos_token >= 0 and not sp.ignore_eos:
+        stops.append(eos_token)
+    if len(stops) > NUM_STOP_IDS:
+        raise ValueError(f"at most {NUM_STOP_IDS - 1} stop tokens per request")
+    return stops

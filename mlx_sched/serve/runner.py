@@ -1,24 +1,22 @@
-"""The runner: fixed-shape batches, the jitted steps, warm-up and compile counting.
+"""The device runner: fixed-shape batches, the jitted steps, KV transfers, warm-up, compile counts.
 
-Every step compiles for a shape from a finite set declared by ServeConfig:
-
-- mixed steps: (decode slots D in {0} + decode_buckets) x (prefill tokens Tp in prefill_buckets)
-- decode slices: D in decode_buckets, slice length S
-- swap transfers: page counts in powers of two (only with preemption="swap")
-
-The page-table width is fixed (pages for the longest allowed context); the
-context-length "bucket" is chosen at run time inside paged attention (its
-loop runs only over the chunks the longest context in the batch needs), so
-short contexts don't pay for the longest. `warmup()` compiles every shape;
-afterwards `compiles_since_warmup` must stay 0.
+Every step compiles for a shape from the finite set `shapes.all_shapes(cfg)`
+(mixed steps `(D, L, Tp)`, decode slices `(D, S)`), and KV transfers for page
+counts in powers of two (only with preemption="swap"). The page-table width
+is fixed (pages for the longest allowed context); the context length is not a
+bucket: paged attention's loop runs only over the chunks the longest context
+in the batch needs. `warmup()` compiles every shape; afterwards
+`compiles_since_warmup` must stay 0. Compilations are counted per runner, so
+two engines in one process report their own.
 """
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
+import contextlib
 import functools
+import threading
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,18 +26,20 @@ from flax import nnx
 import sharding
 from mlx_sched.serve import steps
 from mlx_sched.serve.config import ServeConfig
-from mlx_sched.serve.request import Seq
+from mlx_sched.serve.interface import StepResult
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.request import NUM_STOP_IDS, Seq, stop_ids
+from mlx_sched.serve.shapes import Shape, all_shapes, bucket, shape_for
 from models import native_kernels
 from models.config import DTYPES
 from models.paged_attention import KernelOptions, cache_layout
 
-NUM_STOP_IDS = 8  # stop tokens per request checked on device inside a slice
-
 
 class CompileCounter:
-    """Counts XLA backend compilations in this process (a jax.monitoring listener)."""
+    """XLA backend compilations, counted per thread by a jax.monitoring listener; a runner adds
+    up the ones that happen inside its own calls."""
 
-    count = 0
+    _local = threading.local()
     _installed = False
 
     @classmethod
@@ -49,44 +49,21 @@ class CompileCounter:
 
         def listener(event, duration, **kwargs):
             if event == "/jax/core/compile/backend_compile_duration":
-                cls.count += 1
+                cls._local.count = cls.count() + 1
 
         jax.monitoring.register_event_duration_secs_listener(listener)
         cls._installed = True
 
-
-@dataclasses.dataclass
-class StepResult:
-    kind: str  # "mixed" or "decode"
-    shape: tuple  # the compiled bucket used
-    tokens: np.ndarray  # mixed: [D + R]; decode: [S, D]
-    logprobs: np.ndarray
-    iters: int  # decode iterations run (1 for mixed)
-    device_s: float  # dispatch -> results on host
-    build_s: float = 0.0  # host time spent building the batch
-
-
-def stop_ids(s: Seq, eos_token: int) -> list[int]:
-    """The token ids that end sequence `s`: its stop tokens, plus EOS unless ignored."""
-    sp = s.request.sampling
-    stops = list(sp.stop_tokens)
-    if eos_token >= 0 and not sp.ignore_eos:
-        stops.append(eos_token)
-    if len(stops) > NUM_STOP_IDS:
-        raise ValueError(f"at most {NUM_STOP_IDS - 1} stop tokens per request")
-    return stops
-
-
-def _bucket(buckets: tuple[int, ...], n: int) -> int:
-    i = bisect.bisect_left(buckets, n)
-    if i == len(buckets):
-        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-    return buckets[i]
+    @classmethod
+    def count(cls) -> int:
+        return getattr(cls._local, "count", 0)
 
 
 class Runner:
     def __init__(self, model: nnx.Module, cfg: ServeConfig, mesh: jax.sharding.Mesh | None = None):
         CompileCounter.install()
+        self.compiles = 0  # compilations inside this runner's calls
+        self.compiles_at_warmup: int | None = None
         self.cfg, self.model_cfg = cfg, model.cfg
         self.mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
         self.max_len = cfg.max_len(model.cfg.max_seq_len)
@@ -104,8 +81,9 @@ class Runner:
         self.kv_sharding = sharding.named_sharding(
             self.mesh, ("cache_layers", "cache_pages", "cache_page", "kv_heads", "head_dim"), shape
         )
-        zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=self.kv_sharding)
-        self.k, self.v = zeros(), zeros()
+        with self._counting():
+            zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=self.kv_sharding)
+            self.k, self.v = zeros(), zeros()
         # the native decode kernel runs on one CPU device; sharded meshes use pure JAX
         native = cfg.native_kernels and self.mesh.size == 1 and native_kernels.available()
         self.kernel = KernelOptions(cfg.attn_chunk_pages, native)
@@ -118,7 +96,7 @@ class Runner:
             out_shardings=(*kv_out, repl, repl),
             donate_argnums=(1, 2),
         )
-        self._decode = jax.jit(
+        self._slice = jax.jit(
             functools.partial(steps.decode_slice, graphdef, self.kernel, self.Z, cfg.slice_len),
             in_shardings=kv_in,
             out_shardings=(*kv_out, repl, repl, repl),
@@ -126,31 +104,31 @@ class Runner:
         )
         self._read = jax.jit(steps.read_pages, out_shardings=(repl, repl))
         self._write = jax.jit(steps.write_pages, out_shardings=kv_out, donate_argnums=(0, 1))
-        self.compiles_at_warmup: int | None = None
 
-    # -- shapes -----------------------------------------------------------------
+    # -- compile counting -------------------------------------------------------------
 
-    def mixed_shapes(self) -> list[tuple[int, int]]:
-        return [(d, t) for d in (0, *self.cfg.decode_buckets) for t in self.cfg.prefill_buckets]
+    @contextlib.contextmanager
+    def _counting(self):
+        before = CompileCounter.count()
+        try:
+            yield
+        finally:
+            self.compiles += CompileCounter.count() - before
 
-    def decode_shapes(self) -> list[int]:
-        return list(self.cfg.decode_buckets)
+    @property
+    def compiles_since_warmup(self) -> int:
+        base = self.compiles_at_warmup
+        return 0 if base is None else self.compiles - base
 
-    def swap_shapes(self) -> list[int]:
-        if self.cfg.preemption != "swap":
-            return []
+    def transfer_sizes(self) -> list[int]:
+        """Page counts a KV transfer compiles for (powers of two up to a whole context)."""
         out, m = [], 1
         while m < self.W:
             out.append(m)
             m *= 2
         return [*out, self.W]
 
-    @property
-    def compiles_since_warmup(self) -> int:
-        base = self.compiles_at_warmup
-        return 0 if base is None else CompileCounter.count - base
-
-    # -- batch building -----------------------------------------------------------
+    # -- batch building -------------------------------------------------------------
 
     def _sampling_rows(self, seqs: list[Seq | None], positions: list[int]) -> dict:
         n = len(seqs)
@@ -160,7 +138,7 @@ class Runner:
             "top_p": np.ones(n, np.float32),
             "seed": np.zeros(n, np.int32),
             "seq_index": np.zeros(n, np.int32),
-            "sample_pos": np.zeros(n, np.int32),
+            "sample_pos": np.asarray(positions, np.int32),
         }
         for i, s in enumerate(seqs):
             if s is None:
@@ -171,7 +149,6 @@ class Runner:
             out["top_p"][i] = sp.top_p
             out["seed"][i] = sp.seed
             out["seq_index"][i] = s.index
-            out["sample_pos"][i] = positions[i]
         return out
 
     def _copies(self, copies: list[tuple[int, int]]) -> dict:
@@ -189,190 +166,176 @@ class Runner:
             table[i, : len(s.pages)] = s.pages
         return table
 
-    def build_mixed(self, decode: list[Seq], prefill: list[tuple[Seq, int]], copies) -> tuple:
-        """The bundle for one mixed step; returns (shape, bundle)."""
-        Z, R = self.Z, self.cfg.max_prefill_rows
-        n_pre = sum(n for _, n in prefill)
-        D = 0 if not decode else _bucket(self.cfg.decode_buckets, len(decode))
-        Tp = _bucket(self.cfg.prefill_buckets, max(1, n_pre))
-        C = min(self.cfg.prefill_chunk, Tp)
-        if len(prefill) > R or any(n > C for _, n in prefill):
-            raise ValueError(f"prefill rows {[n for _, n in prefill]} exceed {R} rows of {C}")
-        T = D + Tp
-        tokens, positions = np.zeros(T, np.int32), np.zeros(T, np.int32)
-        wpage, woff = np.zeros(T, np.int32), np.zeros(T, np.int32)
+    @staticmethod
+    def _token_at(seq: Seq, p: int) -> int:
+        n = len(seq.tokens)
+        return seq.tokens[p] if p < n else seq.draft[p - n]
+
+    def build_mixed(self, plan: StepPlan, shape: Shape) -> dict:
+        """The bundle of a mixed step: decode slots (each its positions from num_computed), then
+        prefill rows; sampling after every decode position and after each row's last token."""
+        Z, C = self.Z, self.cfg.chunk_tokens
+        D, L, Tp = shape.D, shape.L, shape.Tp
+        R = self.cfg.max_prefill_rows if Tp else 0
+        decodes, prefills = plan.decodes, plan.prefills
+        dec = {k: np.zeros((D, L), np.int32) for k in ("tokens", "pos", "wpage", "woff")}
         dec_len = np.zeros(D, np.int32)
-        for i, s in enumerate(decode):
-            p = s.num_computed
-            tokens[i], positions[i] = s.tokens[p], p
-            wpage[i], woff[i], dec_len[i] = s.pages[p // Z], p % Z, p + 1
-        pre_index = np.full((R, C), Tp, np.int32)
-        pre_len = np.zeros(R, np.int32)
-        sample_index = np.zeros(D + R, np.int32)
-        sample_index[: len(decode)] = np.arange(len(decode))
-        off = 0
-        for r, (s, n) in enumerate(prefill):
+        for i, (s, n) in enumerate(decodes):
             p0 = s.num_computed
-            sl = slice(D + off, D + off + n)
             pos = np.arange(p0, p0 + n)
-            tokens[sl], positions[sl] = s.tokens[p0 : p0 + n], pos
-            pages = np.asarray(s.pages, np.int32)
-            wpage[sl], woff[sl] = pages[pos // Z], pos % Z
+            dec["tokens"][i, :n] = [self._token_at(s, p) for p in pos]
+            dec["pos"][i, :n] = pos
+            dec["wpage"][i, :n] = np.asarray(s.pages, np.int32)[pos // Z]
+            dec["woff"][i, :n] = pos % Z
+            dec_len[i] = p0 + n
+        pre = {k: np.zeros(Tp, np.int32) for k in ("tokens", "pos", "wpage", "woff")}
+        pre_index = np.full((R, min(C, Tp)), Tp, np.int32)
+        pre_len = np.zeros(R, np.int32)
+        row_last = []
+        off = 0
+        for r, (s, n) in enumerate(prefills):
+            p0 = s.num_computed
+            sl, pos = slice(off, off + n), np.arange(p0, p0 + n)
+            pre["tokens"][sl], pre["pos"][sl] = s.tokens[p0 : p0 + n], pos
+            pre["wpage"][sl] = np.asarray(s.pages, np.int32)[pos // Z]
+            pre["woff"][sl] = pos % Z
             pre_index[r, :n] = np.arange(off, off + n)
             pre_len[r] = p0 + n
-            sample_index[D + r] = D + off + n - 1
+            row_last.append(D * L + off + n - 1)
             off += n
-        rows: list[Seq | None] = [*decode, *[None] * (D - len(decode))]
-        rows += [s for s, _ in prefill] + [None] * (R - len(prefill))
-        sample_pos = [s.num_computed + 1 for s in decode] + [0] * (D - len(decode))
-        sample_pos += [s.num_computed + n for s, n in prefill] + [0] * (R - len(prefill))
-        bundle = {
-            "tokens": tokens,
-            "positions": positions,
-            "write_page": wpage,
-            "write_offset": woff,
-            "dec_pages": self._table(decode, D),
+        sample_index = np.zeros(D * L + R, np.int32)
+        sample_index[: D * L] = np.arange(D * L)
+        sample_index[D * L : D * L + len(row_last)] = row_last
+        rows: list[Seq | None] = [None] * (D * L + R)
+        positions = [0] * (D * L + R)
+        for i, (s, n) in enumerate(decodes):
+            for j in range(n):
+                rows[i * L + j], positions[i * L + j] = s, s.num_computed + j + 1
+        for r, (s, n) in enumerate(prefills):
+            rows[D * L + r], positions[D * L + r] = s, s.num_computed + n
+        return {
+            **{f"dec_{k}": a for k, a in dec.items()},
+            "dec_pages": self._table([s for s, _ in decodes], D),
             "dec_len": dec_len,
+            **{f"pre_{k}": a for k, a in pre.items()},
             "pre_index": pre_index,
-            "pre_pages": self._table([s for s, _ in prefill], R),
+            "pre_pages": self._table([s for s, _ in prefills], R),
             "pre_len": pre_len,
             "sample_index": sample_index,
-            **self._sampling_rows(rows, sample_pos),
-            **self._copies(copies),
+            **self._sampling_rows(rows, positions),
+            **self._copies(plan.copies),
         }
-        return (D, Tp), bundle
 
-    def build_decode(self, decode: list[Seq], steps_per_seq: list[int], copies) -> tuple:
-        D = _bucket(self.cfg.decode_buckets, len(decode))
-        n = len(decode)
+    def build_slice(self, plan: StepPlan, shape: Shape) -> dict:
+        D = shape.D
         tokens, positions = np.zeros(D, np.int32), np.zeros(D, np.int32)
         n_steps = np.zeros(D, np.int32)
-        stop_ids = np.full((D, NUM_STOP_IDS), -1, np.int32)
-        for i, s in enumerate(decode):
+        stops = np.full((D, NUM_STOP_IDS), -1, np.int32)
+        for i, (s, n) in enumerate(plan.work):
             p = s.num_computed
-            tokens[i], positions[i], n_steps[i] = s.tokens[p], p, steps_per_seq[i]
-            stops = self.stop_ids(s)
-            stop_ids[i, : len(stops)] = stops
-        rows: list[Seq | None] = [*decode, *[None] * (D - n)]
+            tokens[i], positions[i], n_steps[i] = s.tokens[p], p, n
+            ids = stop_ids(s, self.cfg.eos_token)
+            stops[i, : len(ids)] = ids
+        rows: list[Seq | None] = [s for s, _ in plan.work] + [None] * (D - len(plan.work))
         bundle = {
             "tokens": tokens,
             "positions": positions,
-            "pages": self._table(decode, D),
+            "pages": self._table([s for s, _ in plan.work], D),
             "steps": n_steps,
-            "stop_ids": stop_ids,
+            "stop_ids": stops,
             **self._sampling_rows(rows, [0] * D),
-            **self._copies(copies),
+            **self._copies(plan.copies),
         }
-        del bundle["sample_pos"]
-        return D, bundle
-
-    def stop_ids(self, s: Seq) -> list[int]:
-        return stop_ids(s, self.cfg.eos_token)
+        del bundle["sample_pos"]  # the slice derives each iteration's position on device
+        return bundle
 
     # -- running ------------------------------------------------------------------
 
-    def run_mixed(self, decode, prefill, copies=()) -> StepResult:
+    def run(self, plan: StepPlan) -> StepResult:
+        """One device step: the plan's copy-on-write copies, then its compute."""
         t_build = time.perf_counter()
-        shape, bundle = self.build_mixed(decode, prefill, list(copies))
+        shape = shape_for(plan, self.cfg)
+        build = self.build_mixed if shape.kind == "mixed" else self.build_slice
+        bundle = build(plan, shape)
+        want_logprobs = any(s.request.sampling.logprobs for s, _ in plan.work)
         t0 = time.perf_counter()
         bundle = jax.device_put(bundle, self.repl)  # the one explicit host -> device transfer
-        with jax.set_mesh(self.mesh):
-            self.k, self.v, tok, logp = self._mixed(self.params, self.k, self.v, bundle)
-        tok, logp = jax.device_get((tok, logp))
-        return StepResult("mixed", shape, tok, logp, 1, time.perf_counter() - t0, t0 - t_build)
+        with self._counting(), jax.set_mesh(self.mesh):
+            if shape.kind == "mixed":
+                self.k, self.v, tok, logp = self._mixed(self.params, self.k, self.v, bundle)
+                iters = 1
+            else:
+                self.k, self.v, tok, logp, iters = self._slice(self.params, self.k, self.v, bundle)
+            out = (tok, iters, logp) if want_logprobs else (tok, iters)
+            out = jax.device_get(out)
+        device_s = time.perf_counter() - t0
+        tok, iters = out[0], int(out[1])
+        logp = out[2] if want_logprobs else None
+        samples, logprobs = self._per_entry(plan, shape, tok, logp, iters)
+        return StepResult(shape.kind, shape.dims, samples, logprobs, iters, device_s, t0 - t_build)
 
-    def run_decode(self, decode, steps_per_seq, copies=()) -> StepResult:
-        t_build = time.perf_counter()
-        D, bundle = self.build_decode(decode, steps_per_seq, list(copies))
-        t0 = time.perf_counter()
-        bundle = jax.device_put(bundle, self.repl)
-        with jax.set_mesh(self.mesh):
-            self.k, self.v, tok, logp, iters = self._decode(self.params, self.k, self.v, bundle)
-        tok, logp, iters = jax.device_get((tok, logp, iters))
-        shape = (D, self.cfg.slice_len)
-        return StepResult(
-            "decode", shape, tok, logp, int(iters), time.perf_counter() - t0, t0 - t_build
-        )
+    @staticmethod
+    def _per_entry(plan, shape, tok, logp, iters):
+        """Split the step's sampled tokens (and log-probabilities) by plan entry."""
+        if shape.kind == "decode":
+            picks = [(slice(0, min(iters, n)), i) for i, (_, n) in enumerate(plan.work)]
+        else:
+            L, row0 = shape.L, shape.D * shape.L
+            decodes = {s.id: i for i, (s, _) in enumerate(plan.decodes)}
+            rows = {s.id: r for r, (s, _) in enumerate(plan.prefills)}
+            picks = [
+                slice(decodes[s.id] * L, decodes[s.id] * L + n)
+                if s.id in decodes
+                else slice(row0 + rows[s.id], row0 + rows[s.id] + 1)
+                for s, n in plan.work
+            ]
+        samples = [tok[p].tolist() for p in picks]
+        logprobs = None if logp is None else [logp[p].tolist() for p in picks]
+        return samples, logprobs
 
-    def swap_out(self, pages: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        M = _bucket(tuple(self.swap_shapes()), len(pages))
+    # -- KV transfers ---------------------------------------------------------------
+
+    def read_pages(self, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """[N, len(pages), Z, K, X] host copies of the pages' K and V (swap out, send)."""
+        M = bucket(tuple(self.transfer_sizes()), len(pages))
         idx = np.zeros(M, np.int32)
         idx[: len(pages)] = pages
-        idx = jax.device_put(idx, self.repl)
-        with jax.set_mesh(self.mesh):
-            k, v = jax.device_get(self._read(self.k, self.v, idx))
+        with self._counting(), jax.set_mesh(self.mesh):
+            k, v = jax.device_get(self._read(self.k, self.v, jax.device_put(idx, self.repl)))
         return k[:, : len(pages)], v[:, : len(pages)]
 
-    def swap_in(self, pages: list[int], k_data: np.ndarray, v_data: np.ndarray) -> None:
-        M = _bucket(tuple(self.swap_shapes()), len(pages))
+    def write_pages(self, pages: Sequence[int], k: np.ndarray, v: np.ndarray) -> None:
+        """Write host copies back into `pages` (swap in, receive)."""
+        M = bucket(tuple(self.transfer_sizes()), len(pages))
         idx = np.zeros(M, np.int32)
         idx[: len(pages)] = pages
         pad = [(0, 0), (0, M - len(pages))] + [(0, 0)] * 3
-        idx, kd, vd = jax.device_put((idx, np.pad(k_data, pad), np.pad(v_data, pad)), self.repl)
-        with jax.set_mesh(self.mesh):
+        idx, kd, vd = jax.device_put((idx, np.pad(k, pad), np.pad(v, pad)), self.repl)
+        with self._counting(), jax.set_mesh(self.mesh):
             self.k, self.v = self._write(self.k, self.v, idx, kd, vd)
 
     # -- warm-up --------------------------------------------------------------------
 
     def warmup(self, progress=None) -> int:
         """Compile every declared shape (all-padding batches write only the null page)."""
-        shapes = (
-            [("mixed", s) for s in self.mixed_shapes()]
-            + [("decode", d) for d in self.decode_shapes()]
-            + [("swap", m) for m in self.swap_shapes()]
-        )
-        R = self.cfg.max_prefill_rows
-        for i, (kind, shape) in enumerate(shapes):
+        shapes: list = list(all_shapes(self.cfg))
+        if self.cfg.preemption == "swap":
+            shapes += self.transfer_sizes()
+        for i, shape in enumerate(shapes):
             if progress:
-                progress(i, len(shapes), kind, shape)
-            if kind == "mixed":
-                D, Tp = shape
-                C = min(self.cfg.prefill_chunk, Tp)
-                bundle = jax.device_put(self._dummy_mixed(D, Tp, R, C), self.repl)
-                with jax.set_mesh(self.mesh):
-                    self.k, self.v, tok, _ = self._mixed(self.params, self.k, self.v, bundle)
-            elif kind == "decode":
-                bundle = jax.device_put(self._dummy_decode(shape), self.repl)
-                with jax.set_mesh(self.mesh):
-                    self.k, self.v, tok, *_ = self._decode(self.params, self.k, self.v, bundle)
-            else:
-                idx = jax.device_put(np.zeros(shape, np.int32), self.repl)
-                with jax.set_mesh(self.mesh):
+                progress(i, len(shapes), shape)
+            with self._counting(), jax.set_mesh(self.mesh):
+                if isinstance(shape, int):  # a KV transfer of `shape` pages
+                    idx = jax.device_put(np.zeros(shape, np.int32), self.repl)
                     kd, vd = self._read(self.k, self.v, idx)
                     self.k, self.v = self._write(self.k, self.v, idx, kd, vd)
-                tok = self.k
-            jax.block_until_ready(tok)
-        self.compiles_at_warmup = CompileCounter.count
+                    out = self.k
+                elif shape.kind == "mixed":
+                    bundle = jax.device_put(self.build_mixed(StepPlan(), shape), self.repl)
+                    self.k, self.v, out, _ = self._mixed(self.params, self.k, self.v, bundle)
+                else:
+                    bundle = jax.device_put(self.build_slice(StepPlan(), shape), self.repl)
+                    self.k, self.v, out, *_ = self._slice(self.params, self.k, self.v, bundle)
+                jax.block_until_ready(out)
+        self.compiles_at_warmup = self.compiles
         return len(shapes)
-
-    def _dummy_mixed(self, D, Tp, R, C) -> dict:
-        z = lambda *s: np.zeros(s, np.int32)
-        rows = self._sampling_rows([None] * (D + R), [0] * (D + R))
-        return {
-            "tokens": z(D + Tp),
-            "positions": z(D + Tp),
-            "write_page": z(D + Tp),
-            "write_offset": z(D + Tp),
-            "dec_pages": z(D, self.W),
-            "dec_len": z(D),
-            "pre_index": np.full((R, C), Tp, np.int32),
-            "pre_pages": z(R, self.W),
-            "pre_len": z(R),
-            "sample_index": z(D + R),
-            **rows,
-            **self._copies([]),
-        }
-
-    def _dummy_decode(self, D) -> dict:
-        z = lambda *s: np.zeros(s, np.int32)
-        rows = self._sampling_rows([None] * D, [0] * D)
-        del rows["sample_pos"]
-        return {
-            "tokens": z(D),
-            "positions": z(D),
-            "pages": z(D, self.W),
-            "steps": z(D),
-            "stop_ids": np.full((D, NUM_STOP_IDS), -1, np.int32),
-            **rows,
-            **self._copies([]),
-        }

@@ -1,67 +1,42 @@
-"""Scheduler mechanisms (queues, page reservation, admission, preemption, swap) and the plan.
+"""Scheduler mechanisms: queues, page reservation, admission, forking, preemption, swap.
 
-A *policy* (mlx_sched/policies/) decides who runs; this module does what a
-decision implies: reserving KV pages (with copy-on-write), prefix-cache
-lookups on admission, preemption by recompute or by swap, forking the
-sequences of a parallel-sampling request. Policies call these methods and
-return a `StepPlan`.
+A *policy* (mlx_sched/serve/policies/) decides who runs; this module does what
+a decision implies on the host: reserving KV pages (with copy-on-write),
+prefix-cache lookups on admission, preemption by recompute or by swap, and
+forking the sequences of a parallel-sampling request. It moves no KV itself:
+the copies and transfers a decision needs are written into the `StepPlan`,
+which the engine executes around the device step.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-from collections.abc import Callable
-
-import numpy as np
 
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.cost_model import StepTimeModel
+from mlx_sched.serve.kv_store import HostKVStore
 from mlx_sched.serve.paging import PagePool, hash_chain, page_hash
+from mlx_sched.serve.plan import PageTransfer, StepPlan
 from mlx_sched.serve.request import Request, Seq, Status
 
 
-@dataclasses.dataclass
-class StepPlan:
-    decode: list[Seq] = dataclasses.field(default_factory=list)  # one token each (or a slice)
-    prefill: list[tuple[Seq, int]] = dataclasses.field(default_factory=list)  # chunks
-    slice_len: int = 1
-    slice_steps: list[int] = dataclasses.field(default_factory=list)  # per decode seq
-    copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    preempted: list[Request] = dataclasses.field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not self.decode and not self.prefill
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decode) + sum(n for _, n in self.prefill)
-
-
 class Scheduler:
-    """Queues and mechanisms; `policy.schedule(self)` builds each step's plan."""
+    """Queues and mechanisms; `policy.schedule(self, now)` builds each step's plan."""
 
-    def __init__(
-        self,
-        cfg: ServeConfig,
-        pool: PagePool,
-        swap_out: Callable[[list[int]], tuple[np.ndarray, np.ndarray]] | None = None,
-        swap_in: Callable[[list[int], np.ndarray, np.ndarray], None] | None = None,
-    ):
+    def __init__(self, cfg: ServeConfig, pool: PagePool, store: HostKVStore | None = None):
         self.cfg, self.pool = cfg, pool
+        self.store = store if store is not None else HostKVStore()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.swapped: list[Request] = []
-        self._swap_out, self._swap_in = swap_out, swap_in
-        self._host_kv: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(seq) -> pages' KV
         self.cost = StepTimeModel()  # step-time estimates for policies; the engine refits it
 
     # -- accounting ---------------------------------------------------------------
 
     @property
     def num_running_seqs(self) -> int:
-        return sum(len(r.live_seqs) for r in self.running)
+        """Decode slots the running requests hold (a request that will fork holds n)."""
+        return sum(self.seqs_needed(r) for r in self.running)
 
     def seqs_needed(self, req: Request) -> int:
         return req.sampling.n if len(req.seqs) == 1 else len(req.live_seqs)
@@ -75,8 +50,9 @@ class Scheduler:
         """Back positions [num_computed, num_computed + num_tokens) with writable pages.
 
         Allocates missing pages and copies shared pages that would be written
-        (copy-on-write). All-or-nothing: returns False and changes nothing if the
-        pool (or the step's copy allowance) cannot cover it.
+        (copy-on-write; the copy's source is pinned until the step has run).
+        All-or-nothing: returns False and changes nothing if the pool cannot cover
+        it; `cow_limited` tells whether the step's copy allowance was the reason.
         """
         Z = self.pool.page_size
         start, end = seq.num_computed, seq.num_computed + num_tokens
@@ -87,17 +63,27 @@ class Scheduler:
             for i in range(first, min(last + 1, len(seq.pages)))
             if self.pool.refcount[seq.pages[i]] > 1
         ]
+        self.cow_limited = False
         if new + len(shared) > self.pool.num_available:
             return False
         if len(plan.copies) + len(shared) > self.cfg.max_copies:
+            self.cow_limited = True
             return False
         for i in shared:
-            page, copy = self.pool.writable(seq.pages[i])
+            src = seq.pages[i]
+            page, copy = self.pool.writable(src)
+            self.pool.incref(src)  # the copy reads src during the step: keep it until then
+            plan.pinned.append(src)
             seq.pages[i] = page
             plan.copies.append(copy)
         if new:
             seq.pages.extend(self.pool.allocate(new))
         return True
+
+    def release(self, plan: StepPlan) -> None:
+        """After the step ran: drop the plan's pins on copy sources."""
+        self.pool.free(plan.pinned)
+        plan.pinned.clear()
 
     def register_full_pages(self, seq: Seq) -> None:
         """Offer every full, computed page of `seq` to the prefix cache."""
@@ -112,38 +98,51 @@ class Scheduler:
             seq.page_hashes.append(h)
             self.pool.register(seq.pages[i], h)
 
+    def trim(self, seq: Seq) -> None:
+        """Release pages past the computed positions (reserved for drafts that were not kept)."""
+        keep = self.pool.pages_for(seq.num_computed)
+        if len(seq.pages) > keep:
+            self.pool.free(seq.pages[keep:])
+            del seq.pages[keep:]
+
     def free_seq(self, seq: Seq) -> None:
         self.pool.free(seq.pages)
         seq.pages = []
-        self._host_kv.pop(id(seq), None)
+        self.store.discard(seq.id)
+
+    def _reset(self, seq: Seq) -> None:
+        """Forget a sequence's KV: it will be computed again from its tokens."""
+        self.free_seq(seq)
+        seq.num_computed = seq.num_cached = 0
+        seq.page_hashes = []
 
     # -- admission ------------------------------------------------------------------
 
-    def admit(self, req: Request, now: float) -> Seq:
-        """Move the head-of-queue request to running; reuse cached prefix pages."""
+    def admit(self, req: Request, now: float) -> list[Seq]:
+        """Move a waiting request to running, reusing cached prefix pages; returns the
+        sequences that must compute (a finished sample of a preempted request never does)."""
         self.waiting.remove(req)
-        seq = req.seqs[0]
-        if self.cfg.prefix_caching and not seq.pages:
-            Z = self.pool.page_size
-            # keep at least one prompt token to compute: the last page is never a hit
-            usable = (len(seq.tokens) - 1) // Z
-            hashes = hash_chain(seq.tokens[: usable * Z], Z)
-            seq.pages = self.pool.lookup(hashes)
-            seq.page_hashes = hashes[: len(seq.pages)]
-            seq.num_computed = seq.num_cached = len(seq.pages) * Z
+        seqs = req.live_seqs
+        for seq in seqs:
+            if self.cfg.prefix_caching and not seq.pages:
+                Z = self.pool.page_size
+                # keep at least one token to compute: the last page is never a hit
+                usable = (len(seq.tokens) - 1) // Z
+                hashes = hash_chain(seq.tokens[: usable * Z], Z)
+                seq.pages = self.pool.lookup(hashes)
+                seq.page_hashes = hashes[: len(seq.pages)]
+                seq.num_computed = seq.num_cached = len(seq.pages) * Z
         req.status = Status.RUNNING
         if req.first_scheduled is None:
             req.first_scheduled = now
         self.running.append(req)
-        return seq
+        return seqs
 
     def unadmit(self, req: Request) -> None:
         """Undo `admit` when its first chunk could not be scheduled."""
         self.running.remove(req)
-        for s in req.seqs:
-            self.free_seq(s)
-            s.num_computed = s.num_cached = 0
-            s.page_hashes = []
+        for s in req.live_seqs:
+            self._reset(s)
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 
@@ -183,45 +182,48 @@ class Scheduler:
         mode = mode or self.cfg.preemption
         self.running.remove(req)
         req.preemptions += 1
-        plan.preempted.append(req)
-        # pages of this request already scheduled in the plan are dropped from it
-        plan.decode[:] = [s for s in plan.decode if s.request is not req]
-        plan.prefill[:] = [(s, n) for s, n in plan.prefill if s.request is not req]
+        plan.drop_request(req)
+        ids = {s.id for s in req.seqs}
+        pending_in = {t.seq_id for t in plan.swap_in if t.seq_id in ids}
+        plan.swap_in[:] = [t for t in plan.swap_in if t.seq_id not in pending_in]
+        copied = dict((dst, src) for src, dst in plan.copies)  # dst -> src, pending this step
         owned = {p for s in req.seqs for p in s.pages}
         plan.copies[:] = [(src, dst) for src, dst in plan.copies if dst not in owned]
-        if mode == "swap" and self._swap_out is not None:
+        if mode == "swap":
             for s in req.live_seqs:
-                n_pages = self.pool.pages_for(s.num_computed)
-                self._host_kv[id(s)] = self._swap_out(s.pages[:n_pages])
+                s.draft = []
+                if s.id not in pending_in:  # swapped in this very step: its host copy stands
+                    # a page whose copy-on-write copy is still pending holds nothing yet:
+                    # read the copy's source instead (pinned, and reads run first)
+                    n = self.pool.pages_for(s.num_computed)
+                    pages = tuple(copied.get(p, p) for p in s.pages[:n])
+                    self.store.expect(s.id, len(pages))
+                    plan.swap_out.append(PageTransfer(s.id, pages))
                 self.pool.free(s.pages)
                 s.pages = []
             req.status = Status.SWAPPED
             self.swapped.append(req)
             return
-        for s in req.seqs:
-            self.free_seq(s)
-            s.num_computed = s.num_cached = 0
-            s.page_hashes = []
+        for s in req.live_seqs:
+            s.draft = []
+            self._reset(s)
         if req.sampling.n > 1 and all(s.num_generated == 0 for s in req.seqs):
             req.seqs = req.seqs[:1]  # nothing generated yet: fork again after the prompt
-        # (forked sequences that generated tokens recompute their own tokens independently)
+        # (forked sequences that generated tokens recompute their own tokens independently;
+        # finished ones keep their output and compute nothing)
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 
     def swapped_pages(self, req: Request) -> int:
-        return sum(
-            self._host_kv[id(s)][0].shape[1] for s in req.live_seqs if id(s) in self._host_kv
-        )
+        return sum(self.store.num_pages(s.id) for s in req.live_seqs)
 
-    def swap_in(self, req: Request) -> bool:
-        """Bring a swapped request's KV back into fresh pages; False if they don't fit."""
-        seqs = req.live_seqs
+    def swap_in(self, req: Request, plan: StepPlan) -> bool:
+        """Plan bringing a swapped request's KV back into fresh pages; False if they don't fit."""
         if self.swapped_pages(req) > self.pool.num_available:
             return False
-        for s in seqs:
-            k, v = self._host_kv.pop(id(s))
-            s.pages = self.pool.allocate(k.shape[1])
-            self._swap_in(s.pages, k, v)
+        for s in req.live_seqs:
+            s.pages = self.pool.allocate(self.store.num_pages(s.id))
+            plan.swap_in.append(PageTransfer(s.id, tuple(s.pages)))
         self.swapped.remove(req)
         req.status = Status.RUNNING
         self.running.append(req)

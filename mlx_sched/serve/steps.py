@@ -1,12 +1,14 @@
 """Pure device steps of the serving engine, jitted by the runner with the KV cache donated.
 
-- `mixed_step`: one iteration over decode tokens plus chunked-prefill rows
-  (Sarathi-Serve's piggybacked batch); samples one token per decode slot and
-  per prefill row.
+- `mixed_step`: one iteration over decode slots plus chunked-prefill rows
+  (Sarathi-Serve's piggybacked batch); a decode slot computes L positions (its
+  last token and L - 1 draft tokens) and samples after each of them; a prefill
+  row samples after its last token.
 - `decode_slice`: up to S decode iterations inside one call (a
   `lax.while_loop`), sampling on device, stopping per slot on a stop token or
   its token allowance, and leaving the loop early when every slot is done.
-- `copy_pages`, `read_pages`, `write_pages`: copy-on-write copies and swap.
+- `copy_pages`, `read_pages`, `write_pages`: copy-on-write copies, and KV transfers
+  to and from host memory (swap; later transfer between engines).
 
 Each takes `(graphdef, params, k, v, batch)` where `batch` is the host's
 one bundle of small arrays, and returns the new cache with small outputs.
@@ -52,23 +54,31 @@ def _sample_rows(logits_SV, b, prefix=""):
 
 
 def mixed_step(graphdef, kernel, params, k, v, b):
-    """Decode tokens [0, D) then prefill tokens [D, T); returns (k, v, tokens, logprobs)."""
+    """D decode slots of L positions each, then Tp prefill tokens in R rows; samples after every
+    decode position and after each row's last token -> (k, v, tokens, logprobs)."""
     model = nnx.merge(graphdef, params)
     k, v = copy_pages(k, v, b["copy_src"], b["copy_dst"])
+    D, L = b["dec_tokens"].shape
+    rows = b["pre_tokens"].shape[0] > 0
+
+    def flat(name):
+        return jnp.concatenate([b["dec_" + name].reshape(-1), b["pre_" + name]])
+
     ctx = PagedContext(
         k=k,
         v=v,
-        positions_T=b["positions"],
-        write_page_T=b["write_page"],
-        write_offset_T=b["write_offset"],
+        positions_T=flat("pos"),
+        write_page_T=flat("wpage"),
+        write_offset_T=flat("woff"),
         dec_pages_DW=b["dec_pages"],
         dec_len_D=b["dec_len"],
-        pre_index_RC=b["pre_index"],
-        pre_pages_RW=b["pre_pages"],
-        pre_len_R=b["pre_len"],
+        pre_index_RC=b["pre_index"] if rows else None,
+        pre_pages_RW=b["pre_pages"] if rows else None,
+        pre_len_R=b["pre_len"] if rows else None,
         kernel=kernel,
+        dec_width=L,
     )
-    x_TD, _ = model.forward(model.embed_tokens(b["tokens"]), ctx)
+    x_TD, _ = model.forward(model.embed_tokens(flat("tokens")), ctx)
     logits_SV = model.logits(x_TD[b["sample_index"]])
     tokens_S, logp_S = _sample_rows(logits_SV, b)
     return ctx.k, ctx.v, tokens_S, logp_S

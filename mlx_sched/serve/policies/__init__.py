@@ -1,42 +1,37 @@
-"""Scheduling policies: one class per file behind the `Policy` interface.
+"""Scheduling policies: one class per file behind the `Policy` interface, registered by name.
 
 A policy's `schedule(sched, now)` returns the next `StepPlan`, using the
-mechanisms of `mlx_sched.scheduler.Scheduler` (reserve pages, admit, preempt,
-swap). Optional hooks let a policy keep its own state (counters, queues).
+mechanisms of `mlx_sched.serve.scheduler.Scheduler` (reserve pages, admit,
+preempt, swap). Each module of this package that defines a policy decorates
+it with `@register`; `make_policy` imports them all, so adding a policy is one
+new file here (plus its test and config).
 """
 
 from __future__ import annotations
 
-from mlx_sched.serve.policies.base import Policy
-from mlx_sched.serve.policies.fcfs import FCFS
-from mlx_sched.serve.policies.mlfq import MLFQ
-from mlx_sched.serve.policies.priority import Priority
-from mlx_sched.serve.policies.sarathi import Sarathi
-from mlx_sched.serve.policies.slice import SliceLevel
-from mlx_sched.serve.policies.static import Static
-from mlx_sched.serve.policies.vtc import VTC
+import importlib
+import pkgutil
+
+from mlx_sched.serve.policies.base import REGISTRY, Policy, register
 from models.errors import ConfigError
 
-REGISTRY: dict[str, type[Policy]] = {
-    p.name: p for p in (FCFS, Static, Sarathi, MLFQ, VTC, SliceLevel, Priority)
-}
+
+def _import_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 def make_policy(name: str, cfg) -> Policy:
+    _import_all()
     if name not in REGISTRY:
         raise ConfigError(f"unknown policy '{name}'; known: {sorted(REGISTRY)}")
     return REGISTRY[name](cfg)
 
 
-__all__ = [
-    "FCFS",
-    "MLFQ",
-    "REGISTRY",
-    "VTC",
-    "Policy",
-    "Priority",
-    "Sarathi",
-    "SliceLevel",
-    "Static",
-    "make_policy",
-]
+def names() -> list[str]:
+    """Every registered policy's name."""
+    _import_all()
+    return sorted(REGISTRY)
+
+
+__all__ = ["REGISTRY", "Policy", "make_policy", "names", "register"]

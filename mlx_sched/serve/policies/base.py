@@ -1,10 +1,11 @@
-"""The policy interface and the building blocks most policies share.
+"""The policy interface, its registry, and the building blocks most policies share.
 
-A policy subclasses `Policy`, sets `name`, optionally declares its settings as a
-frozen dataclass `Args` (filled from `ServeConfig.policy_args`, unknown keys are
-config errors), and implements `schedule(sched, now) -> StepPlan` with the
-blocks below. Hooks (`on_arrival`, `on_tokens`, `on_finish`, `on_step`) let it
-keep its own state.
+A policy subclasses `Policy`, sets `name`, registers itself with `@register`,
+optionally declares its settings as a frozen dataclass `Args` (filled from
+`ServeConfig.policy_args`, unknown keys are config errors), and implements
+`schedule(sched, now) -> StepPlan` with the blocks below. Hooks (`on_arrival`,
+`on_tokens`, `on_finish`, `on_step`) let it keep its own state. Every module
+of this package is imported by `make_policy`, so a new policy is one new file.
 """
 
 from __future__ import annotations
@@ -13,9 +14,20 @@ import dataclasses
 from collections.abc import Callable
 
 from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.request import Request, Seq
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.scheduler import Scheduler
 from models.errors import ConfigError, check_keys
+
+REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make a policy available to `make_policy` under `cls.name`."""
+    if REGISTRY.get(cls.name, cls) is not cls:
+        raise ValueError(f"two policies are named '{cls.name}'")
+    REGISTRY[cls.name] = cls
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +53,11 @@ class Policy:
         """Called once by the engine: the scheduler whose queues and cost model we use."""
         self.sched = sched
 
+    @property
+    def budget(self) -> int:
+        """Tokens one step may compute (Sarathi-Serve's tau); the one place it is derived."""
+        return self.cfg.token_budget
+
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         raise NotImplementedError
 
@@ -55,58 +72,74 @@ class Policy:
 
     # -- shared building blocks ----------------------------------------------------
 
-    def swap_in_all(self, sched: Scheduler, order: list[Request]) -> None:
+    def swap_in_all(self, sched: Scheduler, plan: StepPlan, order: list[Request]) -> None:
         """Bring swapped requests back in `order` while their pages fit."""
         for req in order:
-            if req in sched.swapped and not sched.swap_in(req):
+            if req in sched.swapped and not sched.swap_in(req, plan):
                 break
 
+    def decode_positions(self, seq: Seq) -> int:
+        """Positions a decoding sequence computes: its last token plus its drafts, trimmed to
+        the widest compiled decode width."""
+        del seq.draft[self.cfg.max_width - 1 :]
+        return 1 + len(seq.draft)
+
     def schedule_decodes(self, sched: Scheduler, plan: StepPlan, order: list[Request]) -> None:
-        """One token for every decoding sequence of `order`; preempt from the tail when short."""
+        """A decode for every decoding sequence of `order` (up to max_seqs in all); preempt
+        from the tail of `order` when KV runs short. A sequence whose copy-on-write copy does
+        not fit this step's copy allowance waits for the next step."""
         for req in list(order):
             if req not in sched.running:
                 continue  # preempted below while making room
             for seq in req.live_seqs:
-                if seq.remaining != 1:
+                if seq.remaining != 1 or plan.has(seq):
                     continue
-                while not sched.reserve(seq, 1, plan):
+                if len(plan.decodes) >= self.cfg.max_seqs:
+                    return
+                n = self.decode_positions(seq)
+                while not sched.reserve(seq, n, plan):
+                    if sched.cow_limited:
+                        break
+                    if n > 1:  # verify fewer drafts before preempting anyone
+                        seq.draft.clear()
+                        n = 1
+                        continue
                     victim = next(r for r in reversed(order) if r in sched.running)
                     sched.preempt(victim, plan)
                     if victim is req:
                         break
+                else:
+                    plan.add(seq, n)
                 if req not in sched.running:
                     break
-                plan.decode.append(seq)
 
     def schedule_prefill(self, sched: Scheduler, plan: StepPlan, seq: Seq, budget: int) -> int:
         """Schedule up to `budget` of seq's uncomputed tokens as one chunk; returns tokens used."""
-        if len(plan.prefill) >= self.cfg.max_prefill_rows or budget <= 0:
+        if len(plan.prefills) >= self.cfg.max_prefill_rows or budget <= 0 or plan.has(seq):
             return 0
-        n = min(sched.max_chunk(seq), budget, self.cfg.prefill_chunk)
+        n = min(sched.max_chunk(seq), budget, self.cfg.chunk_tokens)
         if n <= 0 or not sched.reserve(seq, n, plan):
             return 0
-        plan.prefill.append((seq, n))
+        plan.add(seq, n)
         return n
 
     def schedule_partial_prefills(
         self, sched: Scheduler, plan: StepPlan, order: list[Request], budget: int
     ) -> int:
         """Continue in-flight prefills (recomputes too) of `order`; returns the budget left."""
-        planned = {id(s) for s, _ in plan.prefill}
         for req in order:
             if req not in sched.running:
                 continue
             for seq in req.live_seqs:
-                if seq.remaining > 1 and id(seq) not in planned:
+                if seq.remaining > 1:
                     budget -= self.schedule_prefill(sched, plan, seq, budget)
         return budget
 
     def serve_running(self, sched: Scheduler, plan: StepPlan, order: list[Request]) -> int:
-        """The stall-free core of a step: a token for every decode of `order`, then its in-flight
-        prefills under the rest of the token budget; returns the budget left."""
+        """The stall-free core of a step: a decode for every decoding sequence of `order`, then
+        its in-flight prefills under the rest of the token budget; returns the budget left."""
         self.schedule_decodes(sched, plan, order)
-        budget = self.cfg.token_budget - len(plan.decode)
-        return self.schedule_partial_prefills(sched, plan, order, budget)
+        return self.schedule_partial_prefills(sched, plan, order, self.budget - plan.tokens)
 
     def max_resident(self) -> int:
         """Sequences that may hold KV on the device at once. Policies that run every resident
@@ -115,22 +148,25 @@ class Policy:
         return self.cfg.max_seqs
 
     def try_admit(self, sched: Scheduler, plan: StepPlan, req: Request, budget: int, now) -> int:
-        """Admit `req` and schedule its first chunk; undo and return 0 if it does not fit."""
+        """Admit `req` and schedule its first chunk; undo and return 0 if it does not fit.
+        Slots are reserved for all n sequences of a parallel-sampling request up front."""
         need = sched.seqs_needed(req)
-        in_plan = len(plan.decode) + len(plan.prefill)
-        if in_plan + need > self.cfg.max_seqs:
+        if len(plan.work) + need > self.cfg.max_seqs:
             return 0
         if sched.num_running_seqs + need > self.max_resident():
             return 0
-        if len(plan.prefill) >= self.cfg.max_prefill_rows:
+        if len(plan.prefills) >= self.cfg.max_prefill_rows:
             return 0
-        seq = sched.admit(req, now)
+        before = plan.tokens
+        seqs = sched.admit(req, now)
         if sched.needs_fork(req):
             sched.fork(req)
             self.schedule_decodes(sched, plan, [req])
-            return len(req.seqs) if req in sched.running else 0
-        used = self.schedule_prefill(sched, plan, seq, budget)
-        if used == 0:
+        else:
+            for seq in seqs:
+                self.schedule_prefill(sched, plan, seq, budget - (plan.tokens - before))
+        used = plan.tokens - before
+        if used == 0 and req in sched.running:
             sched.unadmit(req)
         return used
 
@@ -148,19 +184,18 @@ class Policy:
     def finish_plan(
         self, sched: Scheduler, plan: StepPlan, cap: Callable[[Seq], int] | None = None
     ) -> StepPlan:
-        """Decode-only plans run as a slice of up to slice_len iterations (per-seq `cap`)."""
-        if plan.prefill or not plan.decode or self.cfg.slice_len == 1:
-            plan.slice_steps = [1] * len(plan.decode)
+        """A plan of plain decodes runs as a slice of up to slice_len iterations per sequence
+        (`cap` may lower a sequence's count); the reservation is extended if pages allow."""
+        if not plan.work or plan.prefills or any(n > 1 for _, n in plan.work):
             return plan
+        plan.as_slice = True
         S = self.cfg.slice_len
-        steps = []
-        for seq in plan.decode:
+        for i, (seq, _) in enumerate(plan.work):
             want = min(S, seq.request.sampling.max_tokens - seq.num_generated)
             if cap is not None:
                 want = max(1, min(want, cap(seq)))
-            n = want  # extend the one-token reservation to the whole slice if pages allow
+            n = want
             while n > 1 and not sched.reserve(seq, n, plan):
                 n //= 2
-            steps.append(max(1, n))
-        plan.slice_len, plan.slice_steps = S, steps
+            plan.work[i] = (seq, max(1, n))
         return plan

@@ -9,16 +9,18 @@ With no prefill pending, decodes run as a slice of `slice_len` iterations.
 
 from __future__ import annotations
 
-from mlx_sched.serve.policies.base import Policy
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.policies.base import Policy, register
+from mlx_sched.serve.scheduler import Scheduler
 
 
+@register
 class FCFS(Policy):
     name = "fcfs"
 
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         plan = StepPlan()
-        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
+        self.swap_in_all(sched, plan, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
         budget = self.serve_running(sched, plan, running)
         if not sched.swapped:

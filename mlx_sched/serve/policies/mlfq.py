@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.policies.base import Policy, register
 from mlx_sched.serve.request import Request
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.scheduler import Scheduler
 from models.errors import ConfigError
 
 
@@ -50,6 +51,7 @@ class _State:
     ticket: int = 0  # position within its level (smaller = nearer the front)
 
 
+@register
 class MLFQ(Policy):
     name = "mlfq"
     Args = MLFQArgs
@@ -121,24 +123,15 @@ class MLFQ(Policy):
                 picked.append(req)
                 seqs += sched.seqs_needed(req)
         self._make_room(sched, plan, picked)
-        self.swap_in_all(sched, [r for r in picked if r in sched.swapped])
+        self.swap_in_all(sched, plan, [r for r in picked if r in sched.swapped])
         on_device = [r for r in picked if r in sched.running]
         if not on_device and not any(r in sched.waiting for r in picked):
             on_device = sorted(sched.running, key=self._key)  # never idle: run the best residents
-        self.schedule_decodes(sched, plan, on_device)
-        budget = self.cfg.token_budget - len(plan.decode)
-        budget = self.schedule_partial_prefills(sched, plan, on_device, budget)
+        budget = self.serve_running(sched, plan, on_device)
         self.admit_in_order(sched, plan, [r for r in picked if r in sched.waiting], budget, now)
-        if plan.empty and sched.running:
-            self.schedule_decodes(sched, plan, sorted(sched.running, key=self._key))
-            self.schedule_partial_prefills(
-                sched,
-                plan,
-                sorted(sched.running, key=self._key),
-                self.cfg.token_budget - len(plan.decode),
-            )
-        self._last_ran = list({s.request.id: s.request for s in plan.decode}.values())
-        self._last_ran += [s.request for s, _ in plan.prefill if s.request not in self._last_ran]
+        if not plan.work and sched.running:
+            self.serve_running(sched, plan, sorted(sched.running, key=self._key))
+        self._last_ran = plan.requests()
         return self.finish_plan(sched, plan)
 
     def _make_room(self, sched: Scheduler, plan: StepPlan, picked: list[Request]) -> None:

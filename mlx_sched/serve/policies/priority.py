@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.policies.base import Policy, register
 from mlx_sched.serve.request import Request
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.scheduler import Scheduler
 from models.errors import ConfigError
 
 MODES = ("class", "sjf", "deadline")
@@ -41,6 +42,7 @@ class PriorityArgs:
             raise ConfigError("priority aging and prefill_weight must be >= 0")
 
 
+@register
 class Priority(Policy):
     name = "priority"
     Args = PriorityArgs
@@ -60,7 +62,7 @@ class Priority(Policy):
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         plan = StepPlan()
         rank = lambda reqs: sorted(reqs, key=lambda r: self.key(r, now))
-        self.swap_in_all(sched, rank(sched.swapped))
+        self.swap_in_all(sched, plan, rank(sched.swapped))
         running = rank(sched.running)  # the tail is preempted first when KV runs short
         budget = self.serve_running(sched, plan, running)
         for req in rank(sched.waiting):

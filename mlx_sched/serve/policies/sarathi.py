@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlx_sched.serve.policies.base import Policy
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.policies.base import Policy, register
+from mlx_sched.serve.scheduler import Scheduler
 from models.errors import ConfigError
 
 VARIANTS = ("stall_free", "prefill_first")
@@ -33,13 +34,13 @@ class SarathiArgs:
             raise ConfigError(f"sarathi token_budget must be >= 0, got {self.token_budget}")
 
 
+@register
 class Sarathi(Policy):
     name = "sarathi"
     Args = SarathiArgs
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.budget = self.args.token_budget or cfg.token_budget
         if self.budget > cfg.token_budget:
             raise ConfigError(
                 f"sarathi token_budget {self.budget} exceeds the engine's compiled budget "
@@ -48,20 +49,23 @@ class Sarathi(Policy):
         if self.budget < cfg.page_size:
             raise ConfigError(f"sarathi token_budget {self.budget} < page_size {cfg.page_size}")
 
+    @property
+    def budget(self) -> int:
+        return self.args.token_budget or self.cfg.token_budget
+
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         plan = StepPlan()
-        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
+        self.swap_in_all(sched, plan, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
         prefill_pending = bool(sched.waiting) or any(
             s.remaining > 1 for r in running for s in r.live_seqs
         )
-        budget = self.budget
         if self.args.variant == "stall_free" or not prefill_pending:
-            self.schedule_decodes(sched, plan, running)
-            budget -= len(plan.decode)
-        budget = self.schedule_partial_prefills(sched, plan, running, budget)
+            budget = self.serve_running(sched, plan, running)
+        else:
+            budget = self.schedule_partial_prefills(sched, plan, running, self.budget)
         if not sched.swapped:
             self.admit_in_order(sched, plan, list(sched.waiting), budget, now)
-        if self.args.variant == "prefill_first" and not plan.prefill and prefill_pending:
+        if self.args.variant == "prefill_first" and not plan.prefills and prefill_pending:
             self.schedule_decodes(sched, plan, running)  # nothing admissible: don't idle
         return self.finish_plan(sched, plan)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.policies.base import Policy, register
 from mlx_sched.serve.request import Request, Seq
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.scheduler import Scheduler
 from models.errors import ConfigError
 
 
@@ -33,6 +34,7 @@ class SliceArgs:
             raise ConfigError(f"slice max_slice_s must be >= 0, got {self.max_slice_s}")
 
 
+@register
 class SliceLevel(Policy):
     name = "slice"
     Args = SliceArgs
@@ -40,11 +42,11 @@ class SliceLevel(Policy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.batch: list[Request] = []
-        self.start_gen: dict[int, int] = {}  # id(seq) -> tokens generated when the slice began
+        self.start_gen: dict[str, int] = {}  # seq id -> tokens generated when the slice began
         self.slices = 0
 
     def _left_in_slice(self, seq: Seq) -> int:
-        start = self.start_gen.setdefault(id(seq), seq.num_generated)
+        start = self.start_gen.setdefault(seq.id, seq.num_generated)
         return self.args.slice_tokens - (seq.num_generated - start)
 
     def _member_done(self, req: Request) -> bool:
@@ -98,14 +100,13 @@ class SliceLevel(Policy):
         members = [r for r in self.batch if not self._member_done(r)]
         plan = StepPlan()
         # members must be on the device; idle non-members give way if pages run short
-        self.swap_in_all(sched, [r for r in members if r in sched.swapped])
+        self.swap_in_all(sched, plan, [r for r in members if r in sched.swapped])
         on_device = [r for r in members if r in sched.running]
         decoding = [r for r in on_device if all(self._left_in_slice(s) > 0 for s in r.live_seqs)]
         self.schedule_decodes(sched, plan, decoding)
-        budget = self.cfg.token_budget - len(plan.decode)
-        budget = self.schedule_partial_prefills(sched, plan, on_device, budget)
+        budget = self.schedule_partial_prefills(sched, plan, on_device, self.budget - plan.tokens)
         self.admit_in_order(sched, plan, [r for r in members if r in sched.waiting], budget, now)
-        if plan.empty and members:  # members blocked on pages held by idle requests
+        if not plan.work and members:  # members blocked on pages held by idle requests
             idle = [r for r in sched.running if r not in self.batch]
             if idle:
                 sched.preempt(idle[-1], plan)

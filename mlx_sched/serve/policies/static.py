@@ -9,11 +9,13 @@ slices, like everything else in the engine.
 
 from __future__ import annotations
 
-from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.policies.base import Policy, register
 from mlx_sched.serve.request import Request
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.scheduler import Scheduler
 
 
+@register
 class Static(Policy):
     name = "static"
 
@@ -31,7 +33,7 @@ class Static(Policy):
                     break
                 self.batch.append(req)
                 seqs += sched.seqs_needed(req)
-        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
+        self.swap_in_all(sched, plan, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
         budget = self.serve_running(sched, plan, running)
         members = [r for r in self.batch if r in sched.waiting]

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlx_sched.serve.policies.base import Policy
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.policies.base import Policy, register
 from mlx_sched.serve.request import Request
-from mlx_sched.serve.scheduler import Scheduler, StepPlan
+from mlx_sched.serve.scheduler import Scheduler
 from models.errors import ConfigError
 
 COSTS = ("linear", "profiled")
@@ -42,6 +43,7 @@ class VTCArgs:
             raise ConfigError("vtc w_in and w_out must be >= 0")
 
 
+@register
 class VTC(Policy):
     name = "vtc"
     Args = VTCArgs
@@ -94,7 +96,7 @@ class VTC(Policy):
 
     def schedule(self, sched: Scheduler, now: float) -> StepPlan:
         plan = StepPlan()
-        self.swap_in_all(sched, sorted(sched.swapped, key=lambda r: r.fcfs_key))
+        self.swap_in_all(sched, plan, sorted(sched.swapped, key=lambda r: r.fcfs_key))
         running = list(sched.running)
         budget = self.serve_running(sched, plan, running)
         while budget > 0 and sched.waiting and not sched.swapped:
