@@ -235,6 +235,8 @@ CASES = [
      "train.weight_decay must be >= 0, got -1.0"),
     ("min_lr_ratio", "train", [LM, "--workdir={w}", "--config.train.min_lr_ratio=-1"], {},
      "train.min_lr_ratio must be in [0, 1], got -1.0"),
+    ("moe_not_a_section", "train", [LM, "--workdir={w}", "--config.model.moe=abc"], {},
+     "model.moe must be None or a dict of MoE settings, got 'abc'"),
     ("seq_len", "train", [LM, "--workdir={w}", "--config.train.seq_len=2048"], {},
      "train.seq_len must be <= model.max_seq_len=1024, got 2048"),
     ("eval_batches", "train", [LM, "--workdir={w}", "--config.train.eval_batches=0"], {},
@@ -277,3 +279,9 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, module, args, env, message):
     assert len(errors) == 1 and message in errors[0], out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in out.stderr
+
+
+def test_moe_set_to_a_non_section_is_a_config_error():
+    c = _parse("lm.py", "--config.model.moe=abc")
+    with pytest.raises(ConfigError, match="model.moe must be None or a dict of MoE settings"):
+        loop.model_config(c.model)

@@ -2,7 +2,9 @@
 test_cli_errors.py)."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,6 +70,25 @@ def test_checkpoint_from_before_a_new_config_field_still_resumes(trained):
     meta_file.write_text(json.dumps(meta))
     _, _, again = loop.train_from_config(_config(), workdir)
     assert again == pytest.approx(eval_loss, abs=1e-6)
+
+
+def test_corrupt_latest_checkpoint_resumes_from_the_one_before(trained, tmp_path, caplog):
+    """A damaged newest checkpoint is moved aside with a warning; training resumes from the
+    previous one and writes a good checkpoint of that step again."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    for f in (workdir / "checkpoints" / "20").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"garbage")
+    with caplog.at_level(logging.INFO):
+        trainer, _, eval_loss = loop.train_from_config(_config(), workdir)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint step 20 is unreadable" in m for m in messages)
+    assert "resumed from step 10 (data position 10)" in messages
+    assert (workdir / "checkpoints" / "20.corrupt").is_dir()
+    assert trainer.ckpt.all_steps() == [10, 20] and np.isfinite(eval_loss)
+    steps = [(r["step"], r["split"]) for r in plots.read_jsonl(workdir / "metrics.jsonl")]
+    assert steps == sorted(steps, key=lambda k: k[0]) and len(steps) == len(set(steps))
 
 
 def test_changed_model_on_same_workdir_is_a_clear_error(trained):

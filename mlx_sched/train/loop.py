@@ -339,6 +339,15 @@ def _fmt_secs(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def model_config(section: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig of a config's model section, whose optional sub-sections (`moe`) a command
+    line may set to any literal: only None or a mapping of their fields is a section."""
+    moe = section.get("moe")
+    if moe is not None and not hasattr(moe, "keys"):  # a dict or a ConfigDict
+        raise ConfigError(f"model.moe must be None or a dict of MoE settings, got {moe!r}")
+    return ModelConfig.from_dict(section)
+
+
 def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
     """Typed configs from a loose mapping (model / mesh / data / train), then train.
 
@@ -348,7 +357,7 @@ def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
     unknown = set(config) - known
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
-    model_cfg = ModelConfig.from_dict(config["model"])
+    model_cfg = model_config(config["model"])
     train_cfg = TrainConfig.from_dict(config["train"])
     data_cfg = dict(config.get("data", {}))
     check_keys(_DataConfig, data_cfg, "data config")
