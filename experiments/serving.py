@@ -21,8 +21,9 @@ from mlx_sched.serve.cost_model import StepTimeModel
 from mlx_sched.serve.engine import Engine
 from mlx_sched.serve.request import RequestError
 from mlx_sched.train.checkpoint import CheckpointError, open_existing
+from mlx_sched.train.loop import model_config
 from models import ModelConfig, Transformer
-from models.errors import ConfigError
+from models.errors import ConfigError, check_keys
 
 
 def load_model(config) -> Transformer:
@@ -46,7 +47,7 @@ def load_model(config) -> Transformer:
         ckpt.close()
         logging.info("loaded %s step %d", path, step)
         return nnx.merge(graphdef, params)
-    cfg = ModelConfig.from_dict(config.model)
+    cfg = model_config(config.model)
     return Transformer(cfg, nnx.Rngs(0))
 
 
@@ -62,7 +63,7 @@ def engine_and_trace(config):
     if config.get("device", "real") == "sim":
         from mlx_sched.lab.simulator import SimClock, SimModel, SimRunner
 
-        mc = ModelConfig.from_dict(config.model)
+        mc = model_config(config.model)
         serve = ServeConfig.from_dict(config.serve.to_dict())
         clock = SimClock()
         model = SimModel(mc)
@@ -152,6 +153,8 @@ def make_trace(model, config, corpus=None) -> list[workload.TraceRequest]:
     w = config.workload
     max_total = min(model.cfg.max_seq_len, config.serve.get("max_context") or model.cfg.max_seq_len)
     if w.get("clients"):
+        for c in w.clients:
+            check_keys(workload.ClientSpec, c, "workload.clients")
         specs = [workload.ClientSpec(**dict(c)) for c in w.clients]
         return workload.client_trace(
             specs, max_total, min(256, model.cfg.vocab_size), corpus, w.seed

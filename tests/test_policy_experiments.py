@@ -166,3 +166,19 @@ def test_backlogged_share_counts_time_with_every_client_queued():
     reqs = [req("a", 0.0, 5.0, [5.0, 6.0]), req("b", 0.0, 10.0, [10.0])]
     assert slo.backlogged_share(reqs, points=1001) == pytest.approx(0.5, abs=0.01)
     assert slo.backlogged_share(reqs[:1]) == 0.0  # one client: no fairness regime
+
+
+def test_bad_workload_clients_are_config_errors():
+    from experiments import serving
+    from experiments.configs import fairness
+    from models.config import ModelConfig
+    from models.errors import ConfigError
+
+    model = types.SimpleNamespace(cfg=ModelConfig(vocab_size=264, max_seq_len=128))
+    c = fairness.get_config("runlocal")
+    c.workload.clients = [{**c.workload.clients[0], "input_lenn": 3}]
+    with pytest.raises(ConfigError, match="unknown workload.clients key 'input_lenn'"):
+        serving.make_trace(model, c)
+    c.workload.clients = [{**fairness.get_config("runlocal").workload.clients[0], "rate": 0.0}]
+    with pytest.raises(ConfigError, match="workload.clients 'c1': rate must be > 0"):
+        serving.make_trace(model, c)

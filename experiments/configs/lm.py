@@ -5,6 +5,9 @@ Variants:
   runlocal  a tiny model for smoke tests (seconds)
   bf16      default in bfloat16 compute (float32 accumulation)
 
+train.warmup_steps follows train.steps (10%) unless set, so `--config.train.steps=N` alone
+is enough; `--config.model.moe=None` (or a dict of MoEConfig fields) switches MoE layers.
+
 Run:
   python -m experiments.train --config=experiments/configs/lm.py:runlocal --workdir=/tmp/lm
   python -m experiments.train --config=experiments/configs/lm.py --workdir=/tmp/lm \

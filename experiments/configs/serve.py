@@ -10,6 +10,8 @@ Variants:
   runlocal  a tiny model and a short trace, for tests
 
   python -m experiments.bench_serving --config=experiments/configs/serve.py:decode --slice_lens=1,8
+  python -m experiments.bench_serving --config=experiments/configs/serve.py:online \
+      --config.serve.policy=vtc "--config.serve.policy_args={'weights': {'default': 2.0}}"
 """
 
 import ml_collections

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from models.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class LengthDist:
@@ -168,7 +170,10 @@ class ClientSpec:
 
     def __post_init__(self):
         if self.rate <= 0 or self.num_requests < 1:
-            raise ValueError(f"client {self.name}: rate must be > 0 and num_requests >= 1")
+            raise ConfigError(
+                f"workload.clients '{self.name}': rate must be > 0 and num_requests > 0, got "
+                f"rate={self.rate}, num_requests={self.num_requests}"
+            )
 
 
 def client_trace(
