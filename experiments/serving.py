@@ -51,8 +51,14 @@ def load_model(config) -> Transformer:
     return Transformer(cfg, nnx.Rngs(0))
 
 
+def serve_config(config, **overrides) -> ServeConfig:
+    """The experiment's ServeConfig. Experiments analyse every request and step, so the engine
+    keeps them all (history=-1) unless the config sets serve.history."""
+    return ServeConfig.from_dict({"history": -1, **config.serve.to_dict(), **overrides})
+
+
 def make_engine(model, config, **overrides) -> Engine:
-    serve = ServeConfig.from_dict({**config.serve.to_dict(), **overrides})
+    serve = serve_config(config, **overrides)
     mesh_cfg = config.get("mesh", {})
     mesh = sharding.make_mesh(mesh_cfg) if mesh_cfg else None
     return Engine(model, serve, mesh=mesh)
@@ -64,7 +70,7 @@ def engine_and_trace(config):
         from mlx_sched.lab.simulator import SimClock, SimModel, SimRunner
 
         mc = model_config(config.model)
-        serve = ServeConfig.from_dict(config.serve.to_dict())
+        serve = serve_config(config)
         clock = SimClock()
         model = SimModel(mc)
         cost = StepTimeModel(**config.get("sim_cost", {}))

@@ -23,7 +23,15 @@ from models import ModelConfig, Transformer
 from models import generate as reference
 
 MAX_NEW = 12
-BIG = dict(page_size=4, num_pages=256, max_seqs=8, token_budget=256, max_prefill_rows=2)
+BIG = dict(  # few compiled shapes: every engine of this file warms up in a few seconds
+    page_size=4,
+    num_pages=256,
+    max_seqs=8,
+    decode_buckets=(8,),
+    token_budget=64,
+    prefill_buckets=(64,),
+    max_prefill_rows=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -176,15 +184,7 @@ def test_drafts_with_preemption_and_parallel_sampling(model, prompts, expected, 
     """Drafting crossed with a pool small enough to preempt, and n = 2 requests."""
     nxt = truth(expected, prompts)
     propose = lambda s: nxt(s, 2) if s.index == 0 else [7, 7]  # noqa: E731
-    cfg = ServeConfig(
-        page_size=4,
-        num_pages=24,
-        max_seqs=8,
-        token_budget=64,
-        max_prefill_rows=2,
-        decode_widths=(1, 3),
-        preemption=preemption,
-    )
+    cfg = ServeConfig(**{**BIG, "num_pages": 24}, decode_widths=(1, 3), preemption=preemption)
     spec = with_policy(Engine(model, cfg), Drafting(cfg, propose))
     sps = [SamplingParams(max_tokens=MAX_NEW, n=2 if i % 3 == 0 else 1) for i in range(6)]
     with jax.no_tracing():
@@ -200,10 +200,7 @@ def test_drafts_with_preemption_and_parallel_sampling(model, prompts, expected, 
 
 
 def test_policies_move_no_kv_and_swaps_travel_in_the_plan(model, prompts, expected):
-    cfg = ServeConfig(
-        page_size=4, num_pages=20, max_seqs=8, token_budget=32, max_prefill_rows=2, slice_len=2
-    )
-    cfg = dataclasses.replace(cfg, preemption="swap")
+    cfg = ServeConfig(**{**BIG, "num_pages": 20}, slice_len=2, preemption="swap")
     engine = Engine(model, cfg)
     calls, in_schedule, plans = [], [False], []
     runner = engine.runner
@@ -350,14 +347,14 @@ def test_two_engines_count_their_own_compilations(model, prompts):
     a = Engine(model, ServeConfig(**BIG))
     warm_a = a.runner.compiles
     assert warm_a > 0
-    b = Engine(model, ServeConfig(**BIG, slice_len=2))  # other shapes: compiles in b only
+    b = Engine(model, ServeConfig(**BIG, slice_len=2))  # its own jitted steps: compiles in b
     assert b.runner.compiles > 0 and a.runner.compiles == warm_a
     a.generate(prompts[:2], SamplingParams(max_tokens=3))
     assert a.runner.compiles_since_warmup == 0
 
 
 def test_host_kv_is_keyed_by_sequence_id(model, prompts):
-    cfg = ServeConfig(page_size=4, num_pages=14, max_seqs=4, token_budget=32, preemption="swap")
+    cfg = ServeConfig(**{**BIG, "num_pages": 14}, preemption="swap")
     engine = Engine(model, cfg)
     seen = set()
     fill = engine.store.fill

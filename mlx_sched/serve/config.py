@@ -47,6 +47,7 @@ class ServeConfig:
     policy: str = "fcfs"
     policy_args: dict = dataclasses.field(default_factory=dict)  # the policy's own settings
     kv_dtype: str = ""  # "": the model's compute dtype
+    history: int = 1000  # finished requests and step records kept (-1: all); totals always
     seed: int = 0
 
     def __post_init__(self):
@@ -66,6 +67,7 @@ class ServeConfig:
         need(self.preemption in PREEMPTION_MODES, f"preemption must be one of {PREEMPTION_MODES}")
         need(self.max_copies >= 1, "max_copies must be >= 1")
         need(self.max_context >= 0, f"max_context must be >= 0, got {self.max_context}")
+        need(self.history >= -1, f"history must be >= 0, or -1 for all, got {self.history}")
         need(
             self.kv_dtype in ("", "float32", "bfloat16"), "kv_dtype must be '', float32 or bfloat16"
         )

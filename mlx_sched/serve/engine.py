@@ -12,6 +12,7 @@ yields a request's tokens as they are produced.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -85,8 +86,13 @@ class Engine:
         self.policy = make_policy(self.cfg.policy, self.cfg)
         self.policy.bind(self.sched)
         self.clock = clock
+        # live requests, then the `history` most recently retired ones (a server never grows)
         self.requests: dict[str, Request] = {}
-        self.step_records: list[metrics_lib.StepRecord] = []
+        self._retired: collections.deque[str] = collections.deque()
+        keep = None if self.cfg.history < 0 else self.cfg.history
+        self._steps_kept: collections.deque[metrics_lib.StepRecord] = collections.deque(maxlen=keep)
+        self._records: collections.deque[dict] = collections.deque(maxlen=keep)
+        self.totals = metrics_lib.Totals()
         self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
         self._ids = itertools.count()
         self._order = itertools.count()
@@ -161,7 +167,20 @@ class Engine:
             s.finish_reason = s.finish_reason or "abort"
         req.status, req.finished_at = Status.ABORTED, self.clock()
         self._stops.pop(req.id, None)
+        self._callbacks.pop(req.id, None)
         self.policy.on_finish(req, req.finished_at)
+        self._retire(req)
+
+    def _retire(self, req: Request) -> None:
+        """A finished or aborted request leaves the engine's state; its metrics go into the
+        totals and the bounded history."""
+        m = metrics_lib.request_metrics(req)
+        self.totals.observe(m)
+        self._records.append(m)
+        if self.cfg.history >= 0:
+            self._retired.append(req.id)
+            while len(self._retired) > self.cfg.history:
+                del self.requests[self._retired.popleft()]
 
     def has_work(self) -> bool:
         return self.sched.has_work()
@@ -221,6 +240,8 @@ class Engine:
             out = self._output(req, new)
             if out is not None:
                 outputs.append(out)
+            if req.status is Status.FINISHED:
+                self._retire(req)
         return outputs
 
     def _commit(self, seq: Seq, n: int, samples, logps, sequential: bool, new, now) -> None:
@@ -335,7 +356,7 @@ class Engine:
             device_s=result.device_s,
             page_size=Z,
         )
-        self.step_records.append(rec)
+        self._steps_kept.append(rec)
         self.sched.cost.observe(rec)
         self.policy.on_step(rec)
 
@@ -358,12 +379,20 @@ class Engine:
         if sampling is None or isinstance(sampling, SamplingParams):
             sampling = [sampling or SamplingParams()] * len(prompts)
         ids = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
-        while any(not self.requests[i].is_finished for i in ids):
+        reqs = [self.requests[i] for i in ids]
+        while any(not r.is_finished for r in reqs):
             self.step()
-        return [RequestOutput(i, [], True, self.requests[i]) for i in ids]
+        return [RequestOutput(r.id, [], True, r) for r in reqs]
+
+    @property
+    def step_records(self) -> list[metrics_lib.StepRecord]:
+        """The most recent `history` steps' records (all with history=-1)."""
+        return list(self._steps_kept)
 
     def request_metrics(self) -> list[dict]:
-        return [metrics_lib.request_metrics(r) for r in self.requests.values()]
+        """Metrics of the retired requests in the history, then of the live ones."""
+        live = [r for r in self.requests.values() if not r.is_finished]
+        return [*self._records, *map(metrics_lib.request_metrics, live)]
 
     def summary(self, wall_s: float) -> dict:
-        return metrics_lib.summarize(self.request_metrics(), self.step_records, wall_s)
+        return metrics_lib.summarize(self.request_metrics(), list(self.step_records), wall_s)

@@ -9,6 +9,7 @@ scheduling delay = first scheduled - arrival.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import pathlib
@@ -72,6 +73,54 @@ def request_metrics(req: Request) -> dict:
     if req.first_scheduled is not None:
         out["scheduling_delay"] = req.first_scheduled - req.arrival
     return out
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclasses.dataclass
+class Histogram:
+    """Counts of observations at or below each bucket bound (the last bucket is +inf)."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = dataclasses.field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self):
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def observe(self, x: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, x)] += 1
+        self.total += x
+        self.n += 1
+
+
+@dataclasses.dataclass
+class Totals:
+    """Bounded aggregates of every request an engine has retired, however long it runs."""
+
+    finished: int = 0
+    aborted: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    preemptions: int = 0
+    ttft: Histogram = dataclasses.field(default_factory=Histogram)
+    tpot: Histogram = dataclasses.field(default_factory=Histogram)
+    e2e: Histogram = dataclasses.field(default_factory=Histogram)
+
+    def observe(self, m: dict) -> None:
+        """Add one request's `request_metrics`."""
+        if m["status"] == "finished":
+            self.finished += 1
+        else:
+            self.aborted += 1
+        self.prompt_tokens += m["prompt_len"]
+        self.output_tokens += m["output_len"]
+        self.preemptions += m["preemptions"]
+        for key in ("ttft", "tpot", "e2e"):
+            if key in m:
+                getattr(self, key).observe(m[key])
 
 
 def percentiles(values, ps=PERCENTILES) -> dict:
