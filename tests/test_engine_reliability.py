@@ -148,6 +148,33 @@ def test_swap_while_a_copy_on_write_is_pending_keeps_the_kv(model, prompts, expe
     clean(engine)
 
 
+def test_aborts_from_inside_output_callbacks(model, prompts, expected):
+    """A callback may abort its own request, or another one, in the middle of a step."""
+    engine = Engine(model, small(slice_len=2))
+    ids = {}
+
+    def abort_self(out):
+        if sum(map(len, out.outputs)) >= 3 and not out.finished:
+            engine.abort(out.request_id)
+
+    def abort_other(out):
+        victim = engine.requests.get(ids.get("victim"))
+        if victim is not None and not victim.is_finished:
+            engine.abort(victim.id)
+
+    ids["self"] = engine.add_request(prompts[1], SamplingParams(max_tokens=9), on_output=abort_self)
+    ids["victim"] = engine.add_request(prompts[3], SamplingParams(max_tokens=9, n=2))
+    ids["other"] = engine.add_request(
+        prompts[0], SamplingParams(max_tokens=MAX_NEW), on_output=abort_other
+    )
+    run_all(engine)
+    me, victim, other = (engine.requests[ids[k]] for k in ("self", "victim", "other"))
+    assert me.status is Status.ABORTED and 3 <= len(me.outputs()[0]) < 9
+    assert victim.status is Status.ABORTED
+    assert other.status is Status.FINISHED and other.outputs()[0] == expected[0]
+    clean(engine)
+
+
 # -- every state x every event -----------------------------------------------------------------
 
 STATES = ("waiting", "prefilling", "decoding", "sample_finished", "swapped")
@@ -269,3 +296,22 @@ def test_finished_requests_leave_the_engine(model, prompts):
     assert engine.totals.ttft.n == 11  # every request that got a first token, aborted too
     assert not engine._stops and not engine._callbacks
     clean(engine)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_short_soak(mode):
+    """The soak (experiments/soak.py) in small: 400 requests, every feature on, checked."""
+    import dataclasses
+
+    from mlx_sched.lab import soak
+
+    model = Transformer(soak.soak_model_config(), nnx.Rngs(0))
+    cfg = small(num_pages=64, max_seqs=16, decode_buckets=(), slice_len=4, max_copies=2)
+    requests = soak.make_requests(400, 264, seed=3)
+    reference = soak.reference_outputs(model, cfg, requests)
+    for policy, args in (("fcfs", {}), ("priority", {"preempt": True}), ("mlfq", {})):
+        run = dataclasses.replace(cfg, preemption=mode, policy=policy, policy_args=args)
+        res = soak.soak(model, run, requests, reference)
+        assert soak.check(res) == [], policy
+        assert res.preemptions > 0 and res.aborted_in_callback > 0

@@ -315,9 +315,9 @@ class Engine:
         out = RequestOutput(req.id, toks, req.is_finished, req)
         cb = self._callbacks.get(req.id)
         if cb is not None:
-            cb(out)
+            cb(out)  # may abort this request or others: abort drops their callbacks
             if req.is_finished:
-                del self._callbacks[req.id]
+                self._callbacks.pop(req.id, None)
         return out
 
     def _fail_unschedulable(self) -> None:
