@@ -1,5 +1,8 @@
 """On-device sampling: greedy, temperature, top-k, top-p, with per-request keys.
 
+The order is Hugging Face's and vLLM's: divide by the temperature, keep the top-k, then keep
+the smallest set of those whose renormalised probability reaches top-p.
+
 Each row's key is derived from (request seed, sequence index, position) only,
 so a request's samples do not depend on what it was batched with. Random
 sampling draws one uniform per row and inverts the row's CDF (one exp and one
@@ -33,17 +36,16 @@ def row_keys(seed_S: jax.Array, seq_S: jax.Array, pos_S: jax.Array) -> jax.Array
 
 
 def _filter_top_k_top_p(logits_SV, top_k_S, top_p_S):
-    """Mask logits outside each row's top-k and top-p (nucleus) sets; exact, via one sort."""
+    """Mask logits outside each row's top-k set, then outside the top-p (nucleus) set of the
+    top-k probabilities renormalised (the Hugging Face / vLLM order); exact, via one sort."""
     V = logits_SV.shape[-1]
     sorted_SV = -jnp.sort(-logits_SV, axis=-1)
     k_S = jnp.where(top_k_S > 0, jnp.minimum(top_k_S, V), V)
-    kth_S = jnp.take_along_axis(sorted_SV, (k_S - 1)[:, None], axis=-1)[:, 0]
-    probs_SV = jax.nn.softmax(sorted_SV, axis=-1)
+    in_k_SV = jnp.arange(V)[None, :] < k_S[:, None]
+    probs_SV = jax.nn.softmax(jnp.where(in_k_SV, sorted_SV, -jnp.inf), axis=-1)  # over top-k
     before_SV = jnp.cumsum(probs_SV, axis=-1) - probs_SV  # mass strictly above each token
-    keep_SV = before_SV < top_p_S[:, None]
-    n_keep_S = jnp.maximum(jnp.sum(keep_SV, axis=-1), 1)
-    pth_S = jnp.take_along_axis(sorted_SV, (n_keep_S - 1)[:, None], axis=-1)[:, 0]
-    threshold_S = jnp.maximum(kth_S, pth_S)
+    n_keep_S = jnp.maximum(jnp.sum(in_k_SV & (before_SV < top_p_S[:, None]), axis=-1), 1)
+    threshold_S = jnp.take_along_axis(sorted_SV, (n_keep_S - 1)[:, None], axis=-1)[:, 0]
     return jnp.where(logits_SV >= threshold_S[:, None], logits_SV, -jnp.inf)
 
 
