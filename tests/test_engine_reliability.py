@@ -175,6 +175,25 @@ def test_aborts_from_inside_output_callbacks(model, prompts, expected):
     clean(engine)
 
 
+def test_a_sample_request_that_cannot_fork_for_lack_of_pages_waits(model, prompts):
+    """Found by the soak: a one-token n=2 prompt forked at admission with no page free, was
+    swapped out by its own admission, and the priority policy then admitted it again from the
+    swapped list (ValueError). It now waits, and the lower-priority request gives way."""
+    cfg = small(num_pages=5, preemption="swap", policy="priority", policy_args={"preempt": True})
+    engine = Engine(model, cfg)
+    low = engine.add_request(list(range(1, 11)), SamplingParams(max_tokens=6), priority=0)
+    while engine.requests[low].seqs[0].num_generated < 4:
+        engine.step()
+    assert engine.pool.num_available == 0
+    high = engine.add_request([173], SamplingParams(max_tokens=1, n=2), priority=1)
+    run_all(engine)
+    ref = reference.generate(model, [list(range(1, 11)), [173]], 6)
+    assert engine.requests[low].outputs()[0] == ref[0]
+    assert engine.requests[high].outputs() == [ref[1][:1]] * 2
+    assert engine.requests[low].preemptions > 0
+    clean(engine)
+
+
 # -- every state x every event -----------------------------------------------------------------
 
 STATES = ("waiting", "prefilling", "decoding", "sample_finished", "swapped")

@@ -143,6 +143,8 @@ class Scheduler:
         self.running.remove(req)
         for s in req.live_seqs:
             self._reset(s)
+        if req.sampling.n > 1 and all(s.num_generated == 0 for s in req.seqs):
+            req.seqs = req.seqs[:1]  # forked at admission: fork again when admitted
         req.status = Status.WAITING
         self.waiting.appendleft(req)
 

@@ -160,8 +160,14 @@ class Policy:
         before = plan.tokens
         seqs = sched.admit(req, now)
         if sched.needs_fork(req):
-            sched.fork(req)
-            self.schedule_decodes(sched, plan, [req])
+            sched.fork(req)  # its n samples decode at once; out of pages, it waits (unadmitted)
+            for seq in req.live_seqs:
+                if len(plan.decodes) >= self.cfg.max_seqs:
+                    break
+                if sched.reserve(seq, 1, plan):
+                    plan.add(seq, 1)
+                elif not sched.cow_limited:
+                    break
         else:
             for seq in seqs:
                 self.schedule_prefill(sched, plan, seq, budget - (plan.tokens - before))
