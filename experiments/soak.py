@@ -71,7 +71,8 @@ def main(argv):
             print(
                 f"{name:>18}: {res.requests} requests, {res.finished} finished, "
                 f"{res.aborted} aborted ({res.aborted_in_callback} in callbacks), "
-                f"{res.preemptions} preemptions, {res.mismatches} mismatches, "
+                f"{res.preemptions} preemptions, {res.mismatches} mismatches "
+                f"(+{res.near_ties} float32 near-ties), "
                 f"{res.pages_in_use} pages in use, {res.host_kv_entries} host KV entries, "
                 f"RSS MiB {res.rss_mib}, {res.steps} steps in {res.seconds:.0f} s"
                 + (f"  FAILED: {problems}" if problems else "")
