@@ -30,6 +30,7 @@ which leaves q.k unchanged, and outputs are permuted back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -223,11 +224,19 @@ def gathered_decode_attention(
 
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
-    """How paged attention runs: context chunk size, and whether the native CPU decode kernel
-    (models/native_kernels.py) replaces the pure-JAX one for dense decode groups."""
+    """How paged attention runs: context chunk size; whether the native CPU decode kernel
+    (models/native_kernels.py) replaces the pure-JAX one for dense decode groups; which Pallas
+    kernel flavour, "tpu" or "gpu" (models/pallas_attention.py), replaces it for every dense
+    group, decode and prefill ("": none), and whether that kernel is interpreted (CPU tests)."""
 
     chunk_pages: int = 8
     native: bool = False
+    pallas: str = ""
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.pallas not in ("", "tpu", "gpu"):
+            raise ValueError(f"pallas must be '', 'tpu' or 'gpu', got {self.pallas!r}")
 
 
 @dataclasses.dataclass
@@ -262,7 +271,28 @@ class PagedContext:
         self.v = self.v.at[layer, self.write_page_T, self.write_offset_T].set(store(v_TKX))
         D, L = self.num_decode, self.dec_width
         outs = []
-        if D and L > 1:  # several queries per slot: causal by position within the slot
+        pallas = None
+        if self.kernel.pallas and isinstance(pattern, DenseCausal):  # every dense group
+            from models import pallas_attention
+
+            pallas = functools.partial(
+                pallas_attention.paged_attention,
+                k_cache=self.k,
+                v_cache=self.v,
+                layer=layer,
+                flavour=self.kernel.pallas,
+                interpret=self.kernel.interpret,
+            )
+        if D and pallas:
+            H, X = q_THX.shape[1:]
+            o = pallas(
+                q_THX[: D * L].reshape(D, L, H, X),
+                pages_GW=self.dec_pages_DW,
+                q_pos_GL=self.positions_T[: D * L].reshape(D, L),
+                kv_len_G=self.dec_len_D,
+            )
+            outs.append(o.reshape(D * L, H, X))
+        elif D and L > 1:  # several queries per slot: causal by position within the slot
             H, X = q_THX.shape[1:]
             o = paged_attention(
                 q_THX[: D * L].reshape(D, L, H, X),
@@ -316,17 +346,25 @@ class PagedContext:
             Tp = q_pre.shape[0]
             q_pad = jnp.concatenate([q_pre, jnp.zeros_like(q_pre[:1])])  # row Tp: padding
             pos_pad = jnp.concatenate([self.positions_T[D * L :], jnp.zeros((1,), jnp.int32)])
-            o_RCHX = paged_attention(
-                q_pad[self.pre_index_RC],
-                self.k,
-                self.v,
-                self.pre_pages_RW,
-                pos_pad[self.pre_index_RC],
-                self.pre_len_R,
-                pattern,
-                self.chunk_pages,
-                layer,
-            )
+            if pallas:
+                o_RCHX = pallas(
+                    q_pad[self.pre_index_RC],
+                    pages_GW=self.pre_pages_RW,
+                    q_pos_GL=pos_pad[self.pre_index_RC],
+                    kv_len_G=self.pre_len_R,
+                )
+            else:
+                o_RCHX = paged_attention(
+                    q_pad[self.pre_index_RC],
+                    self.k,
+                    self.v,
+                    self.pre_pages_RW,
+                    pos_pad[self.pre_index_RC],
+                    self.pre_len_R,
+                    pattern,
+                    self.chunk_pages,
+                    layer,
+                )
             # scatter rows back to packed token order (padding cells go to the dummy row Tp)
             flat = jnp.zeros((Tp + 1, *o_RCHX.shape[2:]), o_RCHX.dtype)
             flat = flat.at[self.pre_index_RC.reshape(-1)].set(

@@ -30,7 +30,7 @@ from mlx_sched.serve.interface import StepResult
 from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.request import NUM_STOP_IDS, Seq, stop_ids
 from mlx_sched.serve.shapes import Shape, all_shapes, bucket, shape_for
-from models import native_kernels
+from models import native_kernels, pallas_attention
 from models.config import DTYPES
 from models.paged_attention import KernelOptions, cache_layout
 
@@ -84,9 +84,14 @@ class Runner:
         with self._counting():
             zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=self.kv_sharding)
             self.k, self.v = zeros(), zeros()
-        # the native decode kernel runs on one CPU device; sharded meshes use pure JAX
-        native = cfg.native_kernels and self.mesh.size == 1 and native_kernels.available()
-        self.kernel = KernelOptions(cfg.attn_chunk_pages, native)
+        # kernels run on one device, the native one on a CPU, Pallas on a TPU or GPU (when the
+        # cache meets its constraints, else a warning); sharded meshes use pure JAX
+        single = cfg.native_kernels and self.mesh.size == 1
+        native = single and native_kernels.available()
+        kv_dtype = DTYPES[cfg.kv_dtype or mc.dtype]
+        backend = jax.default_backend() if single else ""
+        pallas = pallas_attention.flavour_for(backend, self.Z, mc.head_dim, kv_dtype)
+        self.kernel = KernelOptions(cfg.attn_chunk_pages, native, pallas)
         repl = self.repl = sharding.replicated(self.mesh)
         kv_in = (self.param_shardings, self.kv_sharding, self.kv_sharding, repl)
         kv_out = (self.kv_sharding, self.kv_sharding)
