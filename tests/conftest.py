@@ -6,6 +6,15 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent XLA compilation cache makes the developer's loop fast from its second run on
+# (most of the suite's time is compiling small engines). CI points it at a fresh folder, so it
+# measures a newcomer's cold run; MLX_SCHED_TEST_JAX_CACHE=0 turns it off. Set through the
+# environment so the CLI tests' subprocesses share it.
+_cache = os.environ.get("MLX_SCHED_TEST_JAX_CACHE", "~/.cache/mlx_sched/jax_tests")
+if _cache != "0":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(_cache))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -120,6 +120,7 @@ def test_parallel_sampling_shares_prompt_pages(model, prompts):
     assert g.outputs[0] == g.outputs[1]
 
 
+@pytest.mark.slow  # the 8-device sharded engine
 def test_sharded_engine_equals_single_device(model, prompts, expected):
     import sharding
 

@@ -153,6 +153,7 @@ def test_stop_tokens_end_a_sequence(engine, model):
     assert out.finish_reasons == ["stop"]
 
 
+@pytest.mark.slow  # a Hugging Face checkpoint through the engine
 def test_serves_a_hugging_face_llama(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

@@ -62,6 +62,7 @@ def test_moe_engine_is_dropless_and_matches_full_recompute(moe):
     assert [o.outputs[0] for o in outs] == reference.generate(model, prompts, 8)
 
 
+@pytest.mark.slow  # a Hugging Face checkpoint through the engine
 def test_serves_a_hugging_face_mixtral(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

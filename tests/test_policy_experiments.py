@@ -17,6 +17,7 @@ EXPERIMENTS = {
 }
 
 
+@pytest.mark.slow  # a sweep per experiment (the verdict logic has fast tests below)
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_policy_experiment_sweep_summarizes_with_plot(name, tmp_path):
     module, variant = sweep.load_module(f"experiments/configs/{name}.py:runlocal")

@@ -47,6 +47,7 @@ def _sweep(cfg, workdir, *extra):
     )
 
 
+@pytest.mark.slow  # a sweep of subprocesses
 def test_sweep_runs_points_and_skips_finished_ones(tmp_path):
     cfg = tmp_path / "exp.py"
     cfg.write_text(CONFIG)
