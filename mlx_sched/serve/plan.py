@@ -44,6 +44,15 @@ class StepPlan:
     receive: list[PageTransfer] = dataclasses.field(default_factory=list)
     pinned: list[int] = dataclasses.field(default_factory=list)  # copy sources held for the step
 
+    def __post_init__(self):
+        self._index()
+
+    def _index(self) -> None:
+        """Sequence ids in the plan, and how many entries decode (kept as entries come and go:
+        the scheduler asks for both once per sequence it considers)."""
+        self._ids = {s.id for s, _ in self.work}
+        self.num_decodes = sum(s.remaining == 1 for s, _ in self.work)
+
     # -- views ---------------------------------------------------------------------
 
     @property
@@ -63,8 +72,12 @@ class StepPlan:
         """Positions computed this step (a slice counts its iterations)."""
         return sum(n for _, n in self.work)
 
+    @property
+    def num_prefills(self) -> int:
+        return len(self.work) - self.num_decodes
+
     def has(self, seq: Seq) -> bool:
-        return any(s is seq for s, _ in self.work)
+        return seq.id in self._ids
 
     def requests(self) -> list[Request]:
         """Requests with work in this plan, each once, in plan order."""
@@ -81,7 +94,10 @@ class StepPlan:
         if self.has(seq):
             raise ValueError(f"sequence {seq.id} is already in the plan")
         self.work.append((seq, n))
+        self._ids.add(seq.id)
+        self.num_decodes += seq.remaining == 1
 
     def drop_request(self, req: Request) -> None:
         """Forget the work of `req` (it was preempted while the plan was being built)."""
         self.work[:] = [(s, n) for s, n in self.work if s.request is not req]
+        self._index()

@@ -94,7 +94,7 @@ class Policy:
             for seq in req.live_seqs:
                 if seq.remaining != 1 or plan.has(seq):
                     continue
-                if len(plan.decodes) >= self.cfg.max_seqs:
+                if plan.num_decodes >= self.cfg.max_seqs:
                     return
                 n = self.decode_positions(seq)
                 while not sched.reserve(seq, n, plan):
@@ -115,7 +115,7 @@ class Policy:
 
     def schedule_prefill(self, sched: Scheduler, plan: StepPlan, seq: Seq, budget: int) -> int:
         """Schedule up to `budget` of seq's uncomputed tokens as one chunk; returns tokens used."""
-        if len(plan.prefills) >= self.cfg.max_prefill_rows or budget <= 0 or plan.has(seq):
+        if plan.num_prefills >= self.cfg.max_prefill_rows or budget <= 0 or plan.has(seq):
             return 0
         n = min(sched.max_chunk(seq), budget, self.cfg.chunk_tokens)
         if n <= 0 or not sched.reserve(seq, n, plan):
@@ -155,14 +155,14 @@ class Policy:
             return 0
         if sched.num_running_seqs + need > self.max_resident():
             return 0
-        if len(plan.prefills) >= self.cfg.max_prefill_rows:
+        if plan.num_prefills >= self.cfg.max_prefill_rows:
             return 0
         before = plan.tokens
         seqs = sched.admit(req, now)
         if sched.needs_fork(req):
             sched.fork(req)  # its n samples decode at once; out of pages, it waits (unadmitted)
             for seq in req.live_seqs:
-                if len(plan.decodes) >= self.cfg.max_seqs:
+                if plan.num_decodes >= self.cfg.max_seqs:
                     break
                 if sched.reserve(seq, 1, plan):
                     plan.add(seq, 1)
@@ -192,7 +192,7 @@ class Policy:
     ) -> StepPlan:
         """A plan of plain decodes runs as a slice of up to slice_len iterations per sequence
         (`cap` may lower a sequence's count); the reservation is extended if pages allow."""
-        if not plan.work or plan.prefills or any(n > 1 for _, n in plan.work):
+        if not plan.work or plan.num_prefills or any(n > 1 for _, n in plan.work):
             return plan
         plan.as_slice = True
         S = self.cfg.slice_len

@@ -66,6 +66,6 @@ class Sarathi(Policy):
             budget = self.schedule_partial_prefills(sched, plan, running, self.budget)
         if not sched.swapped:
             self.admit_in_order(sched, plan, list(sched.waiting), budget, now)
-        if self.args.variant == "prefill_first" and not plan.prefills and prefill_pending:
+        if self.args.variant == "prefill_first" and not plan.num_prefills and prefill_pending:
             self.schedule_decodes(sched, plan, running)  # nothing admissible: don't idle
         return self.finish_plan(sched, plan)
