@@ -67,12 +67,12 @@ def unpack(w: jax.Array) -> jax.Array:
     return jnp.concatenate([low, high], axis=-1)
 
 
-def _evens_odds(x: jax.Array) -> jax.Array:
+def evens_odds(x: jax.Array) -> jax.Array:
     return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
-def _interleave(x: jax.Array) -> jax.Array:
-    """Inverse of _evens_odds."""
+def interleave(x: jax.Array) -> jax.Array:
+    """Inverse of evens_odds."""
     half = x.shape[-1] // 2
     return jnp.stack([x[..., :half], x[..., half:]], axis=-1).reshape(x.shape)
 
@@ -130,7 +130,7 @@ def paged_attention(
     packed = is_packed(k_cache)
     out_dtype = q_GLHX.dtype
     if packed:  # compute in float32 on unpacked values, head dim in (evens, odds) order
-        q_GLHX = _evens_odds(q_GLHX.astype(jnp.float32))
+        q_GLHX = evens_odds(q_GLHX.astype(jnp.float32))
     G, L, H, X = q_GLHX.shape
     Z, K = k_cache.shape[-3], k_cache.shape[-2]
     W = pages_GW.shape[1]
@@ -174,7 +174,7 @@ def paged_attention(
     o_GKMX = acc_GKMX / jnp.maximum(l_GKM, 1e-30)[..., None]
     o_GLHX = o_GKMX.reshape(G, K, Q, L, X).transpose(0, 3, 1, 2, 4).reshape(G, L, H, X)
     if packed:
-        o_GLHX = _interleave(o_GLHX)
+        o_GLHX = interleave(o_GLHX)
     return o_GLHX.astype(out_dtype)
 
 
@@ -196,7 +196,7 @@ def gathered_decode_attention(
     """
     packed = is_packed(k_cache)
     out_dtype = q_GHX.dtype
-    q_GHX = _evens_odds(q_GHX.astype(jnp.float32)) if packed else q_GHX
+    q_GHX = evens_odds(q_GHX.astype(jnp.float32)) if packed else q_GHX
     G, H, X = q_GHX.shape
     Z, K = k_cache.shape[-3], k_cache.shape[-2]
     Q = H // K
@@ -219,7 +219,7 @@ def gathered_decode_attention(
     p = jnp.where(ok, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
     p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
     o_GHX = _weighted_values(p.astype(v_GUKX.dtype), v_GUKX).reshape(G, H, X)
-    return (_interleave(o_GHX) if packed else o_GHX).astype(out_dtype)
+    return (interleave(o_GHX) if packed else o_GHX).astype(out_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

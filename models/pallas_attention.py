@@ -72,7 +72,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from models.attention_core import NEG_INF
-from models.paged_attention import _evens_odds, _interleave, cache_layout, is_packed
+from models.paged_attention import cache_layout, evens_odds, interleave, is_packed
 
 FLAVOURS = ("tpu", "gpu")
 GPU_MIN_DIM = 16  # Triton's smallest dot operand dimension
@@ -304,7 +304,7 @@ def paged_attention(
     K = k_cache.shape[3]
     Q = H // K
     q = q_GLHX.astype(jnp.float32) * jnp.float32(X**-0.5)
-    q = _evens_odds(q) if packed else q
+    q = evens_odds(q) if packed else q
     q_GKMX = q.reshape(G, L, K, Q, X).transpose(0, 2, 1, 3, 4).reshape(G, K, L * Q, X)
     q_parts = [q_GKMX[..., : X // 2], q_GKMX[..., X // 2 :]] if packed else [q_GKMX]
     pos_GM1 = jnp.repeat(jnp.asarray(q_pos_GL, jnp.int32), Q, axis=1)[..., None]
@@ -321,4 +321,4 @@ def paged_attention(
     )
     o_GKMX = jnp.concatenate(outs, axis=-1) if packed else outs[0]
     o_GLHX = o_GKMX.reshape(G, K, L, Q, X).transpose(0, 2, 1, 3, 4).reshape(G, L, H, X)
-    return (_interleave(o_GLHX) if packed else o_GLHX).astype(q_GLHX.dtype)
+    return (interleave(o_GLHX) if packed else o_GLHX).astype(q_GLHX.dtype)

@@ -117,15 +117,15 @@ def test_paged_forward_equals_full_forward(tiny_cfg):
 
 
 def test_bf16_pack_round_trip_and_permutation():
-    from models.paged_attention import _evens_odds, _interleave, pack, unpack
+    from models.paged_attention import evens_odds, interleave, pack, unpack
 
     x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 2, 8)), jnp.bfloat16)
     w = pack(x)
     assert w.dtype == jnp.uint32 and w.shape == (3, 2, 4)
     np.testing.assert_array_equal(
-        np.asarray(unpack(w)), np.asarray(_evens_odds(x.astype(jnp.float32)))
+        np.asarray(unpack(w)), np.asarray(evens_odds(x.astype(jnp.float32)))
     )
-    np.testing.assert_array_equal(np.asarray(_interleave(_evens_odds(x))), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(interleave(evens_odds(x))), np.asarray(x))
 
 
 def test_packed_bf16_cache_attention_matches_float32():

@@ -96,7 +96,7 @@ def divergence_margin(model, prompt, sampling: SamplingParams, index: int, got, 
     if sampling.temperature == 0:
         return float(abs(logits[a] - logits[b]) / np.abs(logits).max())
     x = jnp.asarray(logits[None] / sampling.temperature, jnp.float32)
-    x = sampling_lib._filter_top_k_top_p(
+    x = sampling_lib.filter_top_k_top_p(
         x, jnp.asarray([sampling.top_k]), jnp.asarray([sampling.top_p], jnp.float32)
     )
     w = np.exp(np.asarray(x[0], np.float64) - float(np.max(x)))

@@ -35,7 +35,7 @@ def row_keys(seed_S: jax.Array, seq_S: jax.Array, pos_S: jax.Array) -> jax.Array
     return jax.vmap(one)(seed_S, seq_S, pos_S)
 
 
-def _filter_top_k_top_p(logits_SV, top_k_S, top_p_S):
+def filter_top_k_top_p(logits_SV, top_k_S, top_p_S):
     """Mask logits outside each row's top-k set, then outside the top-p (nucleus) set of the
     top-k probabilities renormalised (the Hugging Face / vLLM order); exact, via one sort."""
     V = logits_SV.shape[-1]
@@ -54,7 +54,7 @@ def _draw(logits_SV, temperature_S, top_k_S, top_p_S, keys):
     scaled_SV = logits_SV / jnp.maximum(temperature_S, 1e-6)[:, None]
     scaled_SV = jax.lax.cond(
         jnp.any((top_k_S > 0) | (top_p_S < 1.0)),
-        lambda x: _filter_top_k_top_p(x, top_k_S, top_p_S),
+        lambda x: filter_top_k_top_p(x, top_k_S, top_p_S),
         lambda x: x,
         scaled_SV,
     )
