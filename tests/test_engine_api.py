@@ -54,6 +54,30 @@ def test_bad_requests_are_rejected_and_leave_state_intact(engine, prompt, sampli
 
 
 @pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("123", "tokenize text first"),  # not [1, 2, 3]
+        ([1.5, 2.0], "got 1.5 .float"),  # not [1, 2]
+        (np.array([3.7, 4.2]), "integer array"),  # not [3, 4]
+        (np.array([[1, 2]]), "1-D"),
+        ([1, True], "got True"),
+        (7, "sequence of token ids"),
+    ],
+)
+def test_prompts_must_be_integer_token_ids(engine, prompt, message):
+    with pytest.raises(RequestError, match=message):
+        engine.add_request(prompt, SamplingParams())
+
+
+def test_integer_numpy_prompts_and_values_are_accepted(engine):
+    sp = SamplingParams(max_tokens=np.int64(2), temperature=np.float32(0.5), seed=np.int32(3))
+    assert isinstance(sp.max_tokens, int) and isinstance(sp.temperature, float)
+    rid = engine.add_request(np.array([3, 4, 5], np.int32), sp)
+    assert engine.requests[rid].prompt == [3, 4, 5]
+    engine.abort(rid)
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(max_tokens=0), "max_tokens"),
@@ -64,6 +88,13 @@ def test_bad_requests_are_rejected_and_leave_state_intact(engine, prompt, sampli
         (dict(top_p=1.5), "top_p"),
         (dict(n=0), "n must be"),
         (dict(seed=-1), "seed"),
+        (dict(temperature="0.5"), "temperature .*str"),  # refused, not coerced
+        (dict(top_p=None), "top_p .*NoneType"),
+        (dict(max_tokens=2.0), "max_tokens .*float"),
+        (dict(n=True), "n must be an int"),
+        (dict(stop_tokens="ab"), "stop_tokens"),
+        (dict(stop_tokens=(1.5,)), "stop_tokens"),
+        (dict(ignore_eos=1), "ignore_eos"),
     ],
 )
 def test_invalid_sampling_params(kwargs, message):
