@@ -1,5 +1,7 @@
 """The engine serves every model family: MoE (dropless), Hugging Face Mixtral, sparse attention."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -137,3 +139,35 @@ def test_sparse_decode_reads_fewer_keys_than_the_context():
 
     strided = make_pattern("strided", 8, 2, "union", 4)
     assert strided.num_needed(96) < 96 // 2  # per query: ~l + n / l keys, not n
+
+
+def test_packed_bf16_embedding_gather_equals_the_model_s():
+    from mlx_sched.serve import steps
+
+    cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64)
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    bf16 = nnx.merge(graphdef, params)
+    tables = steps.pack_table(bf16.embed[...])
+    assert tables["embed_words"].dtype == jnp.uint32
+    tokens = jnp.asarray([0, 5, 263, 5])
+    got = steps.embed(bf16, tables, tokens)
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float32), np.asarray(bf16.embed[...][tokens], np.float32)
+    )
+    assert steps.pack_table(model.embed[...]) == {}  # float32: the plain gather
+
+
+def test_bfloat16_engine_matches_bfloat16_full_recompute():
+    cfg = ModelConfig(
+        vocab_size=264, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+        max_seq_len=128, dtype="bfloat16", init_std=0.3,
+    )  # fmt: skip
+    model = Transformer(cfg, nnx.Rngs(2))
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(0, 256, n))) for n in (5, 19, 33)]
+    want = reference.generate(model, prompts, 6)
+    engine = Engine(model, SERVE)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=6))
+    assert [o.outputs[0] for o in outs] == want

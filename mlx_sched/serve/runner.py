@@ -93,19 +93,21 @@ class Runner:
         pallas = pallas_attention.flavour_for(backend, self.Z, mc.head_dim, kv_dtype)
         self.kernel = KernelOptions(cfg.attn_chunk_pages, native, pallas)
         repl = self.repl = sharding.replicated(self.mesh)
-        kv_in = (self.param_shardings, self.kv_sharding, self.kv_sharding, repl)
+        with self._counting():
+            self.tables = jax.jit(steps.pack_table, out_shardings=repl)(params["embed"][...])
+        kv_in = (self.param_shardings, repl, self.kv_sharding, self.kv_sharding, repl)
         kv_out = (self.kv_sharding, self.kv_sharding)
         self._mixed = jax.jit(
             functools.partial(steps.mixed_step, graphdef, self.kernel),
             in_shardings=kv_in,
             out_shardings=(*kv_out, repl, repl),
-            donate_argnums=(1, 2),
+            donate_argnums=(2, 3),
         )
         self._slice = jax.jit(
             functools.partial(steps.decode_slice, graphdef, self.kernel, self.Z, cfg.slice_len),
             in_shardings=kv_in,
             out_shardings=(*kv_out, repl, repl, repl),
-            donate_argnums=(1, 2),
+            donate_argnums=(2, 3),
         )
         self._read = jax.jit(steps.read_pages, out_shardings=(repl, repl))
         self._write = jax.jit(steps.write_pages, out_shardings=kv_out, donate_argnums=(0, 1))
@@ -267,10 +269,14 @@ class Runner:
         bundle = jax.device_put(bundle, self.repl)  # the one explicit host -> device transfer
         with self._counting(), jax.set_mesh(self.mesh):
             if shape.kind == "mixed":
-                self.k, self.v, tok, logp = self._mixed(self.params, self.k, self.v, bundle)
+                self.k, self.v, tok, logp = self._mixed(
+                    self.params, self.tables, self.k, self.v, bundle
+                )
                 iters = 1
             else:
-                self.k, self.v, tok, logp, iters = self._slice(self.params, self.k, self.v, bundle)
+                self.k, self.v, tok, logp, iters = self._slice(
+                    self.params, self.tables, self.k, self.v, bundle
+                )
             out = (tok, iters, logp) if want_logprobs else (tok, iters)
             out = jax.device_get(out)
         device_s = time.perf_counter() - t0
@@ -337,10 +343,14 @@ class Runner:
                     out = self.k
                 elif shape.kind == "mixed":
                     bundle = jax.device_put(self.build_mixed(StepPlan(), shape), self.repl)
-                    self.k, self.v, out, _ = self._mixed(self.params, self.k, self.v, bundle)
+                    self.k, self.v, out, _ = self._mixed(
+                        self.params, self.tables, self.k, self.v, bundle
+                    )
                 else:
                     bundle = jax.device_put(self.build_slice(StepPlan(), shape), self.repl)
-                    self.k, self.v, out, *_ = self._slice(self.params, self.k, self.v, bundle)
+                    self.k, self.v, out, *_ = self._slice(
+                        self.params, self.tables, self.k, self.v, bundle
+                    )
                 jax.block_until_ready(out)
         self.compiles_at_warmup = self.compiles
         return len(shapes)
