@@ -153,7 +153,9 @@ def tune_process() -> None:
     cache = os.environ.get("MLX_SCHED_JAX_CACHE", "~/.cache/mlx_sched/jax")
     if cache != "0":
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # every program: a second start of the same configuration loads all of them
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest value glibc accepts

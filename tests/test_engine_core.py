@@ -309,9 +309,9 @@ def test_policy_budget_is_derived_once():
 
 def test_serve_config_derived_fields_survive_replace():
     cfg = ServeConfig(max_seqs=16, token_budget=128)
-    assert cfg.decode_sizes == (8, 16) and cfg.chunk_tokens == 128
+    assert cfg.decode_sizes == (16,) and cfg.chunk_tokens == 128
     bigger = dataclasses.replace(cfg, max_seqs=64, token_budget=512)
-    assert bigger.decode_sizes == (8, 16, 32, 64)
+    assert bigger.decode_sizes == (16, 64)
     assert bigger.prefill_sizes == (32, 128, 512) and bigger.chunk_tokens == 512
 
 

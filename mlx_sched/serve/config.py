@@ -33,7 +33,7 @@ class ServeConfig:
     token_budget: int = 512  # tokens per step: decodes + prefill chunks (Sarathi-Serve's tau)
     max_prefill_rows: int = 4  # sequences that may prefill in one step
     prefill_chunk: int = 0  # max tokens of one sequence in one step; 0: token_budget
-    decode_buckets: tuple[int, ...] = ()  # () = powers of two from 8 up to max_seqs
+    decode_buckets: tuple[int, ...] = ()  # () = powers of four from 16 up to max_seqs
     prefill_buckets: tuple[int, ...] = ()  # () = powers of four from 32 up to token_budget
     decode_widths: tuple[int, ...] = (1,)  # positions a decoding sequence computes in a step
     max_context: int = 0  # 0: the model's max_seq_len
@@ -97,9 +97,11 @@ class ServeConfig:
 
     @functools.cached_property
     def decode_sizes(self) -> tuple[int, ...]:
-        """Compiled decode-slot counts D."""
+        """Compiled decode-slot counts D. The default steps by 4x: a decode step's matmuls read
+        every weight whatever D is, so padding slots cost little, while each bucket is a
+        compiled program per prefill size at start-up."""
         return tuple(sorted(set(self.decode_buckets))) or _powers(
-            min(8, self.max_seqs), self.max_seqs, 2
+            min(16, self.max_seqs), self.max_seqs, 4
         )
 
     @functools.cached_property

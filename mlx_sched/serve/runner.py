@@ -12,8 +12,10 @@ two engines in one process report their own.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -109,6 +111,7 @@ class Runner:
             out_shardings=(*kv_out, repl, repl, repl),
             donate_argnums=(2, 3),
         )
+        self._exe: dict[Shape, object] = {}  # ahead-of-time compiled steps, by shape
         self._read = jax.jit(steps.read_pages, out_shardings=(repl, repl))
         self._write = jax.jit(steps.write_pages, out_shardings=kv_out, donate_argnums=(0, 1))
 
@@ -268,15 +271,13 @@ class Runner:
         t0 = time.perf_counter()
         bundle = jax.device_put(bundle, self.repl)  # the one explicit host -> device transfer
         with self._counting(), jax.set_mesh(self.mesh):
+            fn = self._exe.get(shape) or (self._mixed if shape.kind == "mixed" else self._slice)
+            out = fn(self.params, self.tables, self.k, self.v, bundle)
             if shape.kind == "mixed":
-                self.k, self.v, tok, logp = self._mixed(
-                    self.params, self.tables, self.k, self.v, bundle
-                )
+                self.k, self.v, tok, logp = out
                 iters = 1
             else:
-                self.k, self.v, tok, logp, iters = self._slice(
-                    self.params, self.tables, self.k, self.v, bundle
-                )
+                self.k, self.v, tok, logp, iters = out
             out = (tok, iters, logp) if want_logprobs else (tok, iters)
             out = jax.device_get(out)
         device_s = time.perf_counter() - t0
@@ -328,29 +329,38 @@ class Runner:
     # -- warm-up --------------------------------------------------------------------
 
     def warmup(self, progress=None) -> int:
-        """Compile every declared shape (all-padding batches write only the null page)."""
-        shapes: list = list(all_shapes(self.cfg))
+        """Compile every declared shape, ahead of time and in parallel (XLA compiles each on
+        its own thread; with the persistent compilation cache a second start loads them)."""
+        shapes = all_shapes(self.cfg)
+        done = [0]
+        lock = threading.Lock()
+
+        def compile_one(shape: Shape):
+            before = CompileCounter.count()
+            with jax.set_mesh(self.mesh):
+                fn, build = (
+                    (self._mixed, self.build_mixed)
+                    if shape.kind == "mixed"
+                    else (self._slice, self.build_slice)
+                )
+                bundle = jax.device_put(build(StepPlan(), shape), self.repl)
+                exe = fn.lower(self.params, self.tables, self.k, self.v, bundle).compile()
+            with lock:
+                self.compiles += CompileCounter.count() - before
+                done[0] += 1
+                if progress:
+                    progress(done[0] - 1, len(shapes), shape)
+            return shape, exe
+
+        workers = max(1, min(len(shapes), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            self._exe.update(pool.map(compile_one, shapes))
         if self.cfg.preemption == "swap":
-            shapes += self.transfer_sizes()
-        for i, shape in enumerate(shapes):
-            if progress:
-                progress(i, len(shapes), shape)
-            with self._counting(), jax.set_mesh(self.mesh):
-                if isinstance(shape, int):  # a KV transfer of `shape` pages
-                    idx = jax.device_put(np.zeros(shape, np.int32), self.repl)
+            for m in self.transfer_sizes():  # KV transfers: small programs, compiled in place
+                with self._counting(), jax.set_mesh(self.mesh):
+                    idx = jax.device_put(np.zeros(m, np.int32), self.repl)
                     kd, vd = self._read(self.k, self.v, idx)
                     self.k, self.v = self._write(self.k, self.v, idx, kd, vd)
-                    out = self.k
-                elif shape.kind == "mixed":
-                    bundle = jax.device_put(self.build_mixed(StepPlan(), shape), self.repl)
-                    self.k, self.v, out, _ = self._mixed(
-                        self.params, self.tables, self.k, self.v, bundle
-                    )
-                else:
-                    bundle = jax.device_put(self.build_slice(StepPlan(), shape), self.repl)
-                    self.k, self.v, out, *_ = self._slice(
-                        self.params, self.tables, self.k, self.v, bundle
-                    )
-                jax.block_until_ready(out)
+            jax.block_until_ready(self.k)
         self.compiles_at_warmup = self.compiles
-        return len(shapes)
+        return len(shapes) + (len(self.transfer_sizes()) if self.cfg.preemption == "swap" else 0)
