@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import numpy as np
 from flax import nnx
 
+from models.attention_core import causal_attention
 from models.config import ModelConfig
 from models.layers import apply_rope, constrain_act, dot, param, rope_tables
-from models.patterns import pattern_for_layer
+from models.patterns import DenseCausal, pattern_for_layer
 from sharding.rules import constrain
 
 MODES = ("train", "eval", "serve")
@@ -28,23 +30,35 @@ class FullContext:
     `mode` tells mode-dependent layers what they serve: "train" (stochastic
     parts on, capacity-limited MoE routing), "eval" (deterministic, training
     routing) or "serve" (deterministic, batch-invariant: dropless MoE).
+    `ordered` promises positions 0..L-1 in every row, so dense causal attention
+    may skip the key blocks after each query block.
     """
 
     batch: int
     length: int
     positions_T: jax.Array
     mode: str = "train"
+    ordered: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode '{self.mode}' is not one of {MODES}")
 
+    def rope_positions(self):
+        """Positions for RoPE: static (numpy) for ordered rows, so the tables are constants."""
+        if self.ordered:
+            return np.tile(np.arange(self.length, dtype=np.int32), self.batch)
+        return self.positions_T
+
     def attend(self, layer: int, pattern, q_THX, k_TKX, v_TKX) -> jax.Array:
         del layer
         B, L = self.batch, self.length
         pos_BL = self.positions_T.reshape(B, L)
-        unflat = lambda a: a.reshape(B, L, *a.shape[1:])
-        o_BLHX = pattern.full_attention(unflat(q_THX), unflat(k_TKX), unflat(v_TKX), pos_BL)
+        q_BLHX, k_BLKX, v_BLKX = (a.reshape(B, L, *a.shape[1:]) for a in (q_THX, k_TKX, v_TKX))
+        if self.ordered and pattern == DenseCausal():
+            o_BLHX = causal_attention(q_BLHX, k_BLKX, v_BLKX, pos_BL, pos_BL, ordered=True)
+        else:
+            o_BLHX = pattern.full_attention(q_BLHX, k_BLKX, v_BLKX, pos_BL)
         return o_BLHX.reshape(B * L, *o_BLHX.shape[2:])
 
 
@@ -72,6 +86,7 @@ class Attention(nnx.Module):
         return q, k, v
 
     def __call__(self, x_TD: jax.Array, ctx) -> jax.Array:
-        q, k, v = self.qkv(x_TD, ctx.positions_T)
+        pos_T = ctx.rope_positions() if isinstance(ctx, FullContext) else ctx.positions_T
+        q, k, v = self.qkv(x_TD, pos_T)
         o_THX = ctx.attend(self.layer, self.pattern, q, k, v)
         return constrain_act(dot("thx,hxd->td", o_THX, self.wo[...], self.dtype), "act_embed")

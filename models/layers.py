@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from models.attention_core import can_fix_layouts, row_major
 from models.config import ModelConfig
 from sharding.rules import constrain
 
@@ -28,9 +32,72 @@ def constrain_act(x: jax.Array, last: str) -> jax.Array:
 
 
 def dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
-    """einsum in `dtype` with float32 accumulation (fast bf16 on CPU and TPU)."""
+    """einsum in `dtype` with float32 accumulation (fast bf16 on CPU and TPU), and so are
+    its two gradient matmuls (see `_dot_bwd`)."""
+    return _dot(eq, jnp.dtype(dtype), x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _dot(eq, dtype, x, w):
     out = jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     return out.astype(dtype)
+
+
+def _dot_fwd(eq, dtype, x, w):
+    return _dot(eq, dtype, x, w), (x, w)
+
+
+def _dot_bwd(eq, dtype, res, g):
+    """dx and dw as `dtype` matmuls with float32 accumulation, operands in the order the
+    CPU's fast dot path takes. The default transpose of a float32-accumulating dot
+    multiplies the float32 cotangent by the `dtype` operand: for bfloat16, a float32 dot.
+    That default is kept for float32 (where it is the same) and where layouts cannot be
+    fixed (`can_fix_layouts`: XLA:CPU may then pick a bf16 dot it cannot run)."""
+    x, w = res
+    xs, ws, outs = _parse(eq)
+    if dtype == jnp.float32 or not can_fix_layouts():
+        g = g.astype(jnp.float32)
+        dx = jnp.einsum(f"{outs},{ws}->{xs}", g, w.astype(dtype), preferred_element_type=g.dtype)
+        dw = jnp.einsum(f"{xs},{outs}->{ws}", x.astype(dtype), g, preferred_element_type=g.dtype)
+    else:
+        g = g.astype(dtype)
+        dx = _canonical_einsum(outs, ws, xs, g, w.astype(dtype))
+        dw = _canonical_einsum(xs, outs, ws, x.astype(dtype), g)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dot.defvjp(_dot_fwd, _dot_bwd)
+
+
+def _parse(eq: str) -> tuple[str, str, str]:
+    ins, out = eq.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    return a, b, out
+
+
+def _canonical_einsum(sa: str, sb: str, so: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum `sa,sb->so` (float32 result) as a [batch, M, K] x [batch, K, N] dot.
+
+    Operands are transposed (and kept transposed, see `row_major`) into that order
+    only when they are not in it already; the result is transposed back to `so`.
+    """
+    batch = [c for c in sa if c in sb and c in so]
+    contract = [c for c in sa if c in sb and c not in so]
+    m = [c for c in sa if c not in sb]
+    n = [c for c in sb if c not in sa]
+    if sorted(so) != sorted(batch + m + n) or any(c not in sa + sb for c in so):
+        raise ValueError(f"unsupported einsum {sa},{sb}->{so}")
+    la, lb, lo = (
+        "".join(batch + m + contract),
+        "".join(batch + contract + n),
+        "".join(batch + m + n),
+    )
+    if la != sa:
+        a = row_major(jnp.einsum(f"{sa}->{la}", a))
+    if lb != sb:
+        b = row_major(jnp.einsum(f"{sb}->{lb}", b))
+    out = jnp.einsum(f"{la},{lb}->{lo}", a, b, preferred_element_type=jnp.float32)
+    return out if lo == so else jnp.einsum(f"{lo}->{so}", row_major(out))
 
 
 class RMSNorm(nnx.Module):
@@ -45,14 +112,21 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [..., head_dim] in the half-split (Hugging Face Llama) layout."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+def rope_tables(positions, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [..., head_dim] in the half-split (Hugging Face Llama) layout.
+
+    Static (numpy) positions give numpy tables, constants in a jitted caller:
+    computed there at run time, XLA fuses cos and sin into every consumer and
+    recomputes them per head, in each RoPE fusion of the forward and backward.
+    """
+    xp = np if isinstance(positions, np.ndarray) else jnp
+    inv_freq = 1.0 / (theta ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / head_dim))
+    angles = positions.astype(xp.float32)[..., None] * inv_freq.astype(xp.float32)
+    angles = xp.concatenate([angles, angles], axis=-1)
+    return xp.cos(angles), xp.sin(angles)
 
 
+@jax.custom_vjp
 def apply_rope(x_BLHX: jax.Array, cos_BLX: jax.Array, sin_BLX: jax.Array) -> jax.Array:
     """Rotate q or k: x * cos + rotate_half(x) * sin, computed in float32."""
     x = x_BLHX.astype(jnp.float32)
@@ -60,6 +134,20 @@ def apply_rope(x_BLHX: jax.Array, cos_BLX: jax.Array, sin_BLX: jax.Array) -> jax
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     out = x * cos_BLX[..., None, :] + rotated * sin_BLX[..., None, :]
     return out.astype(x_BLHX.dtype)
+
+
+def _rope_fwd(x_BLHX, cos_BLX, sin_BLX):
+    return apply_rope(x_BLHX, cos_BLX, sin_BLX), (cos_BLX, sin_BLX)
+
+
+def _rope_bwd(res, g_BLHX):
+    """The inverse rotation (sin's halves are equal, so rotate_half^T(g * sin) =
+    -rotate_half(g) * sin); the tables depend on positions only."""
+    cos_BLX, sin_BLX = res
+    return apply_rope(g_BLHX, cos_BLX, -sin_BLX), None, None
+
+
+apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 class MLP(nnx.Module):

@@ -86,13 +86,14 @@ class Transformer(nnx.Module):
         if given, replaces the token embeddings (for gradient checks w.r.t. inputs).
         """
         B, L = tokens_BL.shape
-        if pos_BL is None:
+        ordered = pos_BL is None
+        if ordered:
             pos_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
         if embeddings_BLD is None:
             x_TD = self.embed_tokens(tokens_BL.reshape(B * L))
         else:
             x_TD = embeddings_BLD.reshape(B * L, -1).astype(self.cfg.compute_dtype)
-        ctx = FullContext(B, L, pos_BL.reshape(B * L), mode)
+        ctx = FullContext(B, L, pos_BL.reshape(B * L), mode, ordered)
         x_TD, aux = self.forward(x_TD, ctx, rng)
         logits_BLV = self.logits(x_TD).reshape(B, L, -1)
         return (logits_BLV, aux) if return_aux else logits_BLV

@@ -52,8 +52,11 @@ def test_bench_train_reports_fraction_of_peak(tmp_path):
         f"--out={tmp_path / 'r.json'}",
     )
     assert "fraction of peak" in out
+    assert "bf16/f32 train speed (default, same process):" in out
     r = json.loads((tmp_path / "r.json").read_text())["default"]
-    assert r["fraction_of_peak"] > 0 and r["step_gflop"] > 0
+    for dtype in ("float32", "bfloat16"):
+        assert r[dtype]["fraction_of_peak"] > 0 and r[dtype]["step_gflop"] > 0
+    assert r["bf16_over_f32"]["best"] > 0
 
 
 @pytest.mark.parametrize(
