@@ -85,3 +85,52 @@ def test_native_decode_exact_at_edges(packed):
     assert np.all(np.isfinite(got))
     assert np.all(got[0] == 0)
     np.testing.assert_allclose(got, np.asarray(ref, np.float32), atol=1e-2 if packed else 1e-5)
+
+
+def _reference_decode(q, k, v, pages, kv_len, layer):
+    """float64 numpy decode attention: positions [0, kv_len) of in-range pages only."""
+    G, H, X = q.shape
+    _, P, Z, K, _ = k.shape
+    out = np.zeros((G, H, X))
+    for g in range(G):
+        n = min(int(kv_len[g]), pages.shape[1] * Z)
+        rows = [(p, t) for w, p in enumerate(pages[g]) for t in range(Z) if w * Z + t < n]
+        rows = [(p, t) for p, t in rows if 0 <= p < P]
+        if not rows:
+            continue
+        kg = np.stack([k[layer, p, t] for p, t in rows]).astype(np.float64)  # [T, K, X]
+        vg = np.stack([v[layer, p, t] for p, t in rows]).astype(np.float64)
+        for h in range(H):
+            s = kg[:, h // (H // K)] @ q[g, h].astype(np.float64) / np.sqrt(X)
+            e = np.exp(s - s.max())
+            out[g, h] = e @ vg[:, h // (H // K)] / e.sum()
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize(
+    "H,K,X,Z",
+    [(8, 8, 64, 16), (8, 2, 64, 16), (4, 2, 96, 8), (4, 1, 128, 32), (2, 2, 48, 16)],
+)
+def test_native_decode_model_head_shapes(packed, H, K, X, Z):
+    """Head sizes of real models (the vectorised paths, their remainders and the scalar one):
+    GQA, partial last pages, kv_len 0 and past the page table, out-of-range page ids skipped."""
+    if not native_kernels.available():
+        pytest.skip("no C++ compiler: the engine uses the pure-JAX kernel")
+    rng = np.random.default_rng(11)
+    G, P, W, N, layer = 8, 64, 5, 2, 1
+    kv_len = np.array([0, 1, Z, Z + 3, 2 * Z - 1, W * Z, W * Z + 7, 3 * Z + 1], np.int32)
+    pages = rng.permutation(np.arange(P))[: G * W].reshape(G, W).astype(np.int32)
+    pages[7, 1], pages[7, 2], pages[5, 0] = -1, P, 1 << 30  # skipped, as if absent
+    dt = jnp.bfloat16 if packed else jnp.float32
+    k = jnp.asarray(rng.normal(size=(N, P, Z, K, X)), dt)
+    v = jnp.asarray(rng.normal(size=(N, P, Z, K, X)), dt)
+    q = jnp.asarray(3 * rng.normal(size=(G, H, X)), jnp.float32)
+    kc, vc = (pack(k), pack(v)) if packed else (k, v)
+    got = np.asarray(
+        jax.jit(native_kernels.paged_decode, static_argnums=(5,))(q, kc, vc, pages, kv_len, layer)
+    )
+    f32 = lambda a: np.asarray(a.astype(jnp.float32))  # noqa: E731
+    ref = _reference_decode(f32(q), f32(k), f32(v), pages, kv_len, layer)
+    assert np.all(got[0] == 0)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
