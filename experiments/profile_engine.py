@@ -3,13 +3,16 @@
   python -m experiments.profile_engine                  # float32 and bfloat16
   python -m experiments.profile_engine --dtypes=bfloat16 --batch=64
 
-For a decode iteration of B sequences (context ~`--context`) and a mixed step with a
-`--prefill`-token chunk, it times, in one process, best of `--reps`:
+For a decode iteration of B sequences (context ~`--context`) and a mixed step (the same B
+decodes plus the prefill chunk of a new `--prefill`-token prompt), it times, in one process,
+best of `--reps`:
 
 - the engine's real step (device time from the step records, and its host time);
-- the same step's parts as separate jitted programs on the same weights and shapes: all
-  the linear layers (q, k, v, o, gate, up, down of every layer), the output head, paged
-  attention of every layer (the kernel the engine uses), sampling;
+- the same step's parts as separate jitted programs on the same weights (packed for the
+  native matmul when the engine packs them) and shapes: all the linear layers (q, k, v, o,
+  gate, up, down of every layer), the output head, paged decode attention of every layer
+  (the kernel the engine uses), sampling; for the mixed step the linear layers and the head
+  at its rows, the rest (attention of the chunk and of the decodes, elementwise) as one;
 - the memory-bandwidth floor: the bytes of weights one iteration reads, over the bandwidth of
   a large reduction measured in the same process, and the matmul FLOP rate.
 
@@ -31,7 +34,7 @@ from experiments import common
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes")
 _BATCH = flags.DEFINE_integer("batch", 32, "decoding sequences")
 _CONTEXT = flags.DEFINE_integer("context", 192, "context length of each decoding sequence")
-_PREFILL = flags.DEFINE_integer("prefill", 512, "tokens of the mixed step's prefill chunk")
+_PREFILL = flags.DEFINE_integer("prefill", 480, "prompt tokens of the mixed step's new request")
 _REPS = flags.DEFINE_integer("reps", 10, "repetitions (best is reported, and the median)")
 _SLICE = flags.DEFINE_integer("slice_len", 1, "decode iterations per call in the real step")
 
@@ -64,6 +67,7 @@ def profile(dtype: str, B: int, ctx: int, prefill: int, reps: int, slice_len: in
     from mlx_sched.serve.engine import Engine
     from mlx_sched.serve.request import SamplingParams
     from models import ModelConfig, Transformer, native_kernels
+    from models.layers import dot
 
     model = Transformer(ModelConfig(**{**MODEL, "dtype": dtype}), nnx.Rngs(0))
     cfg = serve_config("default", dtype)
@@ -84,31 +88,32 @@ def profile(dtype: str, B: int, ctx: int, prefill: int, reps: int, slice_len: in
     step_host = float(np.median([r.host_s / r.iters for r in recs]))
 
     runner = engine.runner
-    params = runner.params
+    params = runner.params  # as the engine runs them: packed for the native matmul or not
     cd = jnp.dtype(model.cfg.compute_dtype)
-    ws = []
+    uses = []  # (einsum, weight) of every projection
     for blk in params["layers"].values():
         a, m = blk["attn"], blk["mlp"]
-        D = MODEL["d_model"]
-        ws += [a["wq"][...].reshape(D, -1), a["wk"][...].reshape(D, -1)]
-        ws += [a["wv"][...].reshape(D, -1), a["wo"][...].reshape(-1, D)]
-        ws += [m["w_gate"][...], m["w_up"][...], m["w_down"][...]]
+        uses += [("td,dhx->thx", a["wq"][...]), ("td,dkx->tkx", a["wk"][...])]
+        uses += [("td,dkx->tkx", a["wv"][...]), ("thx,hxd->td", a["wo"][...])]
+        uses += [("td,df->tf", m["w_gate"][...]), ("td,df->tf", m["w_up"][...])]
+        uses += [("tf,fd->td", m["w_down"][...])]
     embed = params["embed"][...]
-    xs = {n: jnp.ones((B, n), cd) for n in {w.shape[0] for w in ws}}
+    D, H = MODEL["d_model"], MODEL["n_heads"]
+    x_in = {"td": jnp.ones((B, D), cd), "tf": jnp.ones((B, MODEL["d_ff"]), cd),
+            "thx": jnp.ones((B, H, D // H), cd)}  # fmt: skip
 
     @jax.jit
-    def linears(xs, ws):  # every output is returned, so XLA computes every column
-        return [
-            jnp.einsum("td,df->tf", xs[w.shape[0]], w, preferred_element_type=jnp.float32)
-            for w in ws
-        ]
+    def linears(ws):  # every output is returned, so XLA computes every column
+        return [dot(eq, x_in[eq.split(",")[0]], w, cd) for eq, w in zip(eqs, ws, strict=True)]
 
     @jax.jit
     def head(x, e):
-        return jnp.einsum("td,vd->tv", x, e, preferred_element_type=jnp.float32)
+        return dot("td,vd->tv", x, e, cd)
 
-    t_lin, _ = timeit(lambda: linears(xs, ws), reps)
-    x = xs[MODEL["d_model"]]
+    eqs = [eq for eq, _ in uses]
+    ws = [w for _, w in uses]
+    t_lin, _ = timeit(lambda: linears(ws), reps)
+    x = x_in["td"]
     t_head, _ = timeit(lambda: head(x, embed), reps)
     logits = head(x, embed)
     samp = jax.jit(lambda lg: sampling.argmax(lg))
@@ -144,6 +149,33 @@ def profile(dtype: str, B: int, ctx: int, prefill: int, reps: int, slice_len: in
 
     t_attn, _ = timeit(lambda: attn(q, runner.k, runner.v, table, kv_len), reps)
 
+    # a mixed step: the same decodes plus one prefill chunk of a new request (max_tokens=1: it
+    # finishes at its first token, so every repetition sees the same batch)
+    mixed = []
+    for _ in range(reps + 1):
+        engine.add_request(
+            list(map(int, rng.integers(3, 32000, prefill))), SamplingParams(max_tokens=1)
+        )
+        while engine.sched.waiting or any(
+            r.seqs[0].num_computed == 0 for r in engine.sched.running
+        ):
+            engine.step()
+            if engine.step_records[-1].kind == "mixed":
+                mixed.append(engine.step_records[-1])
+    rec = min(mixed[1:], key=lambda r: r.device_s)
+    D_m, _, Tp = rec.shape
+    rows = D_m * 1 + Tp
+    xm = {"td": jnp.ones((rows, D), cd), "tf": jnp.ones((rows, MODEL["d_ff"]), cd),
+          "thx": jnp.ones((rows, H, D // H), cd)}  # fmt: skip
+
+    @jax.jit
+    def linears_m(ws):
+        return [dot(eq, xm[eq.split(",")[0]], w, cd) for eq, w in zip(eqs, ws, strict=True)]
+
+    t_lin_m, _ = timeit(lambda: linears_m(ws), reps)
+    t_head_m, _ = timeit(lambda: head(jnp.ones((D_m + cfg.max_prefill_rows, D), cd), embed), reps)
+    mixed_parts = {"linear layers": t_lin_m, "output head": t_head_m}
+
     flops = 2 * B * (sum(w.size for w in ws) + embed.size)
     weight_bytes = (sum(w.size for w in ws) + embed.size) * cd.itemsize
     bw = bandwidth(reps)
@@ -162,6 +194,16 @@ def profile(dtype: str, B: int, ctx: int, prefill: int, reps: int, slice_len: in
         "bandwidth_floor_ms": 1e3 * weight_bytes / bw / 1e9,
         "matmul_gflop_s": flops / (t_lin + t_head) / 1e9,
         "native_kernel": runner.kernel.native,
+        "packed_matmuls": runner.packed_matmuls,
+        "mixed": {
+            "shape": rec.shape,
+            "decodes": rec.num_decode,
+            "prefill_tokens": rec.num_prefill_tokens,
+            "step_device_ms": 1e3 * rec.device_s,
+            "parts_ms": {k: 1e3 * v for k, v in mixed_parts.items()},
+            "other_ms": 1e3 * (rec.device_s - sum(mixed_parts.values())),
+            "matmul_gflop_s": 2 * rows * sum(w.size for w in ws) / t_lin_m / 1e9,
+        },
     }
 
 
@@ -185,6 +227,20 @@ def main(argv):
             f"| {r['bandwidth_gb_s']:.1f} | {r['bandwidth_floor_ms']:.1f} "
             f"| {r['matmul_gflop_s']:.0f} |"
         )
+    print(f"\nmixed step: {_BATCH.value} decodes + one prefill chunk of a {_PREFILL.value}-token "
+          "prompt, best of the repetitions")  # fmt: skip
+    print("| dtype | shape (D, L, Tp) | prefill tokens | step device ms | linear | head "
+          "| attention + other | linear GFLOP/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        m = r["mixed"]
+        print(
+            f"| {r['dtype']} | {tuple(m['shape'])} | {m['prefill_tokens']} "
+            f"| {m['step_device_ms']:.1f} | {m['parts_ms']['linear layers']:.1f} "
+            f"| {m['parts_ms']['output head']:.1f} | {m['other_ms']:.1f} "
+            f"| {m['matmul_gflop_s']:.0f} |"
+        )
+    print(f"packed matmuls: {[r['packed_matmuls'] for r in rows]}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models import packed_matmul
 from models.attention_core import can_fix_layouts, row_major
 from models.config import ModelConfig
 from sharding.rules import constrain
@@ -33,7 +34,10 @@ def constrain_act(x: jax.Array, last: str) -> jax.Array:
 
 def dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """einsum in `dtype` with float32 accumulation (fast bf16 on CPU and TPU), and so are
-    its two gradient matmuls (see `_dot_bwd`)."""
+    its two gradient matmuls (see `_dot_bwd`). A weight packed for serving
+    (`models.packed_matmul`) goes to the native packed matmul instead."""
+    if packed_matmul.is_packed(w):
+        return packed_matmul.packed_dot(eq, x, w).astype(dtype)
     return _dot(eq, jnp.dtype(dtype), x, w)
 
 

@@ -88,10 +88,10 @@ def _cpu_flags() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def cache_key(cxx: str) -> str:
-    """Name key of the library `cxx` builds from SOURCE on this CPU: changes with any input."""
+def cache_key(cxx: str, source: pathlib.Path = SOURCE) -> str:
+    """Name key of the library `cxx` builds from `source` on this CPU: changes with any input."""
     parts = [
-        SOURCE.read_bytes(),
+        source.read_bytes(),
         " ".join([*FLAGS, *LIBS]).encode(),
         jax.ffi.include_dir().encode(),
         jax.__version__.encode(),
@@ -104,17 +104,17 @@ def cache_key(cxx: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _build() -> pathlib.Path:
+def _build(source: pathlib.Path = SOURCE) -> pathlib.Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found")
-    out = _cache_dir() / f"paged_decode_{cache_key(cxx)}.so"
+    out = _cache_dir() / f"{source.stem}_{cache_key(cxx, source)}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
     include = jax.ffi.include_dir()
-    cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(tmp), *LIBS]
+    cmd = [cxx, *FLAGS, f"-I{include}", str(source), "-o", str(tmp), *LIBS]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     tmp.rename(out)  # atomic: concurrent builders never see a half-written library
     return out

@@ -21,6 +21,7 @@ from mlx_sched.serve.request import Request, SamplingParams
 from mlx_sched.serve.shapes import Shape, all_shapes, shape_for
 from models import ModelConfig, Transformer
 from models import generate as reference
+from models.errors import ConfigError
 
 MAX_NEW = 12
 BIG = dict(  # few compiled shapes: every engine of this file warms up in a few seconds
@@ -311,8 +312,35 @@ def test_serve_config_derived_fields_survive_replace():
     cfg = ServeConfig(max_seqs=16, token_budget=128)
     assert cfg.decode_sizes == (16,) and cfg.chunk_tokens == 128
     bigger = dataclasses.replace(cfg, max_seqs=64, token_budget=512)
-    assert bigger.decode_sizes == (16, 64)
+    assert bigger.decode_sizes == (16, 32, 64) and bigger.mixed_decode_sizes == (16, 64)
     assert bigger.prefill_sizes == (32, 128, 512) and bigger.chunk_tokens == 512
+
+
+def _plan_of(decodes: int, prefill: int = 0) -> StepPlan:
+    """A plan of `decodes` one-token decodes and one `prefill`-token chunk (no pages needed)."""
+    plan = StepPlan()
+    for i in range(decodes):
+        seq = Request(f"d{i}", [1, 2, 3], SamplingParams(), 0.0).seqs[0]
+        seq.num_computed = 2
+        plan.add(seq, 1)
+    if prefill:
+        plan.add(Request("p", list(range(1, prefill + 5)), SamplingParams(), 0.0).seqs[0], prefill)
+    return plan
+
+
+def test_mixed_steps_take_their_own_decode_buckets():
+    cfg = ServeConfig(max_seqs=64, token_budget=512)
+    assert shape_for(_plan_of(decodes=20), cfg) == Shape("decode", 32)
+    assert shape_for(_plan_of(decodes=20, prefill=10), cfg) == Shape("mixed", 64, 1, 32)
+    shapes = all_shapes(cfg)
+    assert {s.D for s in shapes if s.kind == "decode"} == {16, 32, 64}
+    assert {s.D for s in shapes if s.kind == "mixed"} == {0, 16, 64}
+    declared = dataclasses.replace(cfg, decode_buckets=(8, 64))
+    assert declared.mixed_decode_sizes == (8, 64)  # declared buckets serve both kinds
+    both = dataclasses.replace(declared, mixed_decode_buckets=(64,))
+    assert both.decode_sizes == (8, 64) and both.mixed_decode_sizes == (64,)
+    with pytest.raises(ConfigError, match="mixed_decode_buckets must end at max_seqs"):
+        ServeConfig(max_seqs=64, mixed_decode_buckets=(16,))
 
 
 def test_a_new_policy_is_one_registered_class(model, prompts, expected):

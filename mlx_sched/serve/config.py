@@ -33,13 +33,16 @@ class ServeConfig:
     token_budget: int = 512  # tokens per step: decodes + prefill chunks (Sarathi-Serve's tau)
     max_prefill_rows: int = 4  # sequences that may prefill in one step
     prefill_chunk: int = 0  # max tokens of one sequence in one step; 0: token_budget
-    decode_buckets: tuple[int, ...] = ()  # () = powers of four from 16 up to max_seqs
+    decode_buckets: tuple[int, ...] = ()  # () = powers of two from 16 up to max_seqs
+    # () = decode_buckets when given, else powers of four from 16 up to max_seqs
+    mixed_decode_buckets: tuple[int, ...] = ()
     prefill_buckets: tuple[int, ...] = ()  # () = powers of four from 32 up to token_budget
     decode_widths: tuple[int, ...] = (1,)  # positions a decoding sequence computes in a step
     max_context: int = 0  # 0: the model's max_seq_len
     slice_len: int = 1  # decode iterations per call when no prefill is pending (1 = ORCA)
     attn_chunk_pages: int = 8  # pages read per inner-loop iteration of paged attention
     native_kernels: bool = True  # native CPU decode-attention kernel when available
+    packed_matmuls: bool = True  # with native_kernels: weights packed for the native matmul
     preemption: str = "recompute"  # or "swap" (KV to host memory and back)
     prefix_caching: bool = True
     max_copies: int = 8  # copy-on-write page copies per step
@@ -78,6 +81,7 @@ class ServeConfig:
         )
         for name, sizes, top, what in (
             ("decode_buckets", self.decode_sizes, self.max_seqs, "max_seqs"),
+            ("mixed_decode_buckets", self.mixed_decode_sizes, self.max_seqs, "max_seqs"),
             ("prefill_buckets", self.prefill_sizes, self.token_budget, "token_budget"),
         ):
             need(sizes[0] > 0, f"{name} must be > 0, got {getattr(self, name)}")
@@ -97,12 +101,21 @@ class ServeConfig:
 
     @functools.cached_property
     def decode_sizes(self) -> tuple[int, ...]:
-        """Compiled decode-slot counts D. The default steps by 4x: a decode step's matmuls read
-        every weight whatever D is, so padding slots cost little, while each bucket is a
-        compiled program per prefill size at start-up."""
+        """Compiled decode-slot counts D of a decode slice (no prefill). The default steps by
+        2x: a padding slot costs its full share of every matmul (on a CPU the decode step is
+        compute-bound at these sizes), and each size is one compiled program."""
         return tuple(sorted(set(self.decode_buckets))) or _powers(
-            min(16, self.max_seqs), self.max_seqs, 4
+            min(16, self.max_seqs), self.max_seqs, 2
         )
+
+    @functools.cached_property
+    def mixed_decode_sizes(self) -> tuple[int, ...]:
+        """Compiled decode-slot counts D of a mixed step (decodes plus prefill chunks). The
+        default steps by 4x: every size is a compiled program per prefill size, and the
+        prefill tokens already dominate most mixed steps' rows. Declared `decode_buckets` are
+        used for both kinds unless `mixed_decode_buckets` is declared too."""
+        declared = self.mixed_decode_buckets or self.decode_buckets
+        return tuple(sorted(set(declared))) or _powers(min(16, self.max_seqs), self.max_seqs, 4)
 
     @functools.cached_property
     def prefill_sizes(self) -> tuple[int, ...]:
@@ -120,7 +133,7 @@ class ServeConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> ServeConfig:
         d = dict(d)
         check_keys(cls, d, "serve config")
-        for key in ("decode_buckets", "prefill_buckets", "decode_widths"):
+        for key in ("decode_buckets", "mixed_decode_buckets", "prefill_buckets", "decode_widths"):
             if key in d:
                 d[key] = tuple(d[key])
         if "policy_args" in d:

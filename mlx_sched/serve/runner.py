@@ -32,7 +32,7 @@ from mlx_sched.serve.interface import StepResult
 from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.request import NUM_STOP_IDS, Seq, stop_ids
 from mlx_sched.serve.shapes import Shape, all_shapes, bucket, shape_for
-from models import native_kernels, pallas_attention
+from models import native_kernels, packed_matmul, pallas_attention
 from models.config import DTYPES
 from models.paged_attention import KernelOptions, cache_layout
 
@@ -97,6 +97,18 @@ class Runner:
         repl = self.repl = sharding.replicated(self.mesh)
         with self._counting():
             self.tables = jax.jit(steps.pack_table, out_shardings=repl)(params["embed"][...])
+            if (
+                native and cfg.packed_matmuls and packed_matmul.available()
+            ):  # dense projections on the native matmul
+                tied = mc.tie_embeddings
+                if tied and "embed_words" not in self.tables:  # lookups keep their own table
+                    self.tables["embed_table"] = self.params["embed"][...]
+                self.params = jax.jit(
+                    functools.partial(packed_matmul.pack_params, tie_embeddings=tied),
+                    out_shardings=repl,
+                )(self.params)
+                self.param_shardings = jax.tree.map(lambda _: repl, self.params)
+        self.packed_matmuls = any(packed_matmul.is_packed(p) for p in jax.tree.leaves(self.params))
         kv_in = (self.param_shardings, repl, self.kv_sharding, self.kv_sharding, repl)
         kv_out = (self.kv_sharding, self.kv_sharding)
         self._mixed = jax.jit(

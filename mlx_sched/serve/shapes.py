@@ -54,7 +54,7 @@ def shape_for(plan: StepPlan, cfg: ServeConfig) -> Shape:
         return Shape("decode", bucket(cfg.decode_sizes, len(decodes)), S=cfg.slice_len)
     if plan.as_slice:
         raise ValueError("a decode slice cannot carry prefill chunks")
-    D = bucket(cfg.decode_sizes, len(decodes)) if decodes else 0
+    D = bucket(cfg.mixed_decode_sizes, len(decodes)) if decodes else 0
     L = bucket(cfg.decode_widths, width)
     Tp = bucket(cfg.prefill_sizes, sum(n for _, n in prefills)) if prefills else 0
     return Shape("mixed", D, L, Tp)
@@ -64,7 +64,7 @@ def all_shapes(cfg: ServeConfig) -> list[Shape]:
     """Every shape `shape_for` can return: what warm-up compiles."""
     out = []
     for L in cfg.decode_widths:
-        decode_slots = (0, *cfg.decode_sizes) if L == 1 else cfg.decode_sizes
+        decode_slots = (0, *cfg.mixed_decode_sizes) if L == 1 else cfg.mixed_decode_sizes
         prefill = cfg.prefill_sizes if L == 1 else (0, *cfg.prefill_sizes)
         out += [Shape("mixed", D, L, Tp) for D in decode_slots for Tp in prefill]
     out += [Shape("decode", D, S=cfg.slice_len) for D in cfg.decode_sizes]

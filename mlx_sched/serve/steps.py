@@ -55,6 +55,8 @@ def pack_table(table_VD: jax.Array) -> dict:
 
 def embed(model, tables: dict, tokens_T: jax.Array) -> jax.Array:
     """The model's token embeddings, from the packed table when there is one."""
+    if "embed_table" in tables:  # the model's own table is packed as the output head
+        return jnp.take(tables["embed_table"], tokens_T, axis=0).astype(model.cfg.compute_dtype)
     if "embed_words" not in tables:
         return model.embed_tokens(tokens_T)
     words_VW = constrain(tables["embed_words"], (None, None))
