@@ -265,6 +265,24 @@ class PagedContext:
     def num_decode(self) -> int:
         return self.dec_pages_DW.shape[0]
 
+    def _native_prefill(self, layer: int, q_pre: jax.Array) -> jax.Array:
+        """Dense causal attention of the prefill tokens on the native decode kernel: token t of
+        row r is one query over r's pages up to its own position (its KV is already written).
+        Rows of `pre_index_RC` hold only their own tokens, so no work is padded to R x C, and
+        the kernel reads the pages in place."""
+        from models import native_kernels
+
+        R, C = self.pre_index_RC.shape
+        Tp = q_pre.shape[0]
+        cells = self.pre_index_RC.reshape(-1)  # padding cells point at the dummy slot Tp
+        row_T = jnp.zeros((Tp + 1,), jnp.int32).at[cells].set(jnp.repeat(jnp.arange(R), C))[:Tp]
+        used_T = jnp.zeros((Tp + 1,), bool).at[cells].set(True)[:Tp]
+        kv_len_T = jnp.where(used_T, self.positions_T[-Tp:] + 1, 0)
+        o = native_kernels.paged_decode(
+            q_pre, self.k, self.v, self.pre_pages_RW[row_T], kv_len_T, layer
+        )
+        return o.astype(q_pre.dtype)
+
     def attend(self, layer: int, pattern, q_THX, k_TKX, v_TKX) -> jax.Array:
         store = pack if is_packed(self.k) else (lambda x: x.astype(self.k.dtype))
         self.k = self.k.at[layer, self.write_page_T, self.write_offset_T].set(store(k_TKX))
@@ -340,6 +358,10 @@ class PagedContext:
                 layer,
             )
             outs.append(o[:, 0])
+        if self.pre_index_RC is not None and self.kernel.native and not pallas:
+            if isinstance(pattern, DenseCausal):  # each prefill token as its own decode query
+                outs.append(self._native_prefill(layer, q_THX[D * L :]))
+                return jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         if self.pre_index_RC is not None:
             R, C = self.pre_index_RC.shape
             q_pre = q_THX[D * L :]
