@@ -358,11 +358,10 @@ class PagedContext:
                 layer,
             )
             outs.append(o[:, 0])
-        if self.pre_index_RC is not None and self.kernel.native and not pallas:
-            if isinstance(pattern, DenseCausal):  # each prefill token as its own decode query
-                outs.append(self._native_prefill(layer, q_THX[D * L :]))
-                return jnp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
-        if self.pre_index_RC is not None:
+        native_prefill = self.kernel.native and not pallas and isinstance(pattern, DenseCausal)
+        if self.pre_index_RC is not None and native_prefill:  # a token: one decode query
+            outs.append(self._native_prefill(layer, q_THX[D * L :]))
+        elif self.pre_index_RC is not None:
             R, C = self.pre_index_RC.shape
             q_pre = q_THX[D * L :]
             Tp = q_pre.shape[0]
