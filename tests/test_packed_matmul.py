@@ -80,24 +80,34 @@ def test_pack_params_packs_projections_and_head_not_norms_or_experts():
     assert all(is_packed(f"layers/0/attn/{w}") for w in ("wq", "wk", "wv", "wo"))
     assert all(is_packed(f"layers/0/mlp/{w}") for w in ("w_gate", "w_up", "w_down"))
     assert is_packed("embed") == cfg.tie_embeddings
+
     assert not is_packed("layers/0/attn_norm/scale")
     moe_layer = [n for n in flat if n.endswith("mlp/w_gate") and not is_packed(n)]
     assert moe_layer, "the MoE layer's experts must stay on ragged_dot"
+    untied = dataclasses.replace(cfg, tie_embeddings=False)
+    _, params = nnx.split(Transformer(untied, nnx.Rngs(0)), nnx.Param)
+    flat = dict(nnx.to_flat_state(packed_matmul.pack_params(params, tie_embeddings=False)))
+    value = lambda v: v.get_value() if hasattr(v, "get_value") else v.value  # noqa: E731
+    assert packed_matmul.is_packed(value(flat[("lm_head",)]))
+    assert not packed_matmul.is_packed(value(flat[("embed",)]))  # lookups only
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_engine_on_packed_weights_matches_xla_dot(dtype):
+@pytest.mark.parametrize("dtype,tied", [("float32", True), ("bfloat16", True), ("float32", False)])
+def test_engine_on_packed_weights_matches_xla_dot(dtype, tied):
     from mlx_sched.serve.config import ServeConfig
     from mlx_sched.serve.engine import Engine
     from mlx_sched.serve.request import SamplingParams
 
     cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                      max_seq_len=128, dtype=dtype)  # fmt: skip
+                      max_seq_len=128, dtype=dtype, tie_embeddings=tied)  # fmt: skip
     model = Transformer(cfg, nnx.Rngs(0))
-    serve = ServeConfig(page_size=8, num_pages=64, max_seqs=16, token_budget=64)
+    serve = ServeConfig(page_size=8, num_pages=64, max_seqs=16, token_budget=64,
+                        prefill_buckets=(64,))  # fmt: skip
     packed = Engine(model, serve)
     plain = Engine(model, dataclasses.replace(serve, packed_matmuls=False))
     assert packed.runner.packed_matmuls and not plain.runner.packed_matmuls
+    head = "embed" if tied else "lm_head"
+    assert packed_matmul.is_packed(packed.runner.params[head][...])
     rng = np.random.default_rng(0)
     prompts = [list(map(int, rng.integers(1, 512, n))) for n in (5, 17, 40, 9, 33)]
     sp = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True)
