@@ -90,8 +90,10 @@ def _cpu_flags() -> str:
 
 def cache_key(cxx: str, source: pathlib.Path = SOURCE) -> str:
     """Name key of the library `cxx` builds from `source` on this CPU: changes with any input."""
+    headers = sorted(source.parent.glob("*.h"))  # included by the sources
     parts = [
         source.read_bytes(),
+        *(h.name.encode() + h.read_bytes() for h in headers),
         " ".join([*FLAGS, *LIBS]).encode(),
         jax.ffi.include_dir().encode(),
         jax.__version__.encode(),

@@ -29,6 +29,29 @@ def tiny_cfg() -> ModelConfig:
     )
 
 
+@pytest.fixture
+def naive_attention():
+    """Dense causal attention by loops over numpy arrays [B, L, H, X] / [B, L, K, X]: the
+    reference the attention kernels are checked against."""
+
+    def attend(q, k, v):
+        import numpy as np
+
+        B, L, H, X = q.shape
+        K = k.shape[2]
+        out = np.zeros_like(q)
+        for b in range(B):
+            for h in range(H):
+                kv = h // (H // K)
+                for i in range(L):
+                    s = k[b, : i + 1, kv] @ q[b, i, h] / np.sqrt(X)
+                    p = np.exp(s - s.max())
+                    out[b, i, h] = (p / p.sum()) @ v[b, : i + 1, kv]
+        return out
+
+    return attend
+
+
 _approx = pytest.approx
 
 

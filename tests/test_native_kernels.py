@@ -25,6 +25,16 @@ def test_cache_key_changes_with_cpu_and_compiler(monkeypatch):
     assert key("avx avx2 fma sse4_2", "/opt/gcc/bin/g++\ng++ 12.2.0") != base
 
 
+def test_cache_key_changes_with_an_included_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(native_kernels, "_compiler_identity", lambda cxx: "g++ 12")
+    source = tmp_path / "kernel.cc"
+    source.write_text('#include "pool.h"\n')
+    (tmp_path / "pool.h").write_text("// one\n")
+    before = native_kernels.cache_key("g++", source)
+    (tmp_path / "pool.h").write_text("// two\n")
+    assert native_kernels.cache_key("g++", source) != before
+
+
 def test_cpu_flags_are_read_and_sorted():
     flags = native_kernels._cpu_flags().split()
     assert flags and flags == sorted(flags)

@@ -30,6 +30,7 @@
 #define MLX_AMX 1
 #endif
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,52 +40,7 @@ namespace {
 constexpr int64_t kNR = 32;  // columns per panel
 constexpr int kMR = 12;      // rows per register block (2 x 12 accumulators)
 
-class Pool {
- public:
-  static Pool& Get() {
-    static Pool* pool = new Pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
-    return *pool;
-  }
-  int64_t workers() const { return static_cast<int64_t>(threads_.size()); }
-
-  void Run(const std::function<void()>& fn) {
-    std::unique_lock<std::mutex> lock(mu_);
-    job_ = &fn;
-    pending_ = workers();
-    ++generation_;
-    cv_.notify_all();
-    lock.unlock();
-    fn();
-    lock.lock();
-    done_.wait(lock, [&] { return pending_ == 0; });
-    job_ = nullptr;
-  }
-
- private:
-  explicit Pool(unsigned n) {
-    for (unsigned i = 0; i < n; ++i) threads_.emplace_back([this] { Loop(); });
-    for (auto& t : threads_) t.detach();
-  }
-  void Loop() {
-    uint64_t seen = 0;
-    while (true) {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      const std::function<void()>* job = job_;
-      lock.unlock();
-      (*job)();
-      lock.lock();
-      if (--pending_ == 0) done_.notify_all();
-    }
-  }
-  std::vector<std::thread> threads_;
-  std::mutex mu_;
-  std::condition_variable cv_, done_;
-  const std::function<void()>* job_ = nullptr;
-  int64_t pending_ = 0;
-  uint64_t generation_ = 0;
-};
+using mlx_native::Pool;
 
 inline float Bf16ToF32(uint16_t h) {
   uint32_t b = static_cast<uint32_t>(h) << 16;
