@@ -39,8 +39,8 @@ def make_trace(name: str, vocab: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def serve_config(preset: str, dtype: str):
-    """The engine settings of a preset: ServeConfig's defaults with vLLM's context and KV memory."""
+def preset_fields(preset: str, dtype: str) -> dict:
+    """The ServeConfig fields a preset sets: vLLM's context and KV memory over the defaults."""
     from mlx_sched.serve.config import ServeConfig
 
     per_token = 2 * MODEL["n_layers"] * MODEL["d_model"] * (4 if dtype == "float32" else 2)
@@ -48,7 +48,14 @@ def serve_config(preset: str, dtype: str):
     cfg = dict(max_context=1024, num_pages=KV_BYTES // (per_token * page_size), history=-1)
     if preset == "throughput":
         cfg.update(token_budget=2048, slice_len=8)
-    return ServeConfig(**cfg)
+    return cfg
+
+
+def serve_config(preset: str, dtype: str):
+    """The engine settings of a preset: ServeConfig's defaults with vLLM's context and KV memory."""
+    from mlx_sched.serve.config import ServeConfig
+
+    return ServeConfig(**preset_fields(preset, dtype))
 
 
 def make_checkpoint(path: pathlib.Path) -> None:

@@ -6,7 +6,8 @@ Variants:
   decode    decode-heavy: 64 requests of 32 prompt -> 256 output tokens (slice-length study)
   decode_small  the same on a 0.4M-parameter model (d_model 128, 2 layers), where the
             per-call overhead that slices amortise is a larger share of an iteration
-  llama44m  the vLLM comparison: random 44M Llama (d 512, 8 layers, vocab 32k), 32 x 128 -> 128
+  llama44m  the model and default preset of the vLLM comparison (experiments/llama44m.py:
+            random 44M Llama, d 512, 8 layers, vocab 32k), 32 x 128 -> 128
   runlocal  a tiny model and a short trace, for tests
 
   python -m experiments.bench_serving --config=experiments/configs/serve.py:decode --slice_lens=1,8
@@ -60,26 +61,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         if arg == "decode_small":
             c.model.update(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384)
     elif arg == "llama44m":
-        c.model.update(
-            vocab_size=32000,
-            d_model=512,
-            n_layers=8,
-            n_heads=8,
-            n_kv_heads=8,
-            d_ff=1536,
-            max_seq_len=512,
-            tie_embeddings=True,
-        )
-        c.serve.update(
-            max_seqs=32,
-            token_budget=1024,
-            max_prefill_rows=8,
-            prefill_chunk=128,
-            num_pages=600,
-            max_context=256,
-            decode_buckets=(32,),
-            prefill_buckets=(1024,),
-        )
+        from experiments.llama44m import MODEL, preset_fields
+
+        c.model.update(**MODEL)
+        c.serve.update(**preset_fields("default", "float32"))
         c.workload.update(num_requests=32, preset="fixed", length_scale=1.0)
     elif arg == "runlocal":
         c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256)
