@@ -233,6 +233,15 @@ ffi::Error PackedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffe
   const int64_t panels = N / kNR;
 #if defined(MLX_AMX)
   const bool amx = bf16 && K % 32 == 0 && AmxPermitted();
+  // The rows past the last whole block of 32, zero-padded to one: built once per call and
+  // read by every panel.
+  const int64_t tail0 = M / 32 * 32;
+  std::vector<uint16_t> tail;
+  if (amx && tail0 < M) {
+    const uint16_t* xp = static_cast<const uint16_t*>(x.untyped_data());
+    tail.assign(32 * K, 0);
+    std::copy(xp + tail0 * K, xp + M * K, tail.data());
+  }
 #endif
   std::atomic<int64_t> next{0};
   std::function<void()> work = [&] {
@@ -245,16 +254,10 @@ ffi::Error PackedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffe
         const uint16_t* wp = static_cast<const uint16_t*>(w.untyped_data()) + i * K * kNR;
 #if defined(MLX_AMX)
         if (amx) {
-          thread_local std::vector<uint16_t> pad;
           thread_local std::vector<float> spill(32 * kNR);
           for (int64_t r0 = 0; r0 < M; r0 += 32) {
             const int64_t rows = std::min<int64_t>(32, M - r0);
-            const uint16_t* xr = xp + r0 * K;
-            if (rows < 32) {  // the last rows, zero-padded to a whole block
-              pad.assign(32 * K, 0);
-              std::copy(xr, xr + rows * K, pad.data());
-              xr = pad.data();
-            }
+            const uint16_t* xr = r0 < tail0 ? xp + r0 * K : tail.data();
             AmxBlock(xr, wp, yp + r0 * N, K, N, i * kNR, rows, spill.data());
           }
           continue;
