@@ -37,7 +37,8 @@ def dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     its two gradient matmuls (see `_dot_bwd`). A weight packed for serving
     (`models.packed_matmul`) goes to the native packed matmul instead."""
     if packed_matmul.is_packed(w):
-        return packed_matmul.packed_dot(eq, x, w).astype(dtype)
+        out = jnp.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
+        return packed_matmul.packed_dot(eq, x, w, out).astype(dtype)
     return _dot(eq, jnp.dtype(dtype), x, w)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 SOURCE = pathlib.Path(__file__).parent / "native" / "paged_decode.cc"
 TARGET = "mlx_paged_decode"
+PREFILL_TARGET = "mlx_paged_prefill"
 
 
 def _cache_dir() -> pathlib.Path:
@@ -141,25 +142,65 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MlxPagedDecode), platform="cpu")
+        jax.ffi.register_ffi_target(
+            PREFILL_TARGET, jax.ffi.pycapsule(lib.MlxPagedPrefill), platform="cpu"
+        )
     except Exception as e:  # a missing compiler, a failed build: fall back to pure JAX
         logging.warning("native paged-decode kernel unavailable, using pure JAX: %s", _reason(e))
         return False
     return True
 
 
+def _require() -> None:
+    if not available():  # registers the targets on first use
+        raise RuntimeError("the native paged-attention kernels are unavailable (see the warning)")
+
+
+def _io_dtype(q) -> jnp.dtype:
+    """The kernels take and give bfloat16 as it is, anything else as float32."""
+    return jnp.dtype(jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32)
+
+
 def paged_decode(q_GHX, k_cache, v_cache, pages_GW, kv_len_G, layer: int) -> jax.Array:
-    """Dense causal decode attention of one query per group over its pages (float32 out).
+    """Dense causal decode attention of one query per group over its pages (bfloat16 out for
+    a bfloat16 q, rounded once from float32 arithmetic; float32 otherwise).
 
     q [G, H, X]; caches [N, P, Z, K, X] float32 or [N, P, Z, K, X/2] packed bf16 (uint32);
     query g sees positions [0, kv_len[g]) of its pages; kv_len 0 gives zeros.
     """
+    _require()
     G, H, X = q_GHX.shape
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((G, H, X), jnp.float32))
+    dt = _io_dtype(q_GHX)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((G, H, X), dt))
     return call(
-        q_GHX.astype(jnp.float32),
+        q_GHX.astype(dt),
         k_cache,
         v_cache,
         pages_GW.astype(jnp.int32),
         kv_len_G.astype(jnp.int32),
+        layer=np.int64(layer),
+    )
+
+
+def paged_prefill(q_THX, k_cache, v_cache, pages_RW, row_T, kv_len_T, layer: int) -> jax.Array:
+    """Dense causal attention of prefill tokens over their sequences' pages (out dtype as
+    `paged_decode`'s).
+
+    Token t belongs to the sequence whose page-table row is `pages_RW[row_T[t]]` and sees
+    positions [0, kv_len_T[t]) (kv_len 0 gives zeros). The same result as `paged_decode`
+    with each token's row gathered, but consecutive tokens of one row share a task that
+    reads the row's pages once per block of 16 queries rather than once per query.
+    """
+    _require()
+    T, H, X = q_THX.shape
+    dt = _io_dtype(q_THX)
+    call = jax.ffi.ffi_call(PREFILL_TARGET, jax.ShapeDtypeStruct((T, H, X), dt))
+    return call(
+        q_THX.astype(dt),
+        k_cache,
+        v_cache,
+        pages_RW.astype(jnp.int32),
+        row_T.astype(jnp.int32),
+        kv_len_T.astype(jnp.int32),
         layer=np.int64(layer),
     )

@@ -92,8 +92,10 @@ def pack(w: jax.Array, eq: str) -> jax.Array:
     return words.reshape(*n_dims, K)
 
 
-def packed_dot(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """einsum `eq` of `x` and a packed `w` (float32 result), on the native kernel."""
+def packed_dot(eq: str, x: jax.Array, w: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """einsum `eq` of `x` and a packed `w` on the native kernel: float32 accumulation, the
+    result float32 or rounded to bfloat16 (`out_dtype`) by the kernel as it stores it (the
+    same values as a float32 result converted by XLA, without the extra pass)."""
     xs, ws, outs = _letters(eq)
     contracted = [c for c in xs if c in ws and c not in outs]
     m_letters = [c for c in xs if c not in contracted]
@@ -106,7 +108,10 @@ def packed_dot(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     M, K = int(np.prod(m_dims)), w.shape[-1]
     x_MK = jnp.einsum(f"{xs}->{''.join(m_letters + contracted)}", x.astype(dtype)).reshape(M, K)
     N = int(np.prod(w.shape[:-1]))
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32))
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"packed_dot: output dtype {out_dtype} is not float32 or bfloat16")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), out_dtype))
     y = call(x_MK, w).reshape(*m_dims, *w.shape[:-1])
     lo = "".join(m_letters + n_letters)
     return y if lo == outs else jnp.einsum(f"{lo}->{outs}", y)

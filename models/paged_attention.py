@@ -266,10 +266,11 @@ class PagedContext:
         return self.dec_pages_DW.shape[0]
 
     def _native_prefill(self, layer: int, q_pre: jax.Array) -> jax.Array:
-        """Dense causal attention of the prefill tokens on the native decode kernel: token t of
-        row r is one query over r's pages up to its own position (its KV is already written).
-        Rows of `pre_index_RC` hold only their own tokens, so no work is padded to R x C, and
-        the kernel reads the pages in place."""
+        """Dense causal attention of the prefill tokens on the native kernel: token t of row r
+        is one query over r's pages up to its own position (its KV is already written), a
+        row's consecutive tokens in blocks that read its pages once. Rows of `pre_index_RC`
+        hold only their own tokens, so no work is padded to R x C, and the kernel reads the
+        pages in place."""
         from models import native_kernels
 
         R, C = self.pre_index_RC.shape
@@ -278,8 +279,8 @@ class PagedContext:
         row_T = jnp.zeros((Tp + 1,), jnp.int32).at[cells].set(jnp.repeat(jnp.arange(R), C))[:Tp]
         used_T = jnp.zeros((Tp + 1,), bool).at[cells].set(True)[:Tp]
         kv_len_T = jnp.where(used_T, self.positions_T[-Tp:] + 1, 0)
-        o = native_kernels.paged_decode(
-            q_pre, self.k, self.v, self.pre_pages_RW[row_T], kv_len_T, layer
+        o = native_kernels.paged_prefill(
+            q_pre, self.k, self.v, self.pre_pages_RW, row_T, kv_len_T, layer
         )
         return o.astype(q_pre.dtype)
 

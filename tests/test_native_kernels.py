@@ -146,6 +146,73 @@ def test_native_decode_model_head_shapes(packed, H, K, X, Z):
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("H,K,X,Z", [(8, 8, 64, 16), (4, 2, 96, 8), (2, 2, 48, 16)])
+def test_native_prefill_blocks_equal_per_token_decode(packed, H, K, X, Z):
+    """The prefill kernel (a row's consecutive tokens in blocks of 16 sharing each page) gives
+    exactly what the decode kernel gives each token with its row's page table: runs longer
+    than a block, one-token rows, padding tokens (kv_len 0) between them, a row seen twice,
+    partial pages, out-of-range page ids skipped; a row id outside the table is an error."""
+    if not native_kernels.available():
+        pytest.skip("no C++ compiler: the engine uses the pure-JAX kernel")
+    rng = np.random.default_rng(5)
+    R, P, W, N, layer = 4, 96, 6, 2, 1
+    pages = rng.permutation(np.arange(P))[: R * W].reshape(R, W).astype(np.int32)
+    pages[2, 1] = -1  # skipped, as if absent
+    runs = [(0, 0, 37), (1, 5, 1), (None, 0, 3), (2, 2, 20), (3, 0, W * Z + 4), (0, 40, 2)]
+    row_T, len_T = [], []
+    for row, start, n in runs:  # (row, first position, tokens); None: padding
+        row_T += [0 if row is None else row] * n
+        len_T += [0] * n if row is None else list(range(start + 1, start + n + 1))
+    row_T, len_T = np.asarray(row_T, np.int32), np.asarray(len_T, np.int32)
+    dt = jnp.bfloat16 if packed else jnp.float32
+    k = jnp.asarray(rng.normal(size=(N, P, Z, K, X)), dt)
+    v = jnp.asarray(rng.normal(size=(N, P, Z, K, X)), dt)
+    q = jnp.asarray(2 * rng.normal(size=(len(row_T), H, X)), jnp.float32)
+    kc, vc = (pack(k), pack(v)) if packed else (k, v)
+    prefill = jax.jit(native_kernels.paged_prefill, static_argnums=(6,))
+    got = np.asarray(prefill(q, kc, vc, pages, row_T, len_T, layer))
+    decode = jax.jit(native_kernels.paged_decode, static_argnums=(5,))
+    want = np.asarray(decode(q, kc, vc, pages[row_T], len_T, layer))
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got[len_T == 0] == 0)
+    with pytest.raises(Exception, match="row out of range"):
+        np.asarray(prefill(q, kc, vc, pages, np.full_like(row_T, R), len_T, layer))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_native_kernels_take_and_give_bfloat16(packed):
+    """A bfloat16 query goes in as it is and the output comes back bfloat16: exactly the
+    float32 query's output rounded as XLA rounds it (decode and prefill); float16 and other
+    query types are computed in float32."""
+    if not native_kernels.available():
+        pytest.skip("no C++ compiler: the engine uses the pure-JAX kernel")
+    rng = np.random.default_rng(9)
+    G, H, K, X, Z, P, W, N = 6, 4, 2, 64, 16, 32, 3, 1
+    pages = rng.permutation(np.arange(P))[: G * W].reshape(G, W).astype(np.int32)
+    kv_len = np.array([0, 1, 17, 48, 30, 5], np.int32)
+    dt = jnp.bfloat16 if packed else jnp.float32
+    k = jnp.asarray(rng.normal(size=(N, P, Z, K, X)), dt)
+    v = jnp.asarray(rng.normal(size=(N, P, Z, K, X)), dt)
+    kc, vc = (pack(k), pack(v)) if packed else (k, v)
+    q16 = jnp.asarray(rng.normal(size=(G, H, X)), jnp.bfloat16)
+    decode = jax.jit(native_kernels.paged_decode, static_argnums=(5,))
+    prefill = jax.jit(native_kernels.paged_prefill, static_argnums=(6,))
+    want = decode(q16.astype(jnp.float32), kc, vc, pages, kv_len, 0)
+    assert want.dtype == jnp.float32
+    for got in (
+        decode(q16, kc, vc, pages, kv_len, 0),
+        prefill(q16, kc, vc, pages, np.arange(G, dtype=np.int32), kv_len, 0),
+    ):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(
+            np.asarray(got).view(np.uint16), np.asarray(want.astype(jnp.bfloat16)).view(np.uint16)
+        )
+    half = decode(q16.astype(jnp.float16), kc, vc, pages, kv_len, 0)
+    assert half.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(half), np.asarray(want))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_engine_native_prefill_equals_pure_jax(dtype):
     """Prefill chunks through the native kernel (each token one query over its row's pages):

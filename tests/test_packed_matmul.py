@@ -47,6 +47,30 @@ def test_packed_dot_matches_einsum(eq, dtype):
         np.testing.assert_array_equal(np.asarray(via_dot), np.asarray(got.astype(dtype)))
 
 
+def test_bfloat16_results_round_as_xla_converts():
+    """The kernel's bfloat16 results equal XLA's conversion of its float32 results, bit for
+    bit: ties to even, values that round up to inf, subnormals (x @ I is exact); a row with
+    inf or NaN (inf * 0 = NaN) gives NaN where XLA's result is NaN."""
+    tie, big = 1 + 2.0**-8, float(np.finfo(np.float32).max)
+    special = [tie, -tie, 1 + 3 * 2.0**-8, big, -big, 1e-40, -0.0, 3.0e38]
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(37, 64)).astype(np.float32)
+    x[3, : len(special)] = special
+    x[5, 7], x[6, 9] = np.inf, np.nan
+    eye = packed_matmul.pack(jnp.eye(64, dtype=jnp.float32), "td,df->tf")
+    f = jax.jit(lambda x, w: packed_matmul.packed_dot("td,df->tf", x, w, jnp.bfloat16))
+    got = np.asarray(f(jnp.asarray(x), eye))
+    want = np.asarray(jax.jit(lambda x, w: packed_matmul.packed_dot("td,df->tf", x, w))(x, eye))
+    want = np.asarray(jnp.asarray(want).astype(jnp.bfloat16))
+    assert got.dtype == want.dtype == jnp.bfloat16
+    nan = np.isnan(want.astype(np.float32))
+    assert nan[5:7].any() and not nan[:5].any()
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert np.all(np.isnan(got.astype(np.float32)[nan]))
+    with pytest.raises(ValueError, match="output dtype"):
+        packed_matmul.packed_dot("td,df->tf", jnp.asarray(x), eye, jnp.float16)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_a_rows_product_does_not_depend_on_the_other_rows(dtype):
     rng = np.random.default_rng(1)

@@ -1,6 +1,6 @@
 // Matmul against a weight packed once at start-up, for XLA:CPU (an XLA FFI custom call).
 //
-// y[M, N] (float32) = x[M, K] @ W, where W [K, N] was packed into panels of 32 columns:
+// y[M, N] = x[M, K] @ W (float32, or rounded to bfloat16 when y is bfloat16), where W [K, N] was packed into panels of 32 columns:
 //   float32:  [N/32][K][32]            (stored as uint32 words)
 //   bfloat16: [N/32][K/2][32][2]       (stored as uint16: the two k of a pair side by side,
 //                                       the layout of AVX512-BF16's vdpbf16ps)
@@ -41,6 +41,30 @@ constexpr int64_t kNR = 32;  // columns per panel
 constexpr int kMR = 12;      // rows per register block (2 x 12 accumulators)
 
 using mlx_native::Pool;
+
+// float32 -> bfloat16, rounding to nearest even (NaN stays a quiet NaN), as XLA converts.
+inline uint16_t F32ToBf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((b >> 16) | 0x40);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(b >> 16);
+}
+
+// Rows [0, M) of a [M, 32] float32 block -> columns [n0, n0 + 32) of a bfloat16 y [M, N].
+void StoreBf16(const float* block, uint16_t* y, int64_t M, int64_t N, int64_t n0) {
+  for (int64_t r = 0; r < M; ++r) {
+#if defined(__AVX512BF16__)
+    for (int h = 0; h < 2; ++h) {
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(block + r * kNR + 16 * h));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * N + n0 + 16 * h),
+                          reinterpret_cast<const __m256i&>(v));
+    }
+#else
+    for (int64_t j = 0; j < kNR; ++j) y[r * N + n0 + j] = F32ToBf16(block[r * kNR + j]);
+#endif
+  }
+}
 
 inline float Bf16ToF32(uint16_t h) {
   uint32_t b = static_cast<uint32_t>(h) << 16;
@@ -214,7 +238,7 @@ void Panel(const T* x, const T* panel, float* y, int64_t M, int64_t K, int64_t N
   }
 }
 
-ffi::Error PackedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error PackedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
   auto xd = x.dimensions();
   if (xd.size() != 2) return ffi::Error::InvalidArgument("packed_matmul: x must be [M, K]");
   const int64_t M = xd[0], K = xd[1];
@@ -228,8 +252,13 @@ ffi::Error PackedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffe
     return ffi::Error::InvalidArgument("packed_matmul: weight is not a [N/32] panel pack of K");
   if (y->element_count() != static_cast<size_t>(M * N))
     return ffi::Error::InvalidArgument("packed_matmul: output must be [M, N]");
-  float* yp = y->typed_data();
+  const bool y_bf16 = y->element_type() == ffi::DataType::BF16;
+  if (!y_bf16 && y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("packed_matmul: output must be float32 or bfloat16");
   if (M == 0 || N == 0) return ffi::Error::Success();
+  // A float32 y is written in place; a bfloat16 one through a [M, 32] block per panel.
+  float* const y32 = y_bf16 ? nullptr : static_cast<float*>(y->untyped_data());
+  uint16_t* const y16 = y_bf16 ? static_cast<uint16_t*>(y->untyped_data()) : nullptr;
   const int64_t panels = N / kNR;
 #if defined(MLX_AMX)
   const bool amx = bf16 && K % 32 == 0 && AmxPermitted();
@@ -248,7 +277,12 @@ ffi::Error PackedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffe
 #if defined(MLX_AMX)
     if (amx) ConfigureTiles();
 #endif
+    thread_local std::vector<float> block;
+    if (y_bf16 && static_cast<int64_t>(block.size()) < M * kNR) block.resize(M * kNR);
     for (int64_t i = next.fetch_add(1); i < panels; i = next.fetch_add(1)) {
+      // where the panel's columns go: y itself, or the block (stride 32, column 0)
+      float* const yp = y_bf16 ? block.data() : y32;
+      const int64_t ys = y_bf16 ? kNR : N, n0 = y_bf16 ? 0 : i * kNR;
       if (bf16) {
         const uint16_t* xp = static_cast<const uint16_t*>(x.untyped_data());
         const uint16_t* wp = static_cast<const uint16_t*>(w.untyped_data()) + i * K * kNR;
@@ -258,17 +292,17 @@ ffi::Error PackedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffe
           for (int64_t r0 = 0; r0 < M; r0 += 32) {
             const int64_t rows = std::min<int64_t>(32, M - r0);
             const uint16_t* xr = r0 < tail0 ? xp + r0 * K : tail.data();
-            AmxBlock(xr, wp, yp + r0 * N, K, N, i * kNR, rows, spill.data());
+            AmxBlock(xr, wp, yp + r0 * ys, K, ys, n0, rows, spill.data());
           }
-          continue;
-        }
+        } else
 #endif
-        Panel<Bf16Block>(xp, wp, yp, M, K, N, i * kNR);
+        Panel<Bf16Block>(xp, wp, yp, M, K, ys, n0);
       } else {
         const float* xp = static_cast<const float*>(x.untyped_data());
         const float* wp = static_cast<const float*>(w.untyped_data()) + i * K * kNR;
-        Panel<F32Block>(xp, wp, yp, M, K, N, i * kNR);
+        Panel<F32Block>(xp, wp, yp, M, K, ys, n0);
       }
+      if (y_bf16) StoreBf16(block.data(), y16, M, N, i * kNR);
     }
 #if defined(MLX_AMX)
     if (amx) _tile_release();
@@ -290,4 +324,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MlxPackedMatmul, PackedMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::AnyBuffer>());

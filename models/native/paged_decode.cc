@@ -21,6 +21,7 @@
 #include <limits>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -59,6 +60,33 @@ inline float Bf16High(uint32_t w) {
   __builtin_memcpy(&f, &b, 4);
   return f;
 }
+
+// float32 -> bfloat16, rounding to nearest even (NaN stays a quiet NaN), as XLA converts.
+inline uint16_t F32ToBf16(float f) {
+  uint32_t b;
+  __builtin_memcpy(&b, &f, 4);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((b >> 16) | 0x40);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return static_cast<uint16_t>(b >> 16);
+}
+
+// The queries and outputs, float32 or bfloat16 (raw 16-bit words) each.
+struct Io {
+  const void* q;
+  bool q_bf16;
+  void* out;
+  bool out_bf16;
+  float Q(int64_t i) const {
+    if (!q_bf16) return static_cast<const float*>(q)[i];
+    return Bf16Low(static_cast<const uint16_t*>(q)[i]);
+  }
+  void Out(int64_t i, float f) const {
+    if (out_bf16)
+      static_cast<uint16_t*>(out)[i] = F32ToBf16(f);
+    else
+      static_cast<float*>(out)[i] = f;
+  }
+};
 
 constexpr int64_t kLine = 64;  // bytes per cache line, for software prefetch
 
@@ -181,82 +209,215 @@ inline void PrefetchPart(const char* p, int64_t size, int64_t i, int64_t parts) 
   Prefetch(p + a * kLine, (b - a) * kLine);
 }
 
-// Per-thread scratch of one task: accumulators, scaled query, running max/sum, scores.
+// One query's running state: its scaled query, accumulators and softmax statistics per head.
+struct QueryState {
+  float* qv;   // [H, X] (packed: per head evens then odds), scaled by 1/sqrt(X)
+  float* acc;  // [H, X], same layout
+  float* m;    // [H] running max
+  float* l;    // [H] running sum
+};
+
+// Per-thread scratch of one task: query states of up to kBlock queries, rescale factors, scores.
+constexpr int64_t kBlock = 16;  // queries of one row per prefill task, reading its pages once
 struct Scratch {
   std::vector<float> acc, qv, m, l, c, s;
   std::vector<int64_t> walk;
-  void Resize(int64_t H, int64_t X, int64_t Z, int64_t W) {
+  void Resize(int64_t B, int64_t H, int64_t X, int64_t Z, int64_t W) {
     if (static_cast<int64_t>(walk.size()) < W) walk.resize(W);
-    if (static_cast<int64_t>(acc.size()) < H * X) {
-      acc.resize(H * X);
-      qv.resize(H * X);
+    if (static_cast<int64_t>(acc.size()) < B * H * X) {
+      acc.resize(B * H * X);
+      qv.resize(B * H * X);
     }
-    if (static_cast<int64_t>(m.size()) < H) {
-      m.resize(H);
-      l.resize(H);
-      c.resize(H);
+    if (static_cast<int64_t>(m.size()) < B * H) {
+      m.resize(B * H);
+      l.resize(B * H);
     }
+    if (static_cast<int64_t>(c.size()) < H) c.resize(H);
     if (static_cast<int64_t>(s.size()) < H * Z) s.resize(H * Z);
+  }
+  QueryState State(int64_t i, int64_t H, int64_t X) {
+    return {&qv[i * H * X], &acc[i * H * X], &m[i * H], &l[i * H]};
   }
 };
 
-// One sequence: online softmax over its pages, a page at a time, reading K and V straight
-// from the cache (no copy). A page's K (or V) for all kv heads is one contiguous block
-// [Z, K, X] of the cache, read sequentially, token by token; while a page is worked on, the
-// next one's rows are prefetched (pages are scattered, so the hardware prefetcher cannot
-// follow the walk). Scores of a page are computed for every head, then one rescale per
-// head and page. Packed bf16 words hold elements (2j, 2j+1): the query and accumulator are
-// kept as (evens, odds), so each word converts in registers, and the output interleaves
-// them back.
+// Loads query t (io.q [T, H, X]) into st (scaled; packed: evens then odds) and clears its
+// statistics.
 template <bool kPacked>
-void Task(int64_t g, const float* q, const void* kc, const void* vc, const int32_t* pages,
-          const int32_t* kv_len, float* out, int64_t layer, int64_t P, int64_t Z, int64_t K,
-          int64_t X, int64_t H, int64_t W) {
-  const int64_t len = std::min<int64_t>(kv_len[g], W * Z);
-  float* o_g = &out[g * H * X];
-  if (len <= 0) {  // padding slot: zeros, nothing read
-    std::fill(o_g, o_g + H * X, 0.0f);
-    return;
-  }
-  using Elem = typename std::conditional<kPacked, uint32_t, float>::type;
-  const int64_t E = kPacked ? X / 2 : X;  // stored elements per head row
-  const int64_t row_bytes = K * E * static_cast<int64_t>(sizeof(Elem));  // one token, all kv heads
-  const Elem* kbase = static_cast<const Elem*>(kc);
-  const Elem* vbase = static_cast<const Elem*>(vc);
-  const int64_t Q = H / K;
+void InitQuery(const QueryState& st, const Io& io, int64_t t, int64_t H, int64_t X) {
+  const int64_t E = kPacked ? X / 2 : X;
   const float scale = 1.0f / std::sqrt(static_cast<float>(X));
-  thread_local Scratch sc;
-  sc.Resize(H, X, Z, W);
-  float* __restrict acc = sc.acc.data();
-  float* __restrict qv = sc.qv.data();
-  float* __restrict m = sc.m.data();
-  float* __restrict l = sc.l.data();
-  float* __restrict cs = sc.c.data();
-  float* __restrict s = sc.s.data();
-  const float* q_g = &q[g * H * X];
+  const int64_t q0 = t * H * X;
   for (int64_t h = 0; h < H; ++h) {
     if constexpr (kPacked) {
       for (int64_t j = 0; j < E; ++j) {
-        qv[h * X + j] = q_g[h * X + 2 * j] * scale;
-        qv[h * X + E + j] = q_g[h * X + 2 * j + 1] * scale;
+        st.qv[h * X + j] = io.Q(q0 + h * X + 2 * j) * scale;
+        st.qv[h * X + E + j] = io.Q(q0 + h * X + 2 * j + 1) * scale;
       }
     } else {
-      for (int64_t x = 0; x < X; ++x) qv[h * X + x] = q_g[h * X + x] * scale;
+      for (int64_t x = 0; x < X; ++x) st.qv[h * X + x] = io.Q(q0 + h * X + x) * scale;
     }
-    m[h] = -std::numeric_limits<float>::infinity();
-    l[h] = 0.0f;
+    st.m[h] = -std::numeric_limits<float>::infinity();
+    st.l[h] = 0.0f;
   }
-  std::fill(acc, acc + H * X, 0.0f);
+  std::fill(st.acc, st.acc + H * X, 0.0f);
+}
 
+// Writes st's normalised accumulators to output t (io.out [T, H, X]; packed: interleaving
+// evens and odds); zeros where `empty` (a query that sees nothing).
+template <bool kPacked>
+void FinishQuery(const QueryState& st, const Io& io, int64_t t, bool empty, int64_t H,
+                 int64_t X) {
+  const int64_t E = kPacked ? X / 2 : X;
+  const int64_t o0 = t * H * X;
+  for (int64_t h = 0; h < H; ++h) {
+    const float inv = !empty && st.l[h] > 0.0f ? 1.0f / st.l[h] : 0.0f;
+    const float* a = &st.acc[h * X];
+    if constexpr (kPacked) {
+      for (int64_t j = 0; j < E; ++j) {
+        io.Out(o0 + h * X + 2 * j, empty ? 0.0f : a[j] * inv);
+        io.Out(o0 + h * X + 2 * j + 1, empty ? 0.0f : a[E + j] * inv);
+      }
+    } else {
+      for (int64_t x = 0; x < X; ++x) io.Out(o0 + h * X + x, empty ? 0.0f : a[x] * inv);
+    }
+  }
+}
+
+// One query over the first n tokens of one page (K rows kp, V rows vp, every kv head): the
+// scores for every head, one rescale per head, then the weighted V. While it works, the
+// page `ahead` (kn, vn: n_next tokens; null for none) is prefetched.
+template <bool kPacked, typename Elem>
+void PageStep(const QueryState& st, float* __restrict cs, float* __restrict s, const Elem* kp,
+              const Elem* vp, int64_t n, const char* kn, const char* vn, int64_t n_next,
+              int64_t H, int64_t K, int64_t X, int64_t Z) {
+  const int64_t E = kPacked ? X / 2 : X;  // stored elements per head row
+  const int64_t row_bytes = K * E * static_cast<int64_t>(sizeof(Elem));
+  const int64_t Q = H / K;
+  float* __restrict qv = st.qv;
+  float* __restrict acc = st.acc;
+  float* __restrict m = st.m;
+  float* __restrict l = st.l;
+  // Scores s[h * Z + t] of the page's tokens for every head.
+#ifdef PD_AVX512
+  if (E % 16 == 0) {
+    const int64_t parts = ((n + 15) / 16) * K;  // the next page's K, a part per step
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {
+      const int64_t nt = std::min<int64_t>(16, n - t0);
+      for (int64_t kh = 0; kh < K; ++kh) {
+        if (kn) PrefetchPart(kn, n_next * row_bytes, (t0 / 16) * K + kh, parts);
+        for (int64_t h = kh * Q; h < (kh + 1) * Q; ++h)
+          Scores16<kPacked>(&qv[h * X], kp + (t0 * K + kh) * E, K * E, nt, E, &s[h * Z + t0]);
+      }
+    }
+  } else
+#endif
+  for (int64_t t = 0; t < n; ++t) {  // token-major walk of the K block
+    if (kn && t < n_next) Prefetch(kn + t * row_bytes, row_bytes);
+    for (int64_t kh = 0; kh < K; ++kh) {
+      const Elem* __restrict kt = kp + (t * K + kh) * E;
+      for (int64_t h = kh * Q; h < (kh + 1) * Q; ++h) {
+        const float* __restrict qh = &qv[h * X];
+        float dot = 0.0f;
+        if constexpr (kPacked) {
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j < E; ++j)
+            dot += qh[j] * Bf16Low(kt[j]) + qh[E + j] * Bf16High(kt[j]);
+        } else {
+#pragma omp simd reduction(+ : dot)
+          for (int64_t x = 0; x < X; ++x) dot += qh[x] * kt[x];
+        }
+        s[h * Z + t] = dot;
+      }
+    }
+  }
+  // Softmax of the page per head: one rescale factor c of the accumulator.
+  for (int64_t h = 0; h < H; ++h) {
+    float* __restrict sh = &s[h * Z];
+    float m_page = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) m_page = std::max(m_page, sh[t]);
+    const float m_new = std::max(m[h], m_page);
+    const float c = std::exp(m[h] - m_new);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < n; ++t) {  // vectorised exp (libmvec)
+      sh[t] = std::exp(sh[t] - m_new);
+      sum += sh[t];
+    }
+    cs[h] = c;
+    l[h] = l[h] * c + sum;
+    m[h] = m_new;
+  }
+  // The accumulators rescaled by c, plus the page's weighted V.
+#ifdef PD_AVX512
+  if (E % 16 == 0) {
+    for (int64_t kh = 0; kh < K; ++kh) {
+      if (vn) PrefetchPart(vn, n_next * row_bytes, kh, K);  // the next page's V
+      for (int64_t h = kh * Q; h < (kh + 1) * Q; ++h)
+        WeightedV<kPacked>(&acc[h * X], cs[h], &s[h * Z], vp + kh * E, K * E, n, E);
+    }
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < H; ++h) {
+    float* __restrict a = &acc[h * X];
+#pragma omp simd
+    for (int64_t x = 0; x < X; ++x) a[x] *= cs[h];
+  }
+  for (int64_t t = 0; t < n; ++t) {  // token-major walk of the V block
+    if (vn && t < n_next) Prefetch(vn + t * row_bytes, row_bytes);
+    for (int64_t kh = 0; kh < K; ++kh) {
+      const Elem* __restrict vt = vp + (t * K + kh) * E;
+      for (int64_t h = kh * Q; h < (kh + 1) * Q; ++h) {
+        const float p = s[h * Z + t];
+        float* __restrict a = &acc[h * X];
+        if constexpr (kPacked) {
+#pragma omp simd
+          for (int64_t j = 0; j < E; ++j) {
+            a[j] += p * Bf16Low(vt[j]);
+            a[E + j] += p * Bf16High(vt[j]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t x = 0; x < X; ++x) a[x] += p * vt[x];
+        }
+      }
+    }
+  }
+}
+
+// Queries t0 .. t0 + nb - 1, all of one sequence (page table row `pages_row`), query i
+// seeing positions [0, kv_len[t0 + i]): online softmax over the sequence's pages, a page at
+// a time, reading K and V straight from the cache (no copy). A page's K (or V) for all kv
+// heads is one contiguous block [Z, K, X] of the cache; every query of the block takes its
+// turn on a page while it is in cache (decode: one query; a prefill chunk: kBlock), and the
+// first query's turn prefetches the pages ahead (pages are scattered, so the hardware
+// prefetcher cannot follow the walk). Packed bf16 words hold elements (2j, 2j+1): queries
+// and accumulators are kept as (evens, odds), so each word converts in registers.
+template <bool kPacked>
+void BlockTask(int64_t t0, int64_t nb, const Io& io, const void* kc, const void* vc,
+               const int32_t* pages_row, const int32_t* kv_len, int64_t layer,
+               int64_t P, int64_t Z, int64_t K, int64_t X, int64_t H, int64_t W) {
+  using Elem = typename std::conditional<kPacked, uint32_t, float>::type;
+  const int64_t E = kPacked ? X / 2 : X;
+  const int64_t row_bytes = K * E * static_cast<int64_t>(sizeof(Elem));  // one token, all kv heads
+  const Elem* kbase = static_cast<const Elem*>(kc);
+  const Elem* vbase = static_cast<const Elem*>(vc);
+  thread_local Scratch sc;
+  sc.Resize(nb, H, X, Z, W);
+  int64_t len = 0;  // the longest query's range
+  for (int64_t i = 0; i < nb; ++i) {
+    InitQuery<kPacked>(sc.State(i, H, X), io, t0 + i, H, X);
+    len = std::max<int64_t>(len, std::min<int64_t>(kv_len[t0 + i], W * Z));
+  }
   // The sequence's in-range pages, in order (page ids out of range are skipped).
   const int64_t n_pages = (len + Z - 1) / Z;
   int64_t* __restrict walk = sc.walk.data();
   int64_t n_walk = 0;
   for (int64_t w = 0; w < n_pages; ++w) {
-    const int64_t page = pages[g * W + w];
+    const int64_t page = pages_row[w];
     if (page >= 0 && page < P) walk[n_walk++] = w;
   }
-  auto page_offset = [&](int64_t w) { return ((layer * P + pages[g * W + w]) * Z) * K * E; };
+  auto page_offset = [&](int64_t w) { return ((layer * P + pages_row[w]) * Z) * K * E; };
   auto page_rows = [&](int64_t w) { return std::min<int64_t>(Z, len - w * Z); };
   for (int64_t i = 0; i < std::min(kAhead, n_walk); ++i) {  // nothing to overlap these with
     const int64_t bytes = page_rows(walk[i]) * row_bytes;
@@ -265,145 +426,118 @@ void Task(int64_t g, const float* q, const void* kc, const void* vc, const int32
   }
   for (int64_t i = 0; i < n_walk; ++i) {
     const int64_t w = walk[i];
-    const int64_t n = page_rows(w);
     const bool ahead = i + kAhead < n_walk;
     const int64_t wn = ahead ? walk[i + kAhead] : 0;
     const int64_t n_next = ahead ? page_rows(wn) : 0;
     const char* kn = ahead ? reinterpret_cast<const char*>(kbase + page_offset(wn)) : nullptr;
     const char* vn = ahead ? reinterpret_cast<const char*>(vbase + page_offset(wn)) : nullptr;
-    const Elem* kp = kbase + page_offset(w);
-    const Elem* vp = vbase + page_offset(w);
-    // Scores s[h * Z + t] of the page's tokens for every head.
-#ifdef PD_AVX512
-    if (E % 16 == 0) {
-      const int64_t parts = ((n + 15) / 16) * K;  // the next page's K, a part per step
-      for (int64_t t0 = 0; t0 < n; t0 += 16) {
-        const int64_t nt = std::min<int64_t>(16, n - t0);
-        for (int64_t kh = 0; kh < K; ++kh) {
-          if (kn) PrefetchPart(kn, n_next * row_bytes, (t0 / 16) * K + kh, parts);
-          for (int64_t h = kh * Q; h < (kh + 1) * Q; ++h)
-            Scores16<kPacked>(&qv[h * X], kp + (t0 * K + kh) * E, K * E, nt, E, &s[h * Z + t0]);
-        }
-      }
-    } else
-#endif
-    for (int64_t t = 0; t < n; ++t) {  // token-major walk of the K block
-      if (t < n_next) Prefetch(kn + t * row_bytes, row_bytes);
-      for (int64_t kh = 0; kh < K; ++kh) {
-        const Elem* __restrict kt = kp + (t * K + kh) * E;
-        for (int64_t h = kh * Q; h < (kh + 1) * Q; ++h) {
-          const float* __restrict qh = &qv[h * X];
-          float dot = 0.0f;
-          if constexpr (kPacked) {
-#pragma omp simd reduction(+ : dot)
-            for (int64_t j = 0; j < E; ++j)
-              dot += qh[j] * Bf16Low(kt[j]) + qh[E + j] * Bf16High(kt[j]);
-          } else {
-#pragma omp simd reduction(+ : dot)
-            for (int64_t x = 0; x < X; ++x) dot += qh[x] * kt[x];
-          }
-          s[h * Z + t] = dot;
-        }
-      }
-    }
-    // Softmax of the page per head: one rescale factor c of the accumulator.
-    for (int64_t h = 0; h < H; ++h) {
-      float* __restrict sh = &s[h * Z];
-      float m_page = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < n; ++t) m_page = std::max(m_page, sh[t]);
-      const float m_new = std::max(m[h], m_page);
-      const float c = std::exp(m[h] - m_new);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < n; ++t) {  // vectorised exp (libmvec)
-        sh[t] = std::exp(sh[t] - m_new);
-        sum += sh[t];
-      }
-      cs[h] = c;
-      l[h] = l[h] * c + sum;
-      m[h] = m_new;
-    }
-    // The accumulators rescaled by c, plus the page's weighted V.
-#ifdef PD_AVX512
-    if (E % 16 == 0) {
-      for (int64_t kh = 0; kh < K; ++kh) {
-        if (vn) PrefetchPart(vn, n_next * row_bytes, kh, K);  // the next page's V
-        for (int64_t h = kh * Q; h < (kh + 1) * Q; ++h)
-          WeightedV<kPacked>(&acc[h * X], cs[h], &s[h * Z], vp + kh * E, K * E, n, E);
-      }
-      continue;
-    }
-#endif
-    for (int64_t h = 0; h < H; ++h) {
-      float* __restrict a = &acc[h * X];
-#pragma omp simd
-      for (int64_t x = 0; x < X; ++x) a[x] *= cs[h];
-    }
-    for (int64_t t = 0; t < n; ++t) {  // token-major walk of the V block
-      if (t < n_next) Prefetch(vn + t * row_bytes, row_bytes);
-      for (int64_t kh = 0; kh < K; ++kh) {
-        const Elem* __restrict vt = vp + (t * K + kh) * E;
-        for (int64_t h = kh * Q; h < (kh + 1) * Q; ++h) {
-          const float p = s[h * Z + t];
-          float* __restrict a = &acc[h * X];
-          if constexpr (kPacked) {
-#pragma omp simd
-            for (int64_t j = 0; j < E; ++j) {
-              a[j] += p * Bf16Low(vt[j]);
-              a[E + j] += p * Bf16High(vt[j]);
-            }
-          } else {
-#pragma omp simd
-            for (int64_t x = 0; x < X; ++x) a[x] += p * vt[x];
-          }
-        }
-      }
+    bool first = true;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t n = std::min<int64_t>(Z, std::min<int64_t>(kv_len[t0 + b], W * Z) - w * Z);
+      if (n <= 0) continue;  // this query ends before the page
+      PageStep<kPacked, Elem>(sc.State(b, H, X), sc.c.data(), sc.s.data(),
+                              kbase + page_offset(w), vbase + page_offset(w), n,
+                              first ? kn : nullptr, first ? vn : nullptr, n_next, H, K, X, Z);
+      first = false;
     }
   }
-  for (int64_t h = 0; h < H; ++h) {
-    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-    float* o = &o_g[h * X];
-    const float* a = &acc[h * X];
-    if constexpr (kPacked) {
-      for (int64_t j = 0; j < E; ++j) {
-        o[2 * j] = a[j] * inv;
-        o[2 * j + 1] = a[E + j] * inv;
-      }
-    } else {
-      for (int64_t x = 0; x < X; ++x) o[x] = a[x] * inv;
-    }
-  }
+  for (int64_t b = 0; b < nb; ++b)  // padding (kv_len 0): zeros, nothing read
+    FinishQuery<kPacked>(sc.State(b, H, X), io, t0 + b, kv_len[t0 + b] <= 0, H, X);
 }
 
-ffi::Error PagedDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
-                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pages,
-                           ffi::Buffer<ffi::S32> kv_len, ffi::ResultBuffer<ffi::F32> out,
-                           int64_t layer) {
-  auto qd = q.dimensions();      // [G, H, X]
+// Checks shapes shared by both handlers; fills the dimensions.
+ffi::Error CheckShapes(const char* name, ffi::AnyBuffer& q, ffi::AnyBuffer& k_cache,
+                       ffi::Buffer<ffi::S32>& pages, ffi::AnyBuffer& out, int64_t* G, int64_t* H, int64_t* X,
+                       int64_t* P, int64_t* Z, int64_t* K, int64_t* W, bool* packed) {
+  auto qd = q.dimensions();        // [G, H, X]
   auto cd = k_cache.dimensions();  // [N, P, Z, K, X or X/2]
-  auto pd = pages.dimensions();  // [G, W]
+  auto pd = pages.dimensions();    // [rows, W]
   if (qd.size() != 3 || cd.size() != 5 || pd.size() != 2)
-    return ffi::Error::InvalidArgument("paged_decode: bad ranks");
-  const int64_t G = qd[0], H = qd[1], X = qd[2];
-  const int64_t P = cd[1], Z = cd[2], K = cd[3], W = pd[1];
-  const bool packed = k_cache.element_type() == ffi::DataType::U32;
-  if (!packed && k_cache.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("paged_decode: cache must be f32 or packed u32");
-  if ((packed ? 2 * cd[4] : cd[4]) != X || H % K != 0)
-    return ffi::Error::InvalidArgument("paged_decode: head shapes do not match");
-  const float* qp = q.typed_data();
+    return ffi::Error::InvalidArgument(std::string(name) + ": bad ranks");
+  *G = qd[0], *H = qd[1], *X = qd[2];
+  *P = cd[1], *Z = cd[2], *K = cd[3], *W = pd[1];
+  *packed = k_cache.element_type() == ffi::DataType::U32;
+  if (!*packed && k_cache.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument(std::string(name) + ": cache must be f32 or packed u32");
+  if ((*packed ? 2 * cd[4] : cd[4]) != *X || *H % *K != 0)
+    return ffi::Error::InvalidArgument(std::string(name) + ": head shapes do not match");
+  for (auto t : {q.element_type(), out.element_type()})
+    if (t != ffi::DataType::F32 && t != ffi::DataType::BF16)
+      return ffi::Error::InvalidArgument(std::string(name) + ": q and out must be f32 or bf16");
+  if (out.element_count() != q.element_count())
+    return ffi::Error::InvalidArgument(std::string(name) + ": out must have q's shape");
+  return ffi::Error::Success();
+}
+
+ffi::Error PagedDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pages,
+                           ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
+                           int64_t layer) {
+  int64_t G, H, X, P, Z, K, W;
+  bool packed;
+  ffi::Error err = CheckShapes("paged_decode", q, k_cache, pages, *out, &G, &H, &X, &P, &Z, &K, &W,
+                               &packed);
+  if (!err.success()) return err;
+  if (pages.dimensions()[0] != G)
+    return ffi::Error::InvalidArgument("paged_decode: one page-table row per query");
+  const Io io{q.untyped_data(), q.element_type() == ffi::DataType::BF16, out->untyped_data(),
+               out->element_type() == ffi::DataType::BF16};
   const void* kc = k_cache.untyped_data();
   const void* vc = v_cache.untyped_data();
   const int32_t* pg = pages.typed_data();
   const int32_t* lens = kv_len.typed_data();
-  float* op = out->typed_data();
   std::atomic<int64_t> next{0};
   std::function<void()> work = [&] {
     for (int64_t g = next.fetch_add(1); g < G; g = next.fetch_add(1)) {
       if (packed)
-        Task<true>(g, qp, kc, vc, pg, lens, op, layer, P, Z, K, X, H, W);
+        BlockTask<true>(g, 1, io, kc, vc, &pg[g * W], lens, layer, P, Z, K, X, H, W);
       else
-        Task<false>(g, qp, kc, vc, pg, lens, op, layer, P, Z, K, X, H, W);
+        BlockTask<false>(g, 1, io, kc, vc, &pg[g * W], lens, layer, P, Z, K, X, H, W);
+    }
+  };
+  static std::mutex one_call_at_a_time;
+  std::lock_guard<std::mutex> lock(one_call_at_a_time);
+  Pool::Get().Run(work);
+  return ffi::Error::Success();
+}
+
+// Prefill: query t belongs to sequence row[t] (page table pages[row[t]]) and sees positions
+// [0, kv_len[t]). Consecutive queries of one row are taken kBlock at a time, so a chunk's
+// pages are read once per block rather than once per query.
+ffi::Error PagedPrefillImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                            ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pages,
+                            ffi::Buffer<ffi::S32> row, ffi::Buffer<ffi::S32> kv_len,
+                            ffi::Result<ffi::AnyBuffer> out, int64_t layer) {
+  int64_t T, H, X, P, Z, K, W;
+  bool packed;
+  ffi::Error err = CheckShapes("paged_prefill", q, k_cache, pages, *out, &T, &H, &X, &P, &Z, &K, &W,
+                               &packed);
+  if (!err.success()) return err;
+  const int64_t R = pages.dimensions()[0];
+  const int32_t* rows = row.typed_data();
+  std::vector<int64_t> starts;  // blocks: runs of one row, at most kBlock long
+  for (int64_t t = 0; t < T; ++t) {
+    if (rows[t] < 0 || rows[t] >= R)
+      return ffi::Error::InvalidArgument("paged_prefill: row out of range");
+    if (t == 0 || rows[t] != rows[t - 1] || t - starts.back() == kBlock) starts.push_back(t);
+  }
+  starts.push_back(T);
+  const int64_t n_blocks = static_cast<int64_t>(starts.size()) - 1;
+  const Io io{q.untyped_data(), q.element_type() == ffi::DataType::BF16, out->untyped_data(),
+               out->element_type() == ffi::DataType::BF16};
+  const void* kc = k_cache.untyped_data();
+  const void* vc = v_cache.untyped_data();
+  const int32_t* pg = pages.typed_data();
+  const int32_t* lens = kv_len.typed_data();
+  std::atomic<int64_t> next{0};
+  std::function<void()> work = [&] {
+    for (int64_t b = next.fetch_add(1); b < n_blocks; b = next.fetch_add(1)) {
+      const int64_t t0 = starts[b], nb = starts[b + 1] - t0;
+      const int32_t* pages_row = &pg[rows[t0] * W];
+      if (packed)
+        BlockTask<true>(t0, nb, io, kc, vc, pages_row, lens, layer, P, Z, K, X, H, W);
+      else
+        BlockTask<false>(t0, nb, io, kc, vc, pages_row, lens, layer, P, Z, K, X, H, W);
     }
   };
   static std::mutex one_call_at_a_time;
@@ -416,10 +550,21 @@ ffi::Error PagedDecodeImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MlxPagedDecode, PagedDecodeImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("layer"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MlxPagedPrefill, PagedPrefillImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("layer"));
