@@ -52,6 +52,8 @@ class ServeConfig:
     kv_dtype: str = ""  # "": the model's compute dtype
     history: int = 1000  # finished requests and step records kept (-1: all); totals always
     seed: int = 0
+    # speculative decoding (mlx_sched.speculative.SpecConfig's fields); {}: off
+    speculative: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -91,6 +93,15 @@ class ServeConfig:
             bool(widths) and tuple(sorted(set(widths))) == tuple(widths) and widths[0] == 1,
             f"decode_widths must be increasing and start at 1, got {widths}",
         )
+        if self.speculative:
+            self.spec.check_widths(widths)
+
+    @functools.cached_property
+    def spec(self):
+        """The speculative-decoding settings (`SpecConfig`), or None when off."""
+        from mlx_sched.speculative.config import SpecConfig
+
+        return SpecConfig.from_dict(self.speculative) if self.speculative else None
 
     # -- derived ------------------------------------------------------------------
 
@@ -136,8 +147,9 @@ class ServeConfig:
         for key in ("decode_buckets", "mixed_decode_buckets", "prefill_buckets", "decode_widths"):
             if key in d:
                 d[key] = tuple(d[key])
-        if "policy_args" in d:
-            d["policy_args"] = dict(d["policy_args"])
+        for key in ("policy_args", "speculative"):
+            if key in d:
+                d[key] = dict(d[key])
         return cls(**d)
 
     def context_pages(self, model_max_len: int) -> int:

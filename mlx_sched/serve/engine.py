@@ -39,6 +39,7 @@ from mlx_sched.serve.request import (
     validate_prompt,
 )
 from mlx_sched.serve.scheduler import Scheduler
+from models.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -69,9 +70,11 @@ class Engine:
         clock: Callable[[], float] = time.perf_counter,
         warmup: bool = True,
         runner: StepRunner | None = None,
+        draft_model=None,
     ):
         """`runner` replaces the device runner (e.g. `lab.simulator.SimRunner`); `clock` is the
-        time source of every timestamp (a `SimClock` in simulation)."""
+        time source of every timestamp (a `SimClock` in simulation); `draft_model` is the
+        drafter of `serve.speculative.kind='draft_model'`."""
         self.cfg = cfg or ServeConfig()
         self.model_cfg = model.cfg
         if runner is None:
@@ -98,11 +101,24 @@ class Engine:
         self._order = itertools.count()
         self._steps, self._kv = 0, (0, 0)
         self._stops: dict[str, frozenset[int]] = {}
+        self.spec = None
+        if self.cfg.spec is not None:
+            from mlx_sched.speculative.speculator import Speculator, make_drafter
+
+            drafter = make_drafter(self.cfg, model.cfg, draft_model, mesh)
+            self.spec = Speculator(self.cfg, drafter)
+        elif draft_model is not None:
+            raise ConfigError("a draft model was given but serve.speculative is off")
         if warmup:
             n = self.runner.warmup(
                 lambda i, n, shape: logging.info("warm-up %d/%d: %s", i + 1, n, shape)
             )
             logging.info("warm-up compiled %d shapes", n)
+            if self.spec is not None and hasattr(self.spec.drafter, "warmup"):
+                n = self.spec.drafter.warmup(
+                    lambda i, n, shape: logging.info("draft warm-up %d/%d: %s", i + 1, n, shape)
+                )
+                logging.info("draft warm-up compiled %d shapes", n)
 
     # -- requests -------------------------------------------------------------------
 
@@ -175,6 +191,9 @@ class Engine:
         """A finished or aborted request leaves the engine's state; its metrics go into the
         totals and the bounded history."""
         m = metrics_lib.request_metrics(req)
+        if self.spec is not None:
+            for s in req.seqs:
+                self.spec.forget(s)
         self.totals.observe(m)
         self._records.append(m)
         if self.cfg.history >= 0:
@@ -189,7 +208,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        if self.spec is not None:
+            self.spec.prepare(self.sched.running)
         plan = self.policy.schedule(self.sched, self.clock())
+        spec = self.spec.fill(plan, self.sched.running) if self.spec is not None else None
         if not plan.work:
             self._move_kv(plan)
             self.sched.release(plan)
@@ -209,9 +231,11 @@ class Engine:
         t2 = time.perf_counter()
         decodes, prefills = plan.decodes, plan.prefills  # as they were when the step ran
         outputs = self._postprocess(plan, result)
+        if spec is not None:
+            spec = self.spec.observe(spec)
         new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
         host_s = (t1 - t0) + result.build_s + (time.perf_counter() - t2)
-        self._record(decodes, prefills, result, host_s, new_tokens)
+        self._record(decodes, prefills, result, host_s, new_tokens, spec)
         return outputs
 
     def _move_kv(self, plan: StepPlan) -> None:
@@ -327,7 +351,9 @@ class Engine:
         logging.error("request %s %s", req.id, req.error)
         self.abort(req.id)
 
-    def _record(self, decodes, prefills, result: StepResult, host_s: float, new_tokens: int):
+    def _record(
+        self, decodes, prefills, result: StepResult, host_s: float, new_tokens: int, spec=None
+    ):
         Z = self.cfg.page_size
         self._steps += 1
         if self._steps % self.KV_STATS_EVERY == 1 or self.KV_STATS_EVERY == 1:
@@ -355,6 +381,13 @@ class Engine:
             host_s=host_s,
             device_s=result.device_s,
             page_size=Z,
+            **(
+                {}
+                if spec is None
+                else dict(
+                    spec_proposed=spec.proposed, spec_accepted=spec.accepted, draft_s=spec.draft_s
+                )
+            ),
         )
         self._steps_kept.append(rec)
         self.sched.cost.observe(rec)

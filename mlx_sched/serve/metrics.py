@@ -40,6 +40,9 @@ class StepRecord:
     host_s: float  # schedule + batch building + postprocess
     device_s: float  # dispatch -> results back
     page_size: int
+    spec_proposed: int = 0  # speculative decoding: draft tokens verified this step
+    spec_accepted: int = 0  # of which the target kept
+    draft_s: float = 0.0  # seconds the drafter took (within host_s)
 
     @property
     def kv_live_fraction(self) -> float:
@@ -60,6 +63,11 @@ def request_metrics(req: Request) -> dict:
     }
     n_out = sum(len(s.output) for s in req.seqs)
     out["output_len"] = n_out
+    proposed = sum(s.spec_proposed for s in req.seqs)
+    if proposed:
+        out["spec_proposed"] = proposed
+        out["spec_accepted"] = sum(s.spec_accepted for s in req.seqs)
+        out["spec_acceptance"] = out["spec_accepted"] / proposed
     if not times:
         return out
     first = min(t[0] for t in times)

@@ -109,6 +109,8 @@ class Seq:
     token_times: list[float] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)  # when sampling asks
     draft: list[int] = dataclasses.field(default_factory=list)  # proposed next tokens, unverified
+    spec_proposed: int = 0  # draft tokens verified for this sequence (speculative decoding)
+    spec_accepted: int = 0  # of which the target kept
 
     @property
     def prompt_len(self) -> int:

@@ -1,0 +1,27 @@
+"""Speculative decoding on the engine's multi-token decode steps.
+
+A *drafter* proposes the next tokens of decoding sequences; the target model
+verifies them in the ordinary mixed step, where a decoding sequence with k
+drafts computes 1 + k positions (a declared `decode_widths` bucket) and
+samples after each; `Engine._commit` keeps the samples while they confirm the
+drafts and rolls back the rest (pages past the kept tokens are released, and
+nothing unverified enters the prefix cache).
+
+- `drafters.PromptLookup`: no model; the continuation of the latest earlier
+  match of the sequence's last n tokens (prompt + output).
+- `drafters.DraftModel`: a smaller `models.Transformer` with the target's
+  vocabulary, on its own K/V arrays that share the target's page tables, its
+  proposals one jitted decode slice of up to gamma iterations.
+- `speculator.Speculator`: the engine's side: how many drafts each decoding
+  sequence gets before the policy schedules (placeholders, so every policy
+  reserves pages for them and may drop them under memory pressure), the
+  drafter's tokens after it, and the acceptance counts.
+
+Acceptance compares the draft with the target's own sample at each position
+(per-request keys, independent of the batch and of the drafts): the output is
+token for token the non-speculative output, greedy or sampled.
+"""
+
+from mlx_sched.speculative.config import SpecConfig
+
+__all__ = ["SpecConfig"]

@@ -1,0 +1,202 @@
+"""Drafters: who proposes the next tokens of decoding sequences.
+
+A drafter implements `propose(seqs, ks) -> list[list[int]]`: for each decoding
+sequence (its last token not yet computed) up to `ks[i]` next tokens. It may
+propose fewer, or none. The target verifies whatever is proposed, so a
+drafter affects speed only, never the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.request import Request, Seq, stop_ids
+from models.errors import ConfigError
+
+
+class Drafter:
+    name = "base"
+
+    def propose(self, seqs: Sequence[Seq], ks: Sequence[int]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def forget(self, seq_id: str) -> None:
+        """The sequence left the engine: drop what is kept for it."""
+
+
+class PromptLookup(Drafter):
+    """Prompt lookup decoding: the tokens that followed the latest earlier occurrence of the
+    sequence's last n tokens (n from ngram_max down to ngram_min) in its prompt and output."""
+
+    name = "prompt_lookup"
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+
+    def propose(self, seqs: Sequence[Seq], ks: Sequence[int]) -> list[list[int]]:
+        pairs = zip(seqs, ks, strict=True)
+        return [lookup(s.tokens, k, self.ngram_max, self.ngram_min) for s, k in pairs]
+
+
+def lookup(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
+    """Up to k tokens following the latest earlier match of tokens' last n tokens, for the
+    longest n in [ngram_min, ngram_max] that matches; [] if none does."""
+    L = len(tokens)
+    for n in range(min(ngram_max, L - 1), ngram_min - 1, -1):
+        suffix = list(tokens[L - n :])
+        for start in range(L - n - 1, -1, -1):  # latest first; the suffix itself excluded
+            if tokens[start] == suffix[0] and list(tokens[start : start + n]) == suffix:
+                return list(tokens[start + n : start + n + k])
+    return []
+
+
+@dataclasses.dataclass
+class _View:
+    """A sequence as the draft model sees it: the target's tokens and pages, the draft's own
+    count of computed positions (what `Runner` reads of a `Seq`)."""
+
+    seq: Seq
+    num_computed: int
+    draft: list = dataclasses.field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.seq.id
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.seq.tokens
+
+    @property
+    def pages(self) -> list[int]:
+        return self.seq.pages
+
+    @property
+    def request(self) -> Request:
+        return self.seq.request
+
+    @property
+    def index(self) -> int:
+        return self.seq.index
+
+    @property
+    def remaining(self) -> int:
+        return len(self.seq.tokens) - self.num_computed
+
+
+class DraftModel(Drafter):
+    """A smaller Transformer with the target's vocabulary, proposing with its own `Runner`.
+
+    Its K/V arrays share the target's page tables: position p of a sequence lives at the
+    same (page, offset) in both, so the draft needs no page bookkeeping of its own. It keeps
+    per sequence how many positions its arrays hold, and the page ids they were written to:
+    a sequence whose pages changed (preempted and recomputed, swapped back into other pages,
+    copied on write) is recomputed from the first changed page. Catching up is prefill rows
+    of draft mixed steps; a proposal is one decode slice of up to gamma iterations, writing
+    into the pages the target reserved for its verification.
+    """
+
+    name = "draft_model"
+
+    def __init__(self, model, target_cfg: ServeConfig, target_model_cfg, mesh=None):
+        from mlx_sched.serve.runner import Runner
+
+        if model.cfg.vocab_size != target_model_cfg.vocab_size:
+            raise ConfigError(
+                f"the draft model's vocabulary ({model.cfg.vocab_size} tokens) is not the "
+                f"target's ({target_model_cfg.vocab_size})"
+            )
+        if model.cfg.max_seq_len < target_cfg.max_len(target_model_cfg.max_seq_len):
+            raise ConfigError(
+                f"the draft model's max_seq_len ({model.cfg.max_seq_len}) is shorter than the "
+                f"target's context ({target_cfg.max_len(target_model_cfg.max_seq_len)})"
+            )
+        gamma = target_cfg.spec.gamma
+        self.cfg = dataclasses.replace(
+            target_cfg,
+            decode_widths=(1,),
+            slice_len=gamma,
+            max_prefill_rows=target_cfg.max_seqs,  # every sequence's catch-up in one step
+            max_context=target_cfg.max_len(target_model_cfg.max_seq_len),
+            speculative={},
+            policy="fcfs",
+            policy_args={},
+        )
+        self.runner = Runner(model, self.cfg, mesh)
+        # per sequence: positions the draft's arrays hold, their pages, the request's
+        # preemption count (a preempted sequence may get the same page ids back)
+        self.computed: dict[str, tuple[int, tuple[int, ...], int]] = {}
+        self.seconds = 0.0  # time spent drafting (catch-up and proposals)
+
+    def warmup(self, progress=None) -> int:
+        return self.runner.warmup(progress)
+
+    def forget(self, seq_id: str) -> None:
+        self.computed.pop(seq_id, None)
+
+    def _valid(self, seq: Seq) -> int:
+        """Positions of seq the draft's arrays hold: up to the first page that changed."""
+        n, pages, preemptions = self.computed.get(seq.id, (0, (), 0))
+        if preemptions != seq.request.preemptions:
+            return 0
+        Z = self.cfg.page_size
+        for i, page in enumerate(pages):
+            if i >= len(seq.pages) or seq.pages[i] != page:
+                return min(n, i * Z)
+        return min(n, len(seq.tokens) - 1)
+
+    def propose(self, seqs: Sequence[Seq], ks: Sequence[int]) -> list[list[int]]:
+        t0 = time.perf_counter()
+        views = [_View(s, self._valid(s)) for s in seqs]
+        self._catch_up(views)
+        plan = StepPlan(as_slice=True)
+        for v, k in zip(views, ks, strict=True):
+            plan.work.append((v, k))  # a decode: from the last token, k iterations
+        plan._index()
+        result = self.runner.run(plan)
+        out = []
+        for v, k, samples in zip(views, ks, result.samples, strict=True):
+            drafts = list(samples[:k])
+            stops = set(stop_ids(v.seq, self.cfg.eos_token))
+            for j, tok in enumerate(drafts):  # a slot stops at a stop token: nothing after
+                if tok in stops:
+                    del drafts[j + 1 :]
+                    break
+            out.append(drafts)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
+        """After verification: the draft's arrays hold positions up to the last token (of the
+        `before` tokens) plus the drafts the target kept."""
+        kept = 0
+        for j, tok in enumerate(drafts[:-1] if drafts else []):
+            if before + j < len(seq.tokens) and seq.tokens[before + j] == tok:
+                kept += 1
+            else:
+                break
+        self.computed[seq.id] = (before + kept, tuple(seq.pages), seq.request.preemptions)
+
+    def _catch_up(self, views: list[_View]) -> None:
+        """Prefill rows until every view has computed all but its last token."""
+        C = self.cfg.chunk_tokens
+        while True:
+            plan = StepPlan()
+            budget = self.cfg.token_budget
+            for v in views:
+                todo = len(v.tokens) - 1 - v.num_computed
+                if todo <= 0 or budget <= 0:
+                    continue
+                n = min(todo, C, budget)
+                plan.work.append((v, n))
+                budget -= n
+            if not plan.work:
+                return
+            plan._index()
+            self.runner.run(plan)
+            for v, n in plan.work:
+                v.num_computed += n

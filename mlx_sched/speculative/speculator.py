@@ -1,0 +1,100 @@
+"""The engine's side of speculative decoding: drafts before and after the policy schedules,
+and what verification kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.plan import StepPlan
+from mlx_sched.serve.request import Seq
+from mlx_sched.speculative.drafters import Drafter, DraftModel, PromptLookup
+from models.errors import ConfigError
+
+PLACEHOLDER = -1  # a reserved draft slot, replaced by the drafter's token before the step
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """One step's speculation: drafts proposed and accepted, seconds spent drafting."""
+
+    proposed: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+
+
+def make_drafter(cfg: ServeConfig, model_cfg, draft_model=None, mesh=None) -> Drafter:
+    spec = cfg.spec
+    if spec.kind == "prompt_lookup":
+        return PromptLookup(spec.ngram_max, spec.ngram_min)
+    if draft_model is None:
+        raise ConfigError(
+            "serve.speculative.kind='draft_model' needs a draft model: pass draft_model= to "
+            "the Engine (or set serve.speculative.draft_checkpoint in an entry point)"
+        )
+    return DraftModel(draft_model, cfg, model_cfg, mesh)
+
+
+class Speculator:
+    """Before the policy schedules, every decoding sequence gets `gamma` placeholder drafts
+    (fewer near its max_tokens), so the policy reserves pages for their verification like
+    any other positions, or drops them under memory pressure; after it, the drafter fills
+    the scheduled ones (an entry shrinks when it proposes fewer) and the rest are cleared."""
+
+    def __init__(self, cfg: ServeConfig, drafter: Drafter):
+        self.cfg, self.drafter = cfg, drafter
+        self.gamma = cfg.spec.gamma
+        self._pending: list[tuple[Seq, int, list[int]]] = []  # (seq, tokens before, drafts)
+
+    def length(self, seq: Seq) -> int:
+        """Drafts for seq this step: gamma, but never past its max_tokens."""
+        left = seq.request.sampling.max_tokens - seq.num_generated
+        return max(0, min(self.gamma, left - 1))
+
+    def prepare(self, running) -> None:
+        for req in running:
+            for s in req.live_seqs:
+                if s.remaining == 1:
+                    s.draft = [PLACEHOLDER] * self.length(s)
+
+    def fill(self, plan: StepPlan, running) -> SpecStats:
+        t0 = time.perf_counter()
+        entries = [(i, s, n) for i, (s, n) in enumerate(plan.work) if s.remaining == 1 and n > 1]
+        scheduled = {s.id for _, s, _ in entries}
+        for req in running:  # placeholders of sequences the plan does not verify
+            for s in req.seqs:
+                if s.id not in scheduled:
+                    s.draft = []
+        self._pending = []
+        if not entries:
+            return SpecStats()
+        proposals = self.drafter.propose([s for _, s, _ in entries], [n - 1 for _, _, n in entries])
+        for (i, s, n), drafts in zip(entries, proposals, strict=True):
+            drafts = list(drafts)[: n - 1]
+            s.draft = drafts
+            plan.work[i] = (s, 1 + len(drafts))
+            self._pending.append((s, len(s.tokens), drafts))
+        plan._index()
+        return SpecStats(proposed=sum(len(d) for _, _, d in self._pending),
+                         draft_s=time.perf_counter() - t0)  # fmt: skip
+
+    def observe(self, stats: SpecStats) -> SpecStats:
+        """After the step: drafts the target kept, per sequence and in all."""
+        for s, before, drafts in self._pending:
+            kept = 0
+            for j, tok in enumerate(drafts):
+                if before + j < len(s.tokens) and s.tokens[before + j] == tok:
+                    kept += 1
+                else:
+                    break
+            s.spec_proposed += len(drafts)
+            s.spec_accepted += kept
+            stats.accepted += kept
+            if isinstance(self.drafter, DraftModel):
+                self.drafter.settle(s, before, drafts)
+        self._pending = []
+        return stats
+
+    def forget(self, seq: Seq) -> None:
+        self.drafter.forget(seq.id)

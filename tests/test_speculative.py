@@ -1,0 +1,167 @@
+"""Speculative decoding: drafters, the speculator's plan edits, and outputs token for token
+equal to the non-speculative engine's (greedy and sampled) with every feature that touches a
+decoding sequence."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.engine import Engine
+from mlx_sched.serve.request import SamplingParams
+from mlx_sched.speculative.drafters import lookup
+from models import ModelConfig, Transformer
+from models.errors import ConfigError
+
+BASE = dict(
+    page_size=4,
+    num_pages=256,
+    max_seqs=8,
+    decode_buckets=(8,),
+    token_budget=64,
+    prefill_buckets=(64,),
+    max_prefill_rows=2,
+)
+SPEC = dict(**BASE, decode_widths=(1, 5))
+MAX_NEW = 16
+
+
+def tiny(seed, d=32, layers=2, **kw):
+    cfg = ModelConfig(vocab_size=264, d_model=d, n_layers=layers, n_heads=4, n_kv_heads=2,
+                      d_ff=2 * d, max_seq_len=96, init_std=0.3, **kw)  # fmt: skip
+    return Transformer(cfg, nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny(3)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(1)
+    out = [list(map(int, rng.integers(0, 256, n))) for n in (5, 17, 9, 30, 3, 12)]
+    out[5] = out[3][:16] + out[5]  # a shared prefix: prefix-cache hits
+    out[2] = out[2] + out[2] + out[2][:4]  # repeats: prompt lookup finds matches
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain(target, prompts):
+    engine = Engine(target, ServeConfig(**BASE))
+    return [r.outputs[0] for r in engine.generate(prompts, SamplingParams(max_tokens=MAX_NEW))]
+
+
+def test_lookup_takes_the_latest_longest_match():
+    toks = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    assert lookup(toks, 2, 3, 1) == [7, 8]  # "2 3" last seen before 7 8 (latest match)
+    assert lookup([1, 2, 3, 4, 5], 3, 3, 1) == []  # no earlier occurrence
+    assert lookup([4, 4, 4], 5, 2, 1) == [4]  # overlapping match: what follows it
+    assert lookup([5, 6, 7, 5, 6], 4, 2, 2) == [7, 5, 6]
+    assert lookup([5], 3, 3, 1) == []
+
+
+def _run(engine, prompts, sampling):
+    outs = engine.generate(prompts, sampling)
+    return [o.outputs[0] for o in outs]
+
+
+@pytest.mark.parametrize("kind", ["prompt_lookup", "draft_model"])
+def test_greedy_output_equals_non_speculative(target, prompts, plain, kind):
+    draft = tiny(5, d=16, layers=1) if kind == "draft_model" else None
+    cfg = ServeConfig(**SPEC, speculative={"kind": kind, "gamma": 4})
+    engine = Engine(target, cfg, draft_model=draft)
+    got = _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW))
+    assert got == plain
+    recs = engine.step_records
+    assert sum(r.spec_proposed for r in recs) > 0
+    assert engine.runner.compiles_since_warmup == 0
+    if draft is not None:
+        assert engine.spec.drafter.runner.compiles_since_warmup == 0
+    assert engine.pool.num_in_use == 0
+    engine.pool.check()
+
+
+def test_a_draft_identical_to_the_target_is_always_accepted(target, prompts, plain):
+    cfg = ServeConfig(**SPEC, speculative={"kind": "draft_model", "gamma": 4})
+    engine = Engine(target, cfg, draft_model=target)
+    assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == plain
+    recs = engine.step_records
+    proposed = sum(r.spec_proposed for r in recs)
+    assert proposed > 0 and sum(r.spec_accepted for r in recs) == proposed
+    m = engine.request_metrics()
+    assert all(r["spec_acceptance"] == 1.0 for r in m if "spec_proposed" in r)
+    # several tokens per verify: fewer decode steps than tokens
+    assert sum(r.new_tokens for r in recs) > len([r for r in recs if r.num_decode])
+
+
+def _draft(kind):
+    return tiny(5, d=16, layers=1) if kind == "draft_model" else None
+
+
+@pytest.mark.parametrize("kind", ["prompt_lookup", "draft_model"])
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_equal_under_preemption_chunked_prefill_and_parallel_sampling(target, kind, preemption):
+    """Few pages (speculating sequences preempted and resumed), a prompt longer than the
+    token budget (chunked prefill), n = 3 (forks: copy-on-write), a stop token: the outputs of
+    every sequence equal the non-speculative engine's under the same settings."""
+    rng = np.random.default_rng(7)
+    prompts = [list(map(int, rng.integers(0, 256, n))) for n in (70, 6, 11, 23)]
+    prompts[1] = prompts[1] * 4  # repeats for prompt lookup
+    small = dict(BASE, num_pages=40, preemption=preemption)
+    sps = [SamplingParams(max_tokens=MAX_NEW, n=3 if i == 2 else 1) for i in range(4)]
+    ref_engine = Engine(target, ServeConfig(**small))
+    ref = [o.outputs for o in ref_engine.generate(prompts, sps)]
+    stop = ref[3][0][5]  # a token of the greedy continuation: stops in a run of drafts
+    sps[3] = SamplingParams(max_tokens=MAX_NEW, stop_tokens=(stop,))
+    ref[3] = Engine(target, ServeConfig(**small)).generate([prompts[3]], sps[3])[0].outputs
+    cfg = ServeConfig(**small, decode_widths=(1, 5), speculative={"kind": kind, "gamma": 4})
+    engine = Engine(target, cfg, draft_model=_draft(kind))
+    got = [o.outputs for o in engine.generate(prompts, sps)]
+    assert got == ref
+    assert ref[3][0][-1] == stop
+    assert sum(r.preemptions for r in engine.requests.values()) > 0, "nothing was preempted"
+    assert any(r.spec_proposed for r in engine.step_records)
+    assert engine.pool.num_in_use == 0 and engine.runner.compiles_since_warmup == 0
+    engine.pool.check()
+
+
+@pytest.mark.parametrize("kind", ["prompt_lookup", "draft_model"])
+def test_sampled_output_equals_non_speculative(target, prompts, kind):
+    """Sampling with per-request seeds: each position's sample does not depend on the drafts,
+    so the speculative output is the non-speculative one, token for token."""
+    sps = [SamplingParams(max_tokens=MAX_NEW, temperature=0.9, top_k=20, seed=i)
+           for i in range(len(prompts))]  # fmt: skip
+    ref = _run(Engine(target, ServeConfig(**BASE)), prompts, sps)
+    cfg = ServeConfig(**SPEC, speculative={"kind": kind, "gamma": 3})
+    engine = Engine(target, cfg, draft_model=_draft(kind))
+    assert _run(engine, prompts, sps) == ref
+
+
+def test_moe_target_with_a_dense_draft(prompts):
+    moe = tiny(3, moe={"num_experts": 4, "top_k": 2, "every": 2})
+    ref = _run(Engine(moe, ServeConfig(**BASE)), prompts, SamplingParams(max_tokens=MAX_NEW))
+    cfg = ServeConfig(**SPEC, speculative={"kind": "draft_model", "gamma": 4})
+    engine = Engine(moe, cfg, draft_model=tiny(5, d=16, layers=1))
+    assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == ref
+
+
+def test_bad_speculative_settings_are_one_line_config_errors(target):
+    with pytest.raises(ConfigError, match="decode width of 5"):
+        ServeConfig(**BASE, speculative={"gamma": 4})
+    with pytest.raises(ConfigError, match="unknown serve.speculative key 'gama'"):
+        ServeConfig(**SPEC, speculative={"gama": 4})
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        ServeConfig(**SPEC, speculative={"kind": "oracle"})
+    other_vocab = Transformer(
+        dataclasses.replace(tiny(5, d=16, layers=1).cfg, vocab_size=300), nnx.Rngs(0)
+    )
+    cfg = ServeConfig(**SPEC, speculative={"kind": "draft_model"})
+    with pytest.raises(ConfigError, match="vocabulary"):
+        Engine(target, cfg, draft_model=other_vocab, warmup=False)
+    with pytest.raises(ConfigError, match="needs a draft model"):
+        Engine(target, cfg, warmup=False)
+    with pytest.raises(ConfigError, match="speculative is off"):
+        Engine(target, ServeConfig(**BASE), draft_model=target, warmup=False)
