@@ -284,6 +284,22 @@ class PagedContext:
         )
         return o.astype(q_pre.dtype)
 
+    def _native_multi(self, layer: int, q_dec: jax.Array) -> jax.Array:
+        """Decode slots of L > 1 positions (a sequence verifying drafts) on the native prefill
+        kernel: query j of slot d sees its slot's pages up to its own position, exactly as
+        the decode kernel computes a single query. Queries past a slot's length (and padding
+        slots, length 0) give zeros or are discarded."""
+        from models import native_kernels
+
+        D, L = self.num_decode, self.dec_width
+        pos_T = self.positions_T[: D * L]
+        row_T = jnp.repeat(jnp.arange(D, dtype=jnp.int32), L)
+        kv_len_T = jnp.where(pos_T < self.dec_len_D[row_T], pos_T + 1, 0)
+        o = native_kernels.paged_prefill(
+            q_dec, self.k, self.v, self.dec_pages_DW, row_T, kv_len_T, layer
+        )
+        return o.astype(q_dec.dtype)
+
     def attend(self, layer: int, pattern, q_THX, k_TKX, v_TKX) -> jax.Array:
         store = pack if is_packed(self.k) else (lambda x: x.astype(self.k.dtype))
         self.k = self.k.at[layer, self.write_page_T, self.write_offset_T].set(store(k_TKX))
@@ -311,6 +327,8 @@ class PagedContext:
                 kv_len_G=self.dec_len_D,
             )
             outs.append(o.reshape(D * L, H, X))
+        elif D and L > 1 and self.kernel.native and isinstance(pattern, DenseCausal):
+            outs.append(self._native_multi(layer, q_THX[: D * L]))
         elif D and L > 1:  # several queries per slot: causal by position within the slot
             H, X = q_THX.shape[1:]
             o = paged_attention(

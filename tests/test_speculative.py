@@ -165,3 +165,14 @@ def test_bad_speculative_settings_are_one_line_config_errors(target):
         Engine(target, cfg, warmup=False)
     with pytest.raises(ConfigError, match="speculative is off"):
         Engine(target, ServeConfig(**BASE), draft_model=target, warmup=False)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_verification_on_either_attention_kernel(target, prompts, plain, native):
+    """Verifying drafts (decode slots of L > 1 queries) on the native kernel, one query per
+    position over its slot's pages, and on the pure-JAX kernel give the same outputs."""
+    cfg = ServeConfig(**SPEC, native_kernels=native, speculative={"gamma": 4})
+    engine = Engine(target, cfg)
+    assert engine.runner.kernel.native == (native and engine.runner.kernel.native)
+    assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == plain
+    assert any(r.spec_accepted for r in engine.step_records)
