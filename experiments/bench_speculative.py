@@ -12,7 +12,8 @@ acceptance near 0, c small). Every request is greedy, 32 prompt tokens that repe
 Reported per (drafter, gamma, batch): output tok/s over the wall time (best of --runs after
 a warm-up run), drafts proposed and accepted, tokens per verifying step, the drafting share
 of the wall time, and the ratio to speculation off at the same batch. Decode slots come in
-powers of two from 1 (with speculation or without), so a batch of 1 runs one slot, not 16.
+powers of two from 1 to the largest batch (with speculation or without), so a batch of 1
+runs one slot, not 16.
 
 Outputs are compared with the non-speculative engine's: in float32 they must be equal (an
 assertion); in bfloat16 the verifying mixed step and the decode slice are different XLA
@@ -100,9 +101,11 @@ def main(argv):
               "small": Transformer(ModelConfig(**small_cfg), nnx.Rngs(1))}  # fmt: skip
     batches = [int(b) for b in _BATCHES.value]
     gammas = [int(g) for g in _GAMMAS.value]
-    slots = tuple(2**i for i in range(7))  # 1 .. 64
+    top = 1 << (max(batches) - 1).bit_length()  # the largest batch, to a power of two
+    slots = tuple(2**i for i in range(top.bit_length()))  # 1, 2, 4, .. top
     base = dataclasses.replace(
         serve_config("default", dtype),
+        max_seqs=top,
         decode_widths=(1, *[g + 1 for g in gammas]),
         decode_buckets=slots,
         mixed_decode_buckets=slots,

@@ -66,6 +66,19 @@ def test_profile_engine_reports_decode_and_mixed_steps():
 
 
 @pytest.mark.slow
+def test_bench_speculative_reports_speculation_against_off(tmp_path):
+    out = _run(
+        "experiments.bench_speculative", f"--workdir={tmp_path}", "--batches=1",
+        "--gammas=2", "--drafters=lookup,small", "--output=8", "--runs=1",
+    )  # fmt: skip
+    assert "| off | 0 | 1 |" in out and "| lookup | 2 | 1 |" in out and "| small | 2 | 1 |" in out
+    rows = json.loads((tmp_path / "results_float32.json").read_text())
+    assert {r["drafter"] for r in rows} == {"off", "lookup", "small"}
+    assert all(r["compiles_after_warmup"] == 0 for r in rows)
+    assert all(r["proposed"] > 0 for r in rows if r["drafter"] != "off")
+
+
+@pytest.mark.slow
 def test_bench_train_reports_fraction_of_peak(tmp_path):
     out = _run(
         "experiments.bench_train",

@@ -58,8 +58,9 @@ def test_lookup_takes_the_latest_longest_match():
     toks = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3]
     assert lookup(toks, 2, 3, 1) == [7, 8]  # "2 3" last seen before 7 8 (latest match)
     assert lookup([1, 2, 3, 4, 5], 3, 3, 1) == []  # no earlier occurrence
-    assert lookup([4, 4, 4], 5, 2, 1) == [4]  # overlapping match: what follows it
-    assert lookup([5, 6, 7, 5, 6], 4, 2, 2) == [7, 5, 6]
+    assert lookup([4, 4, 4], 5, 2, 1) == [4] * 5  # overlapping match: the repeat goes on
+    assert lookup([5, 6, 7, 5, 6], 4, 2, 2) == [7, 5, 6, 7]  # period 3, past the end
+    assert lookup([1, 9, 1, 9, 1], 3, 1, 1) == [9, 1, 9]
     assert lookup([5], 3, 3, 1) == []
 
 

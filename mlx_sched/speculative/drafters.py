@@ -43,14 +43,19 @@ class PromptLookup(Drafter):
 
 
 def lookup(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
-    """Up to k tokens following the latest earlier match of tokens' last n tokens, for the
-    longest n in [ngram_min, ngram_max] that matches; [] if none does."""
+    """k tokens following the latest earlier match of tokens' last n tokens, for the longest
+    n in [ngram_min, ngram_max] that matches; [] if none does. A continuation that reaches
+    the end of the tokens goes on with its own proposals (the match repeats with period
+    L - start - n), so a repeating tail still yields k drafts."""
     L = len(tokens)
     for n in range(min(ngram_max, L - 1), ngram_min - 1, -1):
         suffix = list(tokens[L - n :])
         for start in range(L - n - 1, -1, -1):  # latest first; the suffix itself excluded
             if tokens[start] == suffix[0] and list(tokens[start : start + n]) == suffix:
-                return list(tokens[start + n : start + n + k])
+                out: list[int] = []
+                for i in range(start + n, start + n + k):
+                    out.append(tokens[i] if i < L else out[i - L])
+                return out
     return []
 
 
