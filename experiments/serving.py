@@ -33,22 +33,37 @@ def load_model(config) -> Transformer:
 
         return hf.load_model(config.hf_path, dtype=config.model.get("dtype", "float32"))
     if config.get("checkpoint"):
-        path = pathlib.Path(config.checkpoint)
-        if (path / "checkpoints").is_dir():
-            path = path / "checkpoints"
-        ckpt, step = open_existing(path)
-        meta = ckpt.read_meta(step)
-        if "model" not in meta:
-            raise CheckpointError(f"checkpoint {path}/{step} has no model config in its metadata")
-        cfg = ModelConfig.from_dict(meta["model"])
-        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-        graphdef, like = nnx.split(abstract, nnx.Param)
-        params, _, _ = ckpt.restore(step, like)
-        ckpt.close()
-        logging.info("loaded %s step %d", path, step)
-        return nnx.merge(graphdef, params)
+        return load_checkpoint(config.checkpoint)
     cfg = model_config(config.model)
     return Transformer(cfg, nnx.Rngs(0))
+
+
+def load_weights(path, dtype: str) -> Transformer:
+    """A model from a Hugging Face folder (it has a config.json; loaded in `dtype`) or from
+    this framework's training checkpoint (its own config)."""
+    if (pathlib.Path(path) / "config.json").is_file():
+        from models import hf
+
+        return hf.load_model(path, dtype=dtype)
+    return load_checkpoint(path)
+
+
+def load_checkpoint(path) -> Transformer:
+    """The newest step of a training run's checkpoints (the run folder or its checkpoints/)."""
+    path = pathlib.Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    ckpt, step = open_existing(path)
+    meta = ckpt.read_meta(step)
+    if "model" not in meta:
+        raise CheckpointError(f"checkpoint {path}/{step} has no model config in its metadata")
+    cfg = ModelConfig.from_dict(meta["model"])
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    graphdef, like = nnx.split(abstract, nnx.Param)
+    params, _, _ = ckpt.restore(step, like)
+    ckpt.close()
+    logging.info("loaded %s step %d", path, step)
+    return nnx.merge(graphdef, params)
 
 
 def serve_config(config, **overrides) -> ServeConfig:
@@ -58,10 +73,20 @@ def serve_config(config, **overrides) -> ServeConfig:
 
 
 def make_engine(model, config, **overrides) -> Engine:
+    """The experiment's engine; with serve.speculative.kind='draft_model', the draft model is
+    loaded from serve.speculative.draft_checkpoint in the target's dtype."""
     serve = serve_config(config, **overrides)
     mesh_cfg = config.get("mesh", {})
     mesh = sharding.make_mesh(mesh_cfg) if mesh_cfg else None
-    return Engine(model, serve, mesh=mesh)
+    draft = None
+    if serve.spec is not None and serve.spec.kind == "draft_model":
+        if not serve.spec.draft_checkpoint:
+            raise ConfigError(
+                "serve.speculative.kind='draft_model' needs serve.speculative.draft_checkpoint "
+                "(a training run's checkpoints or a Hugging Face folder)"
+            )
+        draft = load_weights(serve.spec.draft_checkpoint, model.cfg.dtype)
+    return Engine(model, serve, mesh=mesh, draft_model=draft)
 
 
 def engine_and_trace(config):

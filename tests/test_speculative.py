@@ -177,3 +177,22 @@ def test_verification_on_either_attention_kernel(target, prompts, plain, native)
     assert engine.runner.kernel.native == (native and engine.runner.kernel.native)
     assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == plain
     assert any(r.spec_accepted for r in engine.step_records)
+
+
+def test_entry_points_load_the_draft_from_its_checkpoint(target, prompts, plain, tmp_path):
+    """experiments.serving.make_engine loads serve.speculative.draft_checkpoint (here a Hugging
+    Face folder) as the draft; without one, kind='draft_model' is a config error."""
+    import ml_collections
+
+    from experiments import serving
+    from models import hf
+
+    hf.save_model(tiny(5, d=16, layers=1), tmp_path / "draft")
+    spec = {"kind": "draft_model", "gamma": 4, "draft_checkpoint": str(tmp_path / "draft")}
+    config = ml_collections.ConfigDict({"serve": {**SPEC, "speculative": spec}})
+    engine = serving.make_engine(target, config)
+    assert engine.spec.drafter.runner.model_cfg.d_model == 16
+    assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == plain
+    config.serve.speculative.draft_checkpoint = ""
+    with pytest.raises(ConfigError, match="needs serve.speculative.draft_checkpoint"):
+        serving.make_engine(target, config)

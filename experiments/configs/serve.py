@@ -42,6 +42,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         policy_args={},  # the policy's settings: --config.serve.policy_args="{'key': value}"
         attn_chunk_pages=8,
         max_context=0,
+        decode_widths=(1,),  # with speculation: (1, gamma + 1)
+        # speculative decoding, e.g. "{'kind': 'prompt_lookup', 'gamma': 4}" or
+        # "{'kind': 'draft_model', 'gamma': 4, 'draft_checkpoint': PATH}"
+        speculative={},
     )
     c.workload = dict(
         num_requests=1000,
