@@ -469,6 +469,36 @@ ffi::Error CheckShapes(const char* name, ffi::AnyBuffer& q, ffi::AnyBuffer& k_ca
   return ffi::Error::Success();
 }
 
+// Runs the blocks [starts[b], starts[b + 1]) of queries on the pool, block b over the page
+// table row rows[starts[b]] (rows null: row = the block's first query).
+void RunBlocks(const std::vector<int64_t>& starts, const int32_t* rows, ffi::AnyBuffer& q,
+               ffi::AnyBuffer& k_cache, ffi::AnyBuffer& v_cache, ffi::Buffer<ffi::S32>& pages,
+               ffi::Buffer<ffi::S32>& kv_len, ffi::AnyBuffer& out, int64_t layer, bool packed,
+               int64_t P, int64_t Z, int64_t K, int64_t X, int64_t H, int64_t W) {
+  const Io io{q.untyped_data(), q.element_type() == ffi::DataType::BF16, out.untyped_data(),
+              out.element_type() == ffi::DataType::BF16};
+  const void* kc = k_cache.untyped_data();
+  const void* vc = v_cache.untyped_data();
+  const int32_t* pg = pages.typed_data();
+  const int32_t* lens = kv_len.typed_data();
+  const int64_t n_blocks = static_cast<int64_t>(starts.size()) - 1;
+  std::atomic<int64_t> next{0};
+  std::function<void()> work = [&] {
+    for (int64_t b = next.fetch_add(1); b < n_blocks; b = next.fetch_add(1)) {
+      const int64_t t0 = starts[b], nb = starts[b + 1] - t0;
+      const int32_t* pages_row = &pg[(rows ? rows[t0] : t0) * W];
+      if (packed)
+        BlockTask<true>(t0, nb, io, kc, vc, pages_row, lens, layer, P, Z, K, X, H, W);
+      else
+        BlockTask<false>(t0, nb, io, kc, vc, pages_row, lens, layer, P, Z, K, X, H, W);
+    }
+  };
+  static std::mutex one_call_at_a_time;
+  std::lock_guard<std::mutex> lock(one_call_at_a_time);
+  Pool::Get().Run(work);
+}
+
+// Decode: query g sees positions [0, kv_len[g]) of page-table row g.
 ffi::Error PagedDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                            ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pages,
                            ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
@@ -480,24 +510,10 @@ ffi::Error PagedDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
   if (!err.success()) return err;
   if (pages.dimensions()[0] != G)
     return ffi::Error::InvalidArgument("paged_decode: one page-table row per query");
-  const Io io{q.untyped_data(), q.element_type() == ffi::DataType::BF16, out->untyped_data(),
-               out->element_type() == ffi::DataType::BF16};
-  const void* kc = k_cache.untyped_data();
-  const void* vc = v_cache.untyped_data();
-  const int32_t* pg = pages.typed_data();
-  const int32_t* lens = kv_len.typed_data();
-  std::atomic<int64_t> next{0};
-  std::function<void()> work = [&] {
-    for (int64_t g = next.fetch_add(1); g < G; g = next.fetch_add(1)) {
-      if (packed)
-        BlockTask<true>(g, 1, io, kc, vc, &pg[g * W], lens, layer, P, Z, K, X, H, W);
-      else
-        BlockTask<false>(g, 1, io, kc, vc, &pg[g * W], lens, layer, P, Z, K, X, H, W);
-    }
-  };
-  static std::mutex one_call_at_a_time;
-  std::lock_guard<std::mutex> lock(one_call_at_a_time);
-  Pool::Get().Run(work);
+  std::vector<int64_t> starts(G + 1);  // a block per query
+  for (int64_t g = 0; g <= G; ++g) starts[g] = g;
+  RunBlocks(starts, nullptr, q, k_cache, v_cache, pages, kv_len, *out, layer, packed, P, Z, K, X,
+            H, W);
   return ffi::Error::Success();
 }
 
@@ -522,27 +538,8 @@ ffi::Error PagedPrefillImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
     if (t == 0 || rows[t] != rows[t - 1] || t - starts.back() == kBlock) starts.push_back(t);
   }
   starts.push_back(T);
-  const int64_t n_blocks = static_cast<int64_t>(starts.size()) - 1;
-  const Io io{q.untyped_data(), q.element_type() == ffi::DataType::BF16, out->untyped_data(),
-               out->element_type() == ffi::DataType::BF16};
-  const void* kc = k_cache.untyped_data();
-  const void* vc = v_cache.untyped_data();
-  const int32_t* pg = pages.typed_data();
-  const int32_t* lens = kv_len.typed_data();
-  std::atomic<int64_t> next{0};
-  std::function<void()> work = [&] {
-    for (int64_t b = next.fetch_add(1); b < n_blocks; b = next.fetch_add(1)) {
-      const int64_t t0 = starts[b], nb = starts[b + 1] - t0;
-      const int32_t* pages_row = &pg[rows[t0] * W];
-      if (packed)
-        BlockTask<true>(t0, nb, io, kc, vc, pages_row, lens, layer, P, Z, K, X, H, W);
-      else
-        BlockTask<false>(t0, nb, io, kc, vc, pages_row, lens, layer, P, Z, K, X, H, W);
-    }
-  };
-  static std::mutex one_call_at_a_time;
-  std::lock_guard<std::mutex> lock(one_call_at_a_time);
-  Pool::Get().Run(work);
+  RunBlocks(starts, rows, q, k_cache, v_cache, pages, kv_len, *out, layer, packed, P, Z, K, X, H,
+            W);
   return ffi::Error::Success();
 }
 
