@@ -196,3 +196,15 @@ def test_entry_points_load_the_draft_from_its_checkpoint(target, prompts, plain,
     config.serve.speculative.draft_checkpoint = ""
     with pytest.raises(ConfigError, match="needs serve.speculative.draft_checkpoint"):
         serving.make_engine(target, config)
+
+
+def test_sparse_attention_target(prompts):
+    """A target with strided and fixed sparse layers (verification takes their sparse paged
+    paths), drafting for itself (every draft kept): the non-speculative output."""
+    sparse = tiny(3, attention={"pattern": "strided,fixed", "stride": 8, "summary": 2})
+    ref = _run(Engine(sparse, ServeConfig(**BASE)), prompts, SamplingParams(max_tokens=MAX_NEW))
+    cfg = ServeConfig(**SPEC, speculative={"kind": "draft_model", "gamma": 4})
+    engine = Engine(sparse, cfg, draft_model=sparse)
+    assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == ref
+    recs = engine.step_records
+    assert sum(r.spec_accepted for r in recs) == sum(r.spec_proposed for r in recs) > 0

@@ -24,6 +24,9 @@ class Drafter:
     def propose(self, seqs: Sequence[Seq], ks: Sequence[int]) -> list[list[int]]:
         raise NotImplementedError
 
+    def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
+        """After verification of `drafts` proposed when seq had `before` tokens."""
+
     def forget(self, seq_id: str) -> None:
         """The sequence left the engine: drop what is kept for it."""
 

@@ -91,8 +91,7 @@ class Speculator:
             s.spec_proposed += len(drafts)
             s.spec_accepted += kept
             stats.accepted += kept
-            if isinstance(self.drafter, DraftModel):
-                self.drafter.settle(s, before, drafts)
+            self.drafter.settle(s, before, drafts)
         self._pending = []
         return stats
 
