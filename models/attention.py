@@ -3,7 +3,7 @@
 A block computes q, k, v and hands them to an *attention context* that knows
 the batch layout: `FullContext` (training, whole sequences, causal) here;
 `PagedContext` (the serving engine's paged KV cache) in
-`models/paged_attention.py`. One model definition serves both.
+`models/paged_context.py`. One model definition serves both.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from flax import nnx
 
 from models import Transformer
 from models.attention_core import causal_attention
-from models.paged_attention import KernelOptions, PagedContext, paged_attention
+from models.paged_attention import paged_attention
+from models.paged_context import KernelOptions, PagedContext
 from models.patterns import DenseCausal
 
 

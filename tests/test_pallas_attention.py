@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from models import Transformer, pallas_attention
-from models.paged_attention import KernelOptions, PagedContext, pack, paged_attention
+from models.paged_attention import pack, paged_attention
+from models.paged_context import KernelOptions, PagedContext
 from models.patterns import DenseCausal
 
 FLAVOURS = pallas_attention.FLAVOURS

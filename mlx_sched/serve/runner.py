@@ -34,7 +34,8 @@ from mlx_sched.serve.request import NUM_STOP_IDS, Seq, stop_ids
 from mlx_sched.serve.shapes import Shape, all_shapes, bucket, shape_for
 from models import native_kernels, packed_matmul, pallas_attention
 from models.config import DTYPES
-from models.paged_attention import KernelOptions, cache_layout
+from models.paged_attention import cache_layout
+from models.paged_context import KernelOptions
 
 
 class CompileCounter:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlx_sched.serve.sampling import sample
-from models.paged_attention import PagedContext
+from models.paged_context import PagedContext
 from sharding.rules import constrain
 
 
