@@ -3,9 +3,12 @@
 - `serve/`  the serving engine: requests, the page pool, the scheduler and its
             policies, the runner and its jitted steps, sampling, the engine loop,
             serving metrics. Imports `models` (the forward signature and the paged
-            attention context) and `sharding`; nothing else of this package.
+            attention context) and `sharding`; of this package only `speculative`,
+            lazily.
 - `train/`  the training loop, optimizer, checkpoints, data, training plots.
             Imports `models` and `sharding`.
+- `speculative/` speculative decoding: drafters and the engine's speculator. Imports
+            `serve`; the engine reaches it lazily when `serve.speculative` is set.
 - `lab/`    what experiments drive and measure the engine with: workloads and
             traces, replay, SLO and fairness metrics, the simulator, serving
             plots. Imports `serve` (and `models` for configs).

@@ -115,3 +115,23 @@ def test_random_traces_keep_invariants(ops):
         pool.free(pages)
     pool.check()
     assert pool.num_in_use == 0 and pool.num_available == 11
+
+
+def test_kv_occupancy_counts_a_shared_page_once_as_full_as_its_fullest_user():
+    from mlx_sched.serve.config import ServeConfig
+    from mlx_sched.serve.request import Request, SamplingParams, Seq
+    from mlx_sched.serve.scheduler import Scheduler
+
+    pool = PagePool(16, 4)
+    sched = Scheduler(ServeConfig(page_size=4, num_pages=16), pool)
+    shared, a, b = pool.allocate(3)
+    pool.incref(shared)
+    req = Request("r", [1] * 6, SamplingParams(max_tokens=4, n=2), 0.0)
+    req.seqs = [
+        Seq(req, 0, [1] * 7, pages=[shared, a], num_computed=6),  # 4 + 2 tokens
+        Seq(req, 1, [1] * 5, pages=[shared, b], num_computed=3),  # 3 in the shared page
+    ]
+    sched.running.append(req)
+    assert sched.kv_occupancy() == (3, 4 + 2 + 0)
+    req.seqs[0].done = True  # a finished sample no longer counts
+    assert sched.kv_occupancy() == (3, 3)

@@ -1,6 +1,6 @@
 """The serving engine: `Engine.step()` = schedule -> run -> postprocess.
 
-- `request.py`  requests, sequences, sampling parameters, validation
+- `request.py`  requests, sequences, sampling parameters, step outputs, validation
 - `paging.py`   the host page pool: refcounts, copy-on-write, prefix cache
 - `kv_store.py` host copies of sequences' KV pages (swap; later transfer, offload)
 - `plan.py`     `StepPlan`: per sequence how many positions it computes, and the
@@ -13,6 +13,6 @@
 - `engine.py`   the loop; `metrics.py` per-request and per-step metrics
 - `config.py`   `ServeConfig`; `cost_model.py` step-time estimates for policies
 
-May import `models` and `sharding`; never `mlx_sched.train`, `mlx_sched.lab` or
-`experiments`.
+May import `models` and `sharding`, and `mlx_sched.speculative` lazily (the engine, when
+`serve.speculative` is set); never `mlx_sched.train`, `mlx_sched.lab` or `experiments`.
 """

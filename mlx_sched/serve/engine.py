@@ -13,7 +13,6 @@ yields a request's tokens as they are produced.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import logging
 import time
@@ -32,6 +31,7 @@ from mlx_sched.serve.request import (
     NUM_STOP_IDS,
     Request,
     RequestError,
+    RequestOutput,
     SamplingParams,
     Seq,
     Status,
@@ -39,24 +39,6 @@ from mlx_sched.serve.request import (
     validate_prompt,
 )
 from mlx_sched.serve.scheduler import Scheduler
-from models.errors import ConfigError
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    request_id: str
-    new_tokens: list[list[int]]  # per sequence, the tokens produced by this step
-    finished: bool
-    request: Request = dataclasses.field(repr=False)
-
-    @property
-    def outputs(self) -> list[list[int]]:
-        """Per sequence, everything generated so far."""
-        return self.request.outputs()
-
-    @property
-    def finish_reasons(self) -> list[str | None]:
-        return [s.finish_reason for s in self.request.seqs]
 
 
 class Engine:
@@ -101,24 +83,18 @@ class Engine:
         self._order = itertools.count()
         self._steps, self._kv = 0, (0, 0)
         self._stops: dict[str, frozenset[int]] = {}
-        self.spec = None
-        if self.cfg.spec is not None:
-            from mlx_sched.speculative.speculator import Speculator, make_drafter
+        self.spec = None  # speculative decoding (mlx_sched.speculative), when configured
+        if self.cfg.spec is not None or draft_model is not None:
+            from mlx_sched.speculative.speculator import Speculator
 
-            drafter = make_drafter(self.cfg, model.cfg, draft_model, mesh)
-            self.spec = Speculator(self.cfg, drafter)
-        elif draft_model is not None:
-            raise ConfigError("a draft model was given but serve.speculative is off")
+            self.spec = Speculator.build(self.cfg, model.cfg, draft_model, mesh)
         if warmup:
             n = self.runner.warmup(
                 lambda i, n, shape: logging.info("warm-up %d/%d: %s", i + 1, n, shape)
             )
             logging.info("warm-up compiled %d shapes", n)
-            if self.spec is not None and hasattr(self.spec.drafter, "warmup"):
-                n = self.spec.drafter.warmup(
-                    lambda i, n, shape: logging.info("draft warm-up %d/%d: %s", i + 1, n, shape)
-                )
-                logging.info("draft warm-up compiled %d shapes", n)
+            if self.spec is not None:
+                self.spec.warmup()
 
     # -- requests -------------------------------------------------------------------
 
@@ -145,14 +121,7 @@ class Engine:
             raise RequestError(f"stop tokens outside the vocabulary: {bad_stop}")
         if len(sampling.stop_tokens) + 1 >= NUM_STOP_IDS:  # room for EOS, and one to spare
             raise RequestError(f"at most {NUM_STOP_IDS - 2} stop tokens per request")
-        need = self.pool.pages_for(len(tokens) + sampling.max_tokens) * sampling.n
-        if need > self.cfg.num_pages - 1:
-            raise RequestError(
-                f"request needs up to {need} KV pages but the pool has {self.cfg.num_pages - 1}; "
-                "raise serve.num_pages or lower max_tokens / n"
-            )
-        if sampling.n > self.cfg.max_seqs:
-            raise RequestError(f"n={sampling.n} exceeds serve.max_seqs={self.cfg.max_seqs}")
+        self.sched.check_fits(len(tokens), sampling)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request id '{rid}' is already in use")
@@ -192,8 +161,7 @@ class Engine:
         totals and the bounded history."""
         m = metrics_lib.request_metrics(req)
         if self.spec is not None:
-            for s in req.seqs:
-                self.spec.forget(s)
+            self.spec.forget(req)
         self.totals.observe(m)
         self._records.append(m)
         if self.cfg.history >= 0:
@@ -231,8 +199,7 @@ class Engine:
         t2 = time.perf_counter()
         decodes, prefills = plan.decodes, plan.prefills  # as they were when the step ran
         outputs = self._postprocess(plan, result)
-        if spec is not None:
-            spec = self.spec.observe(spec)
+        spec = self.spec.observe(spec) if spec is not None else None
         new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
         host_s = (t1 - t0) + result.build_s + (time.perf_counter() - t2)
         self._record(decodes, prefills, result, host_s, new_tokens, spec)
@@ -354,15 +321,9 @@ class Engine:
     def _record(
         self, decodes, prefills, result: StepResult, host_s: float, new_tokens: int, spec=None
     ):
-        Z = self.cfg.page_size
         self._steps += 1
         if self._steps % self.KV_STATS_EVERY == 1 or self.KV_STATS_EVERY == 1:
-            filled: dict[int, int] = {}
-            for req in self.sched.running:
-                for s in req.live_seqs:
-                    for i, p in enumerate(s.pages):
-                        filled[p] = max(filled.get(p, 0), min(Z, max(0, s.num_computed - i * Z)))
-            self._kv = (self.pool.num_in_use, sum(filled.values()))
+            self._kv = self.sched.kv_occupancy()
         rec = metrics_lib.StepRecord(
             t=self.clock(),
             kind=result.kind,
@@ -380,14 +341,8 @@ class Engine:
             live_tokens=self._kv[1],
             host_s=host_s,
             device_s=result.device_s,
-            page_size=Z,
-            **(
-                {}
-                if spec is None
-                else dict(
-                    spec_proposed=spec.proposed, spec_accepted=spec.accepted, draft_s=spec.draft_s
-                )
-            ),
+            page_size=self.cfg.page_size,
+            **(spec.fields() if spec is not None else {}),
         )
         self._steps_kept.append(rec)
         self.sched.cost.observe(rec)

@@ -227,3 +227,22 @@ def stop_ids(seq: Seq, eos_token: int) -> list[int]:
     if len(stops) > NUM_STOP_IDS:
         raise ValueError(f"at most {NUM_STOP_IDS - 1} stop tokens per request")
     return stops
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one engine step produced for a request (and, through it, everything so far)."""
+
+    request_id: str
+    new_tokens: list[list[int]]  # per sequence, the tokens produced by this step
+    finished: bool
+    request: Request = dataclasses.field(repr=False)
+
+    @property
+    def outputs(self) -> list[list[int]]:
+        """Per sequence, everything generated so far."""
+        return self.request.outputs()
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return [s.finish_reason for s in self.request.seqs]

@@ -17,7 +17,7 @@ from mlx_sched.serve.cost_model import StepTimeModel
 from mlx_sched.serve.kv_store import HostKVStore
 from mlx_sched.serve.paging import PagePool, hash_chain, page_hash
 from mlx_sched.serve.plan import PageTransfer, StepPlan
-from mlx_sched.serve.request import Request, Seq, Status
+from mlx_sched.serve.request import Request, RequestError, Seq, Status
 
 
 class Scheduler:
@@ -37,6 +37,28 @@ class Scheduler:
     def num_running_seqs(self) -> int:
         """Decode slots the running requests hold (a request that will fork holds n)."""
         return sum(self.seqs_needed(r) for r in self.running)
+
+    def kv_occupancy(self) -> tuple[int, int]:
+        """KV pages in use, and the tokens whose KV the running sequences hold in them (a page
+        shared by several sequences counts once, as full as the fullest)."""
+        Z, filled = self.cfg.page_size, {}
+        for req in self.running:
+            for s in req.live_seqs:
+                for i, p in enumerate(s.pages):
+                    filled[p] = max(filled.get(p, 0), min(Z, max(0, s.num_computed - i * Z)))
+        return self.pool.num_in_use, sum(filled.values())
+
+    def check_fits(self, num_tokens: int, sampling) -> None:
+        """A RequestError unless a request of `num_tokens` prompt tokens with `sampling` fits
+        an idle engine (its pages, its sequences)."""
+        need = self.pool.pages_for(num_tokens + sampling.max_tokens) * sampling.n
+        if need > self.cfg.num_pages - 1:
+            raise RequestError(
+                f"request needs up to {need} KV pages but the pool has {self.cfg.num_pages - 1}; "
+                "raise serve.num_pages or lower max_tokens / n"
+            )
+        if sampling.n > self.cfg.max_seqs:
+            raise RequestError(f"n={sampling.n} exceeds serve.max_seqs={self.cfg.max_seqs}")
 
     def seqs_needed(self, req: Request) -> int:
         return req.sampling.n if len(req.seqs) == 1 else len(req.live_seqs)

@@ -24,6 +24,10 @@ class Drafter:
     def propose(self, seqs: Sequence[Seq], ks: Sequence[int]) -> list[list[int]]:
         raise NotImplementedError
 
+    def warmup(self, progress=None) -> int:
+        """Compile what the drafter runs; returns the number of shapes (none: 0)."""
+        return 0
+
     def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
         """After verification of `drafts` proposed when seq had `before` tokens."""
 

@@ -4,6 +4,7 @@ and what verification kept."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from mlx_sched.serve.config import ServeConfig
@@ -22,6 +23,10 @@ class SpecStats:
     proposed: int = 0
     accepted: int = 0
     draft_s: float = 0.0
+
+    def fields(self) -> dict:
+        """As the fields of a `StepRecord`."""
+        return dict(spec_proposed=self.proposed, spec_accepted=self.accepted, draft_s=self.draft_s)
 
 
 def make_drafter(cfg: ServeConfig, model_cfg, draft_model=None, mesh=None) -> Drafter:
@@ -46,6 +51,22 @@ class Speculator:
         self.cfg, self.drafter = cfg, drafter
         self.gamma = cfg.spec.gamma
         self._pending: list[tuple[Seq, int, list[int]]] = []  # (seq, tokens before, drafts)
+
+    @classmethod
+    def build(cls, cfg: ServeConfig, model_cfg, draft_model=None, mesh=None) -> Speculator:
+        """The engine's speculator for `cfg.speculative` (a ConfigError if that is off but a
+        draft model was given)."""
+        if cfg.spec is None:
+            raise ConfigError("a draft model was given but serve.speculative is off")
+        return cls(cfg, make_drafter(cfg, model_cfg, draft_model, mesh))
+
+    def warmup(self) -> None:
+        """Compile the drafter's shapes (a draft model's), logging progress."""
+        n = self.drafter.warmup(
+            lambda i, n, shape: logging.info("draft warm-up %d/%d: %s", i + 1, n, shape)
+        )
+        if n:
+            logging.info("draft warm-up compiled %d shapes", n)
 
     def length(self, seq: Seq) -> int:
         """Drafts for seq this step: gamma, but never past its max_tokens."""
@@ -95,5 +116,7 @@ class Speculator:
         self._pending = []
         return stats
 
-    def forget(self, seq: Seq) -> None:
-        self.drafter.forget(seq.id)
+    def forget(self, req) -> None:
+        """The request left the engine: its sequences' drafter state goes."""
+        for s in req.seqs:
+            self.drafter.forget(s.id)
