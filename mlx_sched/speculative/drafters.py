@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.plan import StepPlan
-from mlx_sched.serve.request import Request, Seq, stop_ids
+from mlx_sched.serve.request import Seq, stop_ids
 from models.errors import ConfigError
 
 
@@ -66,38 +66,10 @@ def lookup(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> lis
     return []
 
 
-@dataclasses.dataclass
-class _View:
-    """A sequence as the draft model sees it: the target's tokens and pages, the draft's own
-    count of computed positions (what `Runner` reads of a `Seq`)."""
-
-    seq: Seq
-    num_computed: int
-    draft: list = dataclasses.field(default_factory=list)
-
-    @property
-    def id(self) -> str:
-        return self.seq.id
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.seq.tokens
-
-    @property
-    def pages(self) -> list[int]:
-        return self.seq.pages
-
-    @property
-    def request(self) -> Request:
-        return self.seq.request
-
-    @property
-    def index(self) -> int:
-        return self.seq.index
-
-    @property
-    def remaining(self) -> int:
-        return len(self.seq.tokens) - self.num_computed
+def _view(seq: Seq, num_computed: int) -> Seq:
+    """seq as the draft model sees it: the target's tokens and pages (shared, not copied), the
+    draft's own count of computed positions, no drafts."""
+    return dataclasses.replace(seq, num_computed=num_computed, draft=[])
 
 
 class DraftModel(Drafter):
@@ -163,17 +135,16 @@ class DraftModel(Drafter):
 
     def propose(self, seqs: Sequence[Seq], ks: Sequence[int]) -> list[list[int]]:
         t0 = time.perf_counter()
-        views = [_View(s, self._valid(s)) for s in seqs]
+        views = [_view(s, self._valid(s)) for s in seqs]
         self._catch_up(views)
         plan = StepPlan(as_slice=True)
         for v, k in zip(views, ks, strict=True):
-            plan.work.append((v, k))  # a decode: from the last token, k iterations
-        plan._index()
+            plan.add(v, k)  # a decode: from the last token, k iterations
         result = self.runner.run(plan)
         out = []
         for v, k, samples in zip(views, ks, result.samples, strict=True):
             drafts = list(samples[:k])
-            stops = set(stop_ids(v.seq, self.cfg.eos_token))
+            stops = set(stop_ids(v, self.cfg.eos_token))
             for j, tok in enumerate(drafts):  # a slot stops at a stop token: nothing after
                 if tok in stops:
                     del drafts[j + 1 :]
@@ -193,7 +164,7 @@ class DraftModel(Drafter):
                 break
         self.computed[seq.id] = (before + kept, tuple(seq.pages), seq.request.preemptions)
 
-    def _catch_up(self, views: list[_View]) -> None:
+    def _catch_up(self, views: list[Seq]) -> None:
         """Prefill rows until every view has computed all but its last token."""
         C = self.cfg.chunk_tokens
         while True:
@@ -204,11 +175,10 @@ class DraftModel(Drafter):
                 if todo <= 0 or budget <= 0:
                     continue
                 n = min(todo, C, budget)
-                plan.work.append((v, n))
+                plan.add(v, n)
                 budget -= n
             if not plan.work:
                 return
-            plan._index()
             self.runner.run(plan)
             for v, n in plan.work:
                 v.num_computed += n

@@ -94,9 +94,8 @@ class Speculator:
         for (i, s, n), drafts in zip(entries, proposals, strict=True):
             drafts = list(drafts)[: n - 1]
             s.draft = drafts
-            plan.work[i] = (s, 1 + len(drafts))
+            plan.work[i] = (s, 1 + len(drafts))  # still a decode of seq: the index holds
             self._pending.append((s, len(s.tokens), drafts))
-        plan._index()
         return SpecStats(proposed=sum(len(d) for _, _, d in self._pending),
                          draft_s=time.perf_counter() - t0)  # fmt: skip
 
