@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).parent / "native" / "paged_decode.cc"
-TARGET = "mlx_paged_decode"
-PREFILL_TARGET = "mlx_paged_prefill"
+TARGET = "mlx_native_paged_attention"
 
 
 def _cache_dir() -> pathlib.Path:
@@ -141,9 +140,8 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MlxPagedDecode), platform="cpu")
         jax.ffi.register_ffi_target(
-            PREFILL_TARGET, jax.ffi.pycapsule(lib.MlxPagedPrefill), platform="cpu"
+            TARGET, jax.ffi.pycapsule(lib.MlxPagedAttention), platform="cpu"
         )
     except Exception as e:  # a missing compiler, a failed build: fall back to pure JAX
         logging.warning("native paged-decode kernel unavailable, using pure JAX: %s", _reason(e))
@@ -166,20 +164,11 @@ def paged_decode(q_GHX, k_cache, v_cache, pages_GW, kv_len_G, layer: int) -> jax
     a bfloat16 q, rounded once from float32 arithmetic; float32 otherwise).
 
     q [G, H, X]; caches [N, P, Z, K, X] float32 or [N, P, Z, K, X/2] packed bf16 (uint32);
-    query g sees positions [0, kv_len[g]) of its pages; kv_len 0 gives zeros.
+    query g sees positions [0, kv_len[g]) of its pages; kv_len 0 gives zeros. The kernel
+    of `paged_prefill`, each query its own row.
     """
-    _require()
-    G, H, X = q_GHX.shape
-    dt = _io_dtype(q_GHX)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((G, H, X), dt))
-    return call(
-        q_GHX.astype(dt),
-        k_cache,
-        v_cache,
-        pages_GW.astype(jnp.int32),
-        kv_len_G.astype(jnp.int32),
-        layer=np.int64(layer),
-    )
+    rows = jnp.arange(q_GHX.shape[0], dtype=jnp.int32)
+    return paged_prefill(q_GHX, k_cache, v_cache, pages_GW, rows, kv_len_G, layer)
 
 
 def paged_prefill(q_THX, k_cache, v_cache, pages_RW, row_T, kv_len_T, layer: int) -> jax.Array:
@@ -187,14 +176,14 @@ def paged_prefill(q_THX, k_cache, v_cache, pages_RW, row_T, kv_len_T, layer: int
     `paged_decode`'s).
 
     Token t belongs to the sequence whose page-table row is `pages_RW[row_T[t]]` and sees
-    positions [0, kv_len_T[t]) (kv_len 0 gives zeros). The same result as `paged_decode`
-    with each token's row gathered, but consecutive tokens of one row share a task that
-    reads the row's pages once per block of 16 queries rather than once per query.
+    positions [0, kv_len_T[t]) (kv_len 0 gives zeros). The same result as one decode query
+    per token over its row, but consecutive tokens of one row share a task that reads the
+    row's pages once per block of 16 queries rather than once per query.
     """
     _require()
     T, H, X = q_THX.shape
     dt = _io_dtype(q_THX)
-    call = jax.ffi.ffi_call(PREFILL_TARGET, jax.ShapeDtypeStruct((T, H, X), dt))
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((T, H, X), dt))
     return call(
         q_THX.astype(dt),
         k_cache,

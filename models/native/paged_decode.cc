@@ -1,9 +1,9 @@
-// Paged decode attention for XLA:CPU (an XLA FFI custom call).
+// Paged attention for XLA:CPU (an XLA FFI custom call), for decode and prefill queries.
 //
-// One query per sequence (decode), dense causal: query g attends to positions
-// [0, kv_len[g]) of its own pages. K and V are read straight from the paged
-// cache, once, with no gathered copy and no staging copy: each sequence's task walks
-// its page table with an online softmax, prefetching the pages ahead of it. The
+// Dense causal: query t attends to positions [0, kv_len[t]) of its sequence's pages. K and
+// V are read straight from the paged cache, with no gathered copy and no staging copy: a
+// task (one decode query, or up to 16 consecutive prefill queries of one sequence) walks
+// the sequence's page table with an online softmax per query, prefetching the pages ahead. The
 // cache is float32 [N, P, Z, K, X], or bfloat16 packed two to a uint32 word
 // [N, P, Z, K, X/2] (element 2j in the low half, 2j+1 in the high half), converted
 // in registers. Tasks run on a small pool of the kernel's own. With AVX-512 and
@@ -21,7 +21,6 @@
 #include <limits>
 #include <functional>
 #include <mutex>
-#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -445,48 +444,64 @@ void BlockTask(int64_t t0, int64_t nb, const Io& io, const void* kc, const void*
     FinishQuery<kPacked>(sc.State(b, H, X), io, t0 + b, kv_len[t0 + b] <= 0, H, X);
 }
 
-// Checks shapes shared by both handlers; fills the dimensions.
-ffi::Error CheckShapes(const char* name, ffi::AnyBuffer& q, ffi::AnyBuffer& k_cache,
+// Checks the operands' ranks, types and head shapes; fills the dimensions.
+ffi::Error CheckShapes(ffi::AnyBuffer& q, ffi::AnyBuffer& k_cache,
                        ffi::Buffer<ffi::S32>& pages, ffi::AnyBuffer& out, int64_t* G, int64_t* H, int64_t* X,
                        int64_t* P, int64_t* Z, int64_t* K, int64_t* W, bool* packed) {
   auto qd = q.dimensions();        // [G, H, X]
   auto cd = k_cache.dimensions();  // [N, P, Z, K, X or X/2]
   auto pd = pages.dimensions();    // [rows, W]
   if (qd.size() != 3 || cd.size() != 5 || pd.size() != 2)
-    return ffi::Error::InvalidArgument(std::string(name) + ": bad ranks");
+    return ffi::Error::InvalidArgument("paged_attention: bad ranks");
   *G = qd[0], *H = qd[1], *X = qd[2];
   *P = cd[1], *Z = cd[2], *K = cd[3], *W = pd[1];
   *packed = k_cache.element_type() == ffi::DataType::U32;
   if (!*packed && k_cache.element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument(std::string(name) + ": cache must be f32 or packed u32");
+    return ffi::Error::InvalidArgument("paged_attention: cache must be f32 or packed u32");
   if ((*packed ? 2 * cd[4] : cd[4]) != *X || *H % *K != 0)
-    return ffi::Error::InvalidArgument(std::string(name) + ": head shapes do not match");
+    return ffi::Error::InvalidArgument("paged_attention: head shapes do not match");
   for (auto t : {q.element_type(), out.element_type()})
     if (t != ffi::DataType::F32 && t != ffi::DataType::BF16)
-      return ffi::Error::InvalidArgument(std::string(name) + ": q and out must be f32 or bf16");
+      return ffi::Error::InvalidArgument("paged_attention: q and out must be f32 or bf16");
   if (out.element_count() != q.element_count())
-    return ffi::Error::InvalidArgument(std::string(name) + ": out must have q's shape");
+    return ffi::Error::InvalidArgument("paged_attention: out must have q's shape");
   return ffi::Error::Success();
 }
 
-// Runs the blocks [starts[b], starts[b + 1]) of queries on the pool, block b over the page
-// table row rows[starts[b]] (rows null: row = the block's first query).
-void RunBlocks(const std::vector<int64_t>& starts, const int32_t* rows, ffi::AnyBuffer& q,
-               ffi::AnyBuffer& k_cache, ffi::AnyBuffer& v_cache, ffi::Buffer<ffi::S32>& pages,
-               ffi::Buffer<ffi::S32>& kv_len, ffi::AnyBuffer& out, int64_t layer, bool packed,
-               int64_t P, int64_t Z, int64_t K, int64_t X, int64_t H, int64_t W) {
-  const Io io{q.untyped_data(), q.element_type() == ffi::DataType::BF16, out.untyped_data(),
-              out.element_type() == ffi::DataType::BF16};
+// Query t belongs to sequence row[t] (page table pages[row[t]]) and sees positions
+// [0, kv_len[t]). Consecutive queries of one row are taken kBlock at a time, so a prefill
+// chunk's pages are read once per block rather than once per query; decode queries (one per
+// row) are blocks of one.
+ffi::Error PagedAttentionImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                            ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pages,
+                            ffi::Buffer<ffi::S32> row, ffi::Buffer<ffi::S32> kv_len,
+                            ffi::Result<ffi::AnyBuffer> out, int64_t layer) {
+  int64_t T, H, X, P, Z, K, W;
+  bool packed;
+  ffi::Error err = CheckShapes(q, k_cache, pages, *out, &T, &H, &X, &P, &Z, &K, &W,
+                               &packed);
+  if (!err.success()) return err;
+  const int64_t R = pages.dimensions()[0];
+  const int32_t* rows = row.typed_data();
+  std::vector<int64_t> starts;  // blocks: runs of one row, at most kBlock long
+  for (int64_t t = 0; t < T; ++t) {
+    if (rows[t] < 0 || rows[t] >= R)
+      return ffi::Error::InvalidArgument("paged_attention: row out of range");
+    if (t == 0 || rows[t] != rows[t - 1] || t - starts.back() == kBlock) starts.push_back(t);
+  }
+  starts.push_back(T);
+  const int64_t n_blocks = static_cast<int64_t>(starts.size()) - 1;
+  const Io io{q.untyped_data(), q.element_type() == ffi::DataType::BF16, out->untyped_data(),
+              out->element_type() == ffi::DataType::BF16};
   const void* kc = k_cache.untyped_data();
   const void* vc = v_cache.untyped_data();
   const int32_t* pg = pages.typed_data();
   const int32_t* lens = kv_len.typed_data();
-  const int64_t n_blocks = static_cast<int64_t>(starts.size()) - 1;
   std::atomic<int64_t> next{0};
   std::function<void()> work = [&] {
     for (int64_t b = next.fetch_add(1); b < n_blocks; b = next.fetch_add(1)) {
       const int64_t t0 = starts[b], nb = starts[b + 1] - t0;
-      const int32_t* pages_row = &pg[(rows ? rows[t0] : t0) * W];
+      const int32_t* pages_row = &pg[rows[t0] * W];
       if (packed)
         BlockTask<true>(t0, nb, io, kc, vc, pages_row, lens, layer, P, Z, K, X, H, W);
       else
@@ -496,66 +511,12 @@ void RunBlocks(const std::vector<int64_t>& starts, const int32_t* rows, ffi::Any
   static std::mutex one_call_at_a_time;
   std::lock_guard<std::mutex> lock(one_call_at_a_time);
   Pool::Get().Run(work);
-}
-
-// Decode: query g sees positions [0, kv_len[g]) of page-table row g.
-ffi::Error PagedDecodeImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
-                           ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pages,
-                           ffi::Buffer<ffi::S32> kv_len, ffi::Result<ffi::AnyBuffer> out,
-                           int64_t layer) {
-  int64_t G, H, X, P, Z, K, W;
-  bool packed;
-  ffi::Error err = CheckShapes("paged_decode", q, k_cache, pages, *out, &G, &H, &X, &P, &Z, &K, &W,
-                               &packed);
-  if (!err.success()) return err;
-  if (pages.dimensions()[0] != G)
-    return ffi::Error::InvalidArgument("paged_decode: one page-table row per query");
-  std::vector<int64_t> starts(G + 1);  // a block per query
-  for (int64_t g = 0; g <= G; ++g) starts[g] = g;
-  RunBlocks(starts, nullptr, q, k_cache, v_cache, pages, kv_len, *out, layer, packed, P, Z, K, X,
-            H, W);
-  return ffi::Error::Success();
-}
-
-// Prefill: query t belongs to sequence row[t] (page table pages[row[t]]) and sees positions
-// [0, kv_len[t]). Consecutive queries of one row are taken kBlock at a time, so a chunk's
-// pages are read once per block rather than once per query.
-ffi::Error PagedPrefillImpl(ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
-                            ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> pages,
-                            ffi::Buffer<ffi::S32> row, ffi::Buffer<ffi::S32> kv_len,
-                            ffi::Result<ffi::AnyBuffer> out, int64_t layer) {
-  int64_t T, H, X, P, Z, K, W;
-  bool packed;
-  ffi::Error err = CheckShapes("paged_prefill", q, k_cache, pages, *out, &T, &H, &X, &P, &Z, &K, &W,
-                               &packed);
-  if (!err.success()) return err;
-  const int64_t R = pages.dimensions()[0];
-  const int32_t* rows = row.typed_data();
-  std::vector<int64_t> starts;  // blocks: runs of one row, at most kBlock long
-  for (int64_t t = 0; t < T; ++t) {
-    if (rows[t] < 0 || rows[t] >= R)
-      return ffi::Error::InvalidArgument("paged_prefill: row out of range");
-    if (t == 0 || rows[t] != rows[t - 1] || t - starts.back() == kBlock) starts.push_back(t);
-  }
-  starts.push_back(T);
-  RunBlocks(starts, rows, q, k_cache, v_cache, pages, kv_len, *out, layer, packed, P, Z, K, X, H,
-            W);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MlxPagedDecode, PagedDecodeImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("layer"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MlxPagedPrefill, PagedPrefillImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MlxPagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
