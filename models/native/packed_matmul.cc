@@ -30,6 +30,7 @@
 #define MLX_AMX 1
 #endif
 
+#include "bf16.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -40,16 +41,9 @@ namespace {
 constexpr int64_t kNR = 32;  // columns per panel
 constexpr int kMR = 12;      // rows per register block (2 x 12 accumulators)
 
+using mlx_native::Bf16ToF32;
+using mlx_native::F32ToBf16;
 using mlx_native::Pool;
-
-// float32 -> bfloat16, rounding to nearest even (NaN stays a quiet NaN), as XLA converts.
-inline uint16_t F32ToBf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((b >> 16) | 0x40);
-  b += 0x7FFFu + ((b >> 16) & 1u);
-  return static_cast<uint16_t>(b >> 16);
-}
 
 // Rows [0, M) of a [M, 32] float32 block -> columns [n0, n0 + 32) of a bfloat16 y [M, N].
 void StoreBf16(const float* block, uint16_t* y, int64_t M, int64_t N, int64_t n0) {
@@ -66,12 +60,6 @@ void StoreBf16(const float* block, uint16_t* y, int64_t M, int64_t N, int64_t n0
   }
 }
 
-inline float Bf16ToF32(uint16_t h) {
-  uint32_t b = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
 
 // Rows [r0, r0 + MR) of x times one packed panel -> y[:, n0 : n0 + 32].
 template <int MR>

@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -45,6 +46,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using mlx_native::Bf16ToF32;
+using mlx_native::F32ToBf16;
 using mlx_native::Pool;
 
 inline float Bf16Low(uint32_t w) {
@@ -60,15 +63,6 @@ inline float Bf16High(uint32_t w) {
   return f;
 }
 
-// float32 -> bfloat16, rounding to nearest even (NaN stays a quiet NaN), as XLA converts.
-inline uint16_t F32ToBf16(float f) {
-  uint32_t b;
-  __builtin_memcpy(&b, &f, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((b >> 16) | 0x40);
-  b += 0x7FFFu + ((b >> 16) & 1u);
-  return static_cast<uint16_t>(b >> 16);
-}
-
 // The queries and outputs, float32 or bfloat16 (raw 16-bit words) each.
 struct Io {
   const void* q;
@@ -77,7 +71,7 @@ struct Io {
   bool out_bf16;
   float Q(int64_t i) const {
     if (!q_bf16) return static_cast<const float*>(q)[i];
-    return Bf16Low(static_cast<const uint16_t*>(q)[i]);
+    return Bf16ToF32(static_cast<const uint16_t*>(q)[i]);
   }
   void Out(int64_t i, float f) const {
     if (out_bf16)
