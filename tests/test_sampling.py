@@ -140,3 +140,39 @@ def test_top_k_then_top_p_uses_the_renormalised_top_k():
     renormalised is [.556, .389, .056], so token 2 is outside the nucleus."""
     want = _exact(np.asarray(ISSUE_PROBS), 1.0, 3, 0.9)
     np.testing.assert_allclose(want, [0.5 / 0.85, 0.35 / 0.85, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 3, 0.9)])
+def test_sample_with_probs_gives_the_distribution_it_drew_from(temperature, top_k, top_p):
+    """The draft side of speculative sampling: the same tokens as `sample`, each sampled row's
+    distribution after temperature / top-k / top-p (the definition's), zeros for greedy rows."""
+    from mlx_sched.serve.sampling import sample_with_probs
+
+    logits = jnp.asarray(np.stack([ISSUE_PROBS, ISSUE_PROBS[::-1], ISSUE_PROBS]), jnp.float32)
+    args = (
+        logits,
+        jnp.array([temperature, temperature, 0.0]),
+        jnp.array([top_k] * 3),
+        jnp.array([top_p] * 3),
+        jnp.array([1, 2, 3]),
+        jnp.array([0, 0, 0]),
+        jnp.array([7, 7, 7]),
+    )
+    tok, logp, q = sample_with_probs(*args)
+    ref_tok, ref_logp = sample(*args)
+    np.testing.assert_array_equal(np.asarray(tok), np.asarray(ref_tok))
+    np.testing.assert_allclose(np.asarray(logp), np.asarray(ref_logp), rtol=1e-6)
+    for row in (0, 1):
+        want = _exact(np.asarray(logits[row], np.float64), temperature, top_k, top_p)
+        np.testing.assert_allclose(np.asarray(q[row]), want, atol=1e-6)
+    assert not np.any(np.asarray(q[2]))
+
+
+def test_draw_never_lands_on_a_zero_weight():
+    """Inverse-CDF draws skip zero weights anywhere in the row, even a uniform of ~1."""
+    from mlx_sched.serve.sampling import draw
+
+    w = jnp.asarray([[0.0, 1.0, 0.0, 2.0, 0.0, 0.0]] * 256, jnp.float32)
+    keys = jax.vmap(jax.random.key)(jnp.arange(256))
+    got = set(np.asarray(draw(w, keys)).tolist())
+    assert got == {1, 3}

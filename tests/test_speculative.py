@@ -4,6 +4,7 @@ decoding sequence."""
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -130,15 +131,50 @@ def test_equal_under_preemption_chunked_prefill_and_parallel_sampling(target, ki
 
 
 @pytest.mark.parametrize("kind", ["prompt_lookup", "draft_model"])
-def test_sampled_output_equals_non_speculative(target, prompts, kind):
-    """Sampling with per-request seeds: each position's sample does not depend on the drafts,
-    so the speculative output is the non-speculative one, token for token."""
+def test_sampled_output_equals_non_speculative_under_the_match_rule(target, prompts, kind):
+    """Sampling with per-request seeds, drafts accepted while they equal the target's own
+    sample (the match rule; prompt lookup's only rule): each position's sample does not
+    depend on the drafts, so the output is the non-speculative one, token for token."""
     sps = [SamplingParams(max_tokens=MAX_NEW, temperature=0.9, top_k=20, seed=i)
            for i in range(len(prompts))]  # fmt: skip
     ref = _run(Engine(target, ServeConfig(**BASE)), prompts, sps)
-    cfg = ServeConfig(**SPEC, speculative={"kind": kind, "gamma": 3})
-    engine = Engine(target, cfg, draft_model=_draft(kind))
+    spec = {"kind": kind, "gamma": 3, "acceptance": "match"}
+    engine = Engine(target, ServeConfig(**SPEC, speculative=spec), draft_model=_draft(kind))
     assert _run(engine, prompts, sps) == ref
+
+
+def test_rejection_rule_outputs_are_reproducible_and_accept_more(target, prompts):
+    """Leviathan's rule (the default with a draft model): the same seeds give the same output
+    again, a request's output does not depend on its batch companions, and a draft close to
+    the target is accepted more often than by the match rule."""
+    sps = [SamplingParams(max_tokens=MAX_NEW, temperature=0.9, seed=i) for i in range(6)]
+    spec = {"kind": "draft_model", "gamma": 3}
+    near = _perturbed(target, 0.02)
+
+    def run(acceptance, which=None):
+        cfg = ServeConfig(**SPEC, speculative=dict(spec, acceptance=acceptance))
+        engine = Engine(target, cfg, draft_model=near)
+        ps, ss = (prompts, sps) if which is None else ([prompts[which]], [sps[which]])
+        out = _run(engine, ps, ss)
+        recs = engine.step_records
+        rate = sum(r.spec_accepted for r in recs) / sum(r.spec_proposed for r in recs)
+        return out, rate
+
+    first, rate = run("rejection")
+    assert run("rejection")[0] == first
+    assert run("rejection", which=2)[0] == [first[2]]  # alone: the same tokens
+    _, match_rate = run("match")
+    assert rate > match_rate
+
+
+def _perturbed(model, scale):
+    """A copy of `model` with every weight moved by `scale` relative noise."""
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(
+        lambda x: x * (1 + scale * rng.standard_normal(x.shape).astype(np.float32)), state
+    )
+    return nnx.merge(graphdef, state)
 
 
 def test_moe_target_with_a_dense_draft(prompts):

@@ -241,8 +241,9 @@ class Engine:
 
         The entry computed n positions from p = num_computed. In a slice every sample is the
         next token. Otherwise sample j was drawn after position q = p + n - len(samples) + j;
-        it is a new token when q >= len(tokens) - 1, and while it confirms the draft token it
-        predicted, the next sample (drawn after that draft token) is read too. Positions
+        it is a new token when q >= len(tokens) - 1. A verifying decode's samples are its
+        accepted drafts and one more token (the step decided on device,
+        `speculative.acceptance`): read while they confirm the drafts. Positions
         computed past the kept tokens (rejected drafts) are overwritten later; their pages
         are released now and never enter the prefix cache.
         """

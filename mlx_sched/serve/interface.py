@@ -24,6 +24,8 @@ class StepResult:
     iters: int  # iterations run (a slice may stop early; 1 for a mixed step)
     device_s: float  # dispatch -> results on host
     build_s: float = 0.0  # host time spent building the batch
+    # a draft model's slice: per entry, the distribution each token was drawn from [n, V]
+    probs: list[np.ndarray] | None = None
 
 
 @runtime_checkable

@@ -43,6 +43,9 @@ class StepPlan:
     send: list[PageTransfer] = dataclasses.field(default_factory=list)
     receive: list[PageTransfer] = dataclasses.field(default_factory=list)
     pinned: list[int] = dataclasses.field(default_factory=list)  # copy sources held for the step
+    # speculative decoding's rejection rule: per sequence id, the distributions its draft
+    # tokens were drawn from ([drafts, V]; sampled sequences of a draft model only)
+    draft_probs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self._index()

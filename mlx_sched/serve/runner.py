@@ -63,7 +63,15 @@ class CompileCounter:
 
 
 class Runner:
-    def __init__(self, model: nnx.Module, cfg: ServeConfig, mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self,
+        model: nnx.Module,
+        cfg: ServeConfig,
+        mesh: jax.sharding.Mesh | None = None,
+        draft_probs: bool = False,
+    ):
+        """`draft_probs`: a draft model's runner, whose decode slices also return each sampled
+        token's distribution (`StepResult.probs`)."""
         CompileCounter.install()
         self.compiles = 0  # compilations inside this runner's calls
         self.compiles_at_warmup: int | None = None
@@ -115,15 +123,23 @@ class Runner:
         self._mixed = jax.jit(
             functools.partial(steps.mixed_step, graphdef, self.kernel),
             in_shardings=kv_in,
-            out_shardings=(*kv_out, repl, repl),
-            donate_argnums=(2, 3),
-        )
-        self._slice = jax.jit(
-            functools.partial(steps.decode_slice, graphdef, self.kernel, self.Z, cfg.slice_len),
-            in_shardings=kv_in,
             out_shardings=(*kv_out, repl, repl, repl),
             donate_argnums=(2, 3),
         )
+        self.draft_probs = draft_probs
+        self._slice = jax.jit(
+            functools.partial(
+                steps.decode_slice, graphdef, self.kernel, self.Z, cfg.slice_len, probs=draft_probs
+            ),
+            in_shardings=kv_in,
+            out_shardings=(*kv_out, repl, repl, repl) + ((repl,) if draft_probs else ()),
+            donate_argnums=(2, 3),
+        )
+        # verification by Leviathan's rejection rule: the mixed steps of L > 1 take the
+        # draft's distributions (zeros, kept on device, when no sampled slot has any)
+        spec = cfg.spec
+        self.verify_probs = spec is not None and spec.rejection
+        self._no_probs: dict[tuple[int, int], jax.Array] = {}
         self._exe: dict[Shape, object] = {}  # ahead-of-time compiled steps, by shape
         self._read = jax.jit(steps.read_pages, out_shardings=(repl, repl))
         self._write = jax.jit(steps.write_pages, out_shardings=kv_out, donate_argnums=(0, 1))
@@ -202,7 +218,7 @@ class Runner:
         R = self.cfg.max_prefill_rows if Tp else 0
         decodes, prefills = plan.decodes, plan.prefills
         dec = {k: np.zeros((D, L), np.int32) for k in ("tokens", "pos", "wpage", "woff")}
-        dec_len = np.zeros(D, np.int32)
+        dec_len, dec_ndraft = np.zeros(D, np.int32), np.zeros(D, np.int32)
         for i, (s, n) in enumerate(decodes):
             p0 = s.num_computed
             pos = np.arange(p0, p0 + n)
@@ -210,7 +226,7 @@ class Runner:
             dec["pos"][i, :n] = pos
             dec["wpage"][i, :n] = np.asarray(s.pages, np.int32)[pos // Z]
             dec["woff"][i, :n] = pos % Z
-            dec_len[i] = p0 + n
+            dec_len[i], dec_ndraft[i] = p0 + n, n - 1
         pre = {k: np.zeros(Tp, np.int32) for k in ("tokens", "pos", "wpage", "woff")}
         pre_index = np.full((R, min(C, Tp)), Tp, np.int32)
         pre_len = np.zeros(R, np.int32)
@@ -240,6 +256,7 @@ class Runner:
             **{f"dec_{k}": a for k, a in dec.items()},
             "dec_pages": self._table([s for s, _ in decodes], D),
             "dec_len": dec_len,
+            "dec_ndraft": dec_ndraft,
             **{f"pre_{k}": a for k, a in pre.items()},
             "pre_index": pre_index,
             "pre_pages": self._table([s for s, _ in prefills], R),
@@ -247,7 +264,26 @@ class Runner:
             "sample_index": sample_index,
             **self._sampling_rows(rows, positions),
             **self._copies(plan.copies),
+            **self._draft_probs(plan, D, L),
         }
+
+    def _draft_probs(self, plan: StepPlan, D: int, L: int) -> dict:
+        """`dec_q` [D, L - 1, V]: each decode slot's draft distributions, for the rejection
+        rule (only when this runner verifies by it, and in steps of L > 1)."""
+        if not self.verify_probs or L == 1 or not D:
+            return {}
+        V = self.model_cfg.vocab_size
+        given = [(i, plan.draft_probs.get(s.id)) for i, (s, _) in enumerate(plan.decodes)]
+        given = [(i, q) for i, q in given if q is not None and len(q)]
+        if not given:
+            if (D, L) not in self._no_probs:
+                zeros = np.zeros((D, L - 1, V), np.float32)
+                self._no_probs[D, L] = jax.device_put(zeros, self.repl)
+            return {"dec_q": self._no_probs[D, L]}
+        q = np.zeros((D, L - 1, V), np.float32)
+        for i, probs in given:
+            q[i, : len(probs)] = probs
+        return {"dec_q": q}
 
     def build_slice(self, plan: StepPlan, shape: Shape) -> dict:
         D = shape.D
@@ -286,22 +322,30 @@ class Runner:
         with self._counting(), jax.set_mesh(self.mesh):
             fn = self._exe.get(shape) or (self._mixed if shape.kind == "mixed" else self._slice)
             out = fn(self.params, self.tables, self.k, self.v, bundle)
-            if shape.kind == "mixed":
-                self.k, self.v, tok, logp = out
-                iters = 1
-            else:
-                self.k, self.v, tok, logp, iters = out
-            out = (tok, iters, logp) if want_logprobs else (tok, iters)
-            out = jax.device_get(out)
+            self.k, self.v, tok, logp, extra, *q = out  # extra: accepted drafts | iterations
+            want_probs = bool(q) and any(s.request.sampling.temperature > 0 for s, _ in plan.work)
+            fetch = {"tok": tok, "extra": extra}
+            if want_logprobs:
+                fetch["logp"] = logp
+            if want_probs:
+                fetch["q"] = q[0]
+            out = jax.device_get(fetch)
         device_s = time.perf_counter() - t0
-        tok, iters = out[0], int(out[1])
-        logp = out[2] if want_logprobs else None
-        samples, logprobs = self._per_entry(plan, shape, tok, logp, iters)
-        return StepResult(shape.kind, shape.dims, samples, logprobs, iters, device_s, t0 - t_build)
+        iters = 1 if shape.kind == "mixed" else int(out["extra"])
+        samples, logprobs = self._per_entry(
+            plan, shape, out["tok"], out.get("logp"), iters, out["extra"]
+        )
+        probs = None
+        if want_probs:  # a draft slice: entry i's tokens were drawn from q[:, i]
+            probs = [out["q"][: len(t), i] for i, t in enumerate(samples)]
+        return StepResult(
+            shape.kind, shape.dims, samples, logprobs, iters, device_s, t0 - t_build, probs
+        )
 
     @staticmethod
-    def _per_entry(plan, shape, tok, logp, iters):
-        """Split the step's sampled tokens (and log-probabilities) by plan entry."""
+    def _per_entry(plan, shape, tok, logp, iters, accepted):
+        """Split the step's sampled tokens (and log-probabilities) by plan entry: a decode slot
+        of a mixed step keeps its accepted drafts and one more token."""
         if shape.kind == "decode":
             picks = [(slice(0, min(iters, n)), i) for i, (_, n) in enumerate(plan.work)]
         else:
@@ -309,7 +353,7 @@ class Runner:
             decodes = {s.id: i for i, (s, _) in enumerate(plan.decodes)}
             rows = {s.id: r for r, (s, _) in enumerate(plan.prefills)}
             picks = [
-                slice(decodes[s.id] * L, decodes[s.id] * L + n)
+                slice(decodes[s.id] * L, decodes[s.id] * L + min(n, accepted[decodes[s.id]] + 1))
                 if s.id in decodes
                 else slice(row0 + rows[s.id], row0 + rows[s.id] + 1)
                 for s, n in plan.work

@@ -49,8 +49,9 @@ def filter_top_k_top_p(logits_SV, top_k_S, top_p_S):
     return jnp.where(logits_SV >= threshold_S[:, None], logits_SV, -jnp.inf)
 
 
-def _draw(logits_SV, temperature_S, top_k_S, top_p_S, keys):
-    """Inverse-CDF sampling from softmax(logits / temperature) after top-k / top-p."""
+def weights(logits_SV, temperature_S, top_k_S, top_p_S):
+    """Each row's unnormalised sampling weights: exp of the logits over the temperature,
+    zero outside the top-k / top-p set (the distribution a sampled row draws from)."""
     scaled_SV = logits_SV / jnp.maximum(temperature_S, 1e-6)[:, None]
     scaled_SV = jax.lax.cond(
         jnp.any((top_k_S > 0) | (top_p_S < 1.0)),
@@ -58,12 +59,29 @@ def _draw(logits_SV, temperature_S, top_k_S, top_p_S, keys):
         lambda x: x,
         scaled_SV,
     )
-    w_SV = jnp.exp(scaled_SV - jnp.max(scaled_SV, axis=-1, keepdims=True))
+    return jnp.exp(scaled_SV - jnp.max(scaled_SV, axis=-1, keepdims=True))
+
+
+def draw(w_SV, keys):
+    """One index per row with probability proportional to its weight (inverse CDF of one
+    uniform per row); never an index of weight zero."""
     cdf_SV = jnp.cumsum(w_SV, axis=-1)
     u_S = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * cdf_SV[:, -1]
     idx_S = jnp.sum(cdf_SV <= u_S[:, None], axis=-1)
-    # never land on a zero-probability (filtered) entry
-    return jnp.minimum(idx_S, logits_SV.shape[-1] - 1).astype(jnp.int32)
+    last_S = w_SV.shape[-1] - 1 - jnp.argmax(w_SV[:, ::-1] > 0, axis=-1)  # last nonzero entry
+    return jnp.minimum(idx_S, last_S).astype(jnp.int32)
+
+
+def _draw(logits_SV, temperature_S, top_k_S, top_p_S, keys):
+    """Inverse-CDF sampling from softmax(logits / temperature) after top-k / top-p."""
+    return draw(weights(logits_SV, temperature_S, top_k_S, top_p_S), keys)
+
+
+def chosen_logprob(logits_SV: jax.Array, token_S: jax.Array) -> jax.Array:
+    """log-probability of each row's token under the model (before any filtering)."""
+    logits_SV = logits_SV.astype(jnp.float32)
+    chosen_S = jnp.take_along_axis(logits_SV, token_S[:, None], axis=-1)[:, 0]
+    return chosen_S - jax.nn.logsumexp(logits_SV, axis=-1)
 
 
 def sample(
@@ -87,5 +105,32 @@ def sample(
         ),
         lambda: greedy_S,
     )
-    chosen_S = jnp.take_along_axis(logits_SV, token_S[:, None], axis=-1)[:, 0]
-    return token_S, chosen_S - jax.nn.logsumexp(logits_SV, axis=-1)
+    return token_S, chosen_logprob(logits_SV, token_S)
+
+
+def sample_with_probs(
+    logits_SV: jax.Array,
+    temperature_S: jax.Array,
+    top_k_S: jax.Array,
+    top_p_S: jax.Array,
+    seed_S: jax.Array,
+    seq_S: jax.Array,
+    pos_S: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`sample`'s tokens and log-probabilities, and each sampled row's distribution after
+    temperature / top-k / top-p (the q of speculative decoding's rejection rule; zeros for
+    greedy rows, whose drafts are checked against the target's argmax)."""
+    logits_SV = logits_SV.astype(jnp.float32)
+    greedy_S = argmax(logits_SV)
+
+    def sampled(_):
+        w_SV = weights(logits_SV, temperature_S, top_k_S, top_p_S)
+        drawn_S = draw(w_SV, row_keys(seed_S, seq_S, pos_S))
+        hot_S = temperature_S > 0
+        q_SV = jnp.where(hot_S[:, None], w_SV / jnp.sum(w_SV, axis=-1, keepdims=True), 0.0)
+        return jnp.where(hot_S, drawn_S, greedy_S), q_SV
+
+    token_S, q_SV = jax.lax.cond(
+        jnp.any(temperature_S > 0), sampled, lambda _: (greedy_S, jnp.zeros_like(logits_SV)), None
+    )
+    return token_S, chosen_logprob(logits_SV, token_S), q_SV

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlx_sched.serve.sampling import sample
+from mlx_sched.serve.sampling import chosen_logprob, row_keys, sample, sample_with_probs
+from mlx_sched.speculative.acceptance import verify_chain
 from models.paged_context import PagedContext
 from sharding.rules import constrain
 
@@ -78,7 +79,8 @@ def _sample_rows(logits_SV, b, prefix=""):
 
 def mixed_step(graphdef, kernel, params, tables, k, v, b):
     """D decode slots of L positions each, then Tp prefill tokens in R rows; samples after every
-    decode position and after each row's last token -> (k, v, tokens, logprobs)."""
+    decode position and after each row's last token, and with L > 1 decides which drafts each
+    slot keeps -> (k, v, tokens, logprobs, accepted drafts per slot)."""
     model = nnx.merge(graphdef, params)
     k, v = copy_pages(k, v, b["copy_src"], b["copy_dst"])
     D, L = b["dec_tokens"].shape
@@ -103,12 +105,39 @@ def mixed_step(graphdef, kernel, params, tables, k, v, b):
     )
     x_TD, _ = model.forward(embed(model, tables, flat("tokens")), ctx)
     logits_SV = model.logits(x_TD[b["sample_index"]])
-    tokens_S, logp_S = _sample_rows(logits_SV, b)
-    return ctx.k, ctx.v, tokens_S, logp_S
+    tokens_S, _ = _sample_rows(logits_SV, b)
+    accepted_D = jnp.zeros((D,), jnp.int32)
+    if L > 1 and D:  # verification: decide on device which drafts the slots keep
+        tokens_S, accepted_D = _verify(logits_SV, tokens_S, b, D, L)
+    return ctx.k, ctx.v, tokens_S, chosen_logprob(logits_SV, tokens_S), accepted_D
 
 
-def decode_slice(graphdef, kernel, page_size: int, slice_len: int, params, tables, k, v, b):
-    """Up to `slice_len` decode iterations for D slots -> (k, v, tokens_SD, logp_SD, iters)."""
+def _verify(logits_SV, tokens_S, b, D, L):
+    """Acceptance of each decode slot's drafts (`speculative.acceptance.verify_chain`): the
+    slots' rows get their kept tokens; -> (tokens_S, accepted_D)."""
+    n = D * L
+    q = b.get("dec_q")  # the draft's distributions: Leviathan's rejection rule
+    keys = None
+    if q is not None:
+        keys = row_keys(b["seed"][:n], b["seq_index"][:n], b["sample_pos"][:n]).reshape(D, L)
+    per_slot = {name: b[name][:n:L] for name in ("temperature", "top_k", "top_p")}
+    tok_DL, accepted_D = verify_chain(
+        logits_SV[:n].reshape(D, L, -1),
+        tokens_S[:n].reshape(D, L),
+        b["dec_tokens"][:, 1:],
+        b["dec_ndraft"],
+        per_slot,
+        keys,
+        q,
+    )
+    return tokens_S.at[:n].set(tok_DL.reshape(-1)), accepted_D
+
+
+def decode_slice(
+    graphdef, kernel, page_size: int, slice_len: int, params, tables, k, v, b, probs=False
+):
+    """Up to `slice_len` decode iterations for D slots -> (k, v, tokens_SD, logp_SD, iters);
+    with `probs` (a draft model's slice) also each sampled token's distribution, q_SDV."""
     model = nnx.merge(graphdef, params)
     k, v = copy_pages(k, v, b["copy_src"], b["copy_dst"])
     pages_DW = b["pages"]
@@ -133,12 +162,14 @@ def decode_slice(graphdef, kernel, page_size: int, slice_len: int, params, table
         )
         x_DD, _ = model.forward(embed(model, tables, c["tok"]), ctx)
         logits = model.logits(x_DD)
-        nxt_D, logp_D = sample(
-            logits, b["temperature"], b["top_k"], b["top_p"], b["seed"], b["seq_index"], pos_D + 1
-        )
+        rows = (b["temperature"], b["top_k"], b["top_p"], b["seed"], b["seq_index"], pos_D + 1)
+        if probs:
+            nxt_D, logp_D, q_DV = sample_with_probs(logits, *rows)
+        else:
+            nxt_D, logp_D = sample(logits, *rows)
         count_D = c["count"] + (~done_D).astype(jnp.int32)
         stop_D = jnp.any(nxt_D[:, None] == b["stop_ids"], axis=-1)
-        return {
+        out = {
             "k": ctx.k,
             "v": ctx.v,
             "tok": nxt_D,
@@ -149,6 +180,9 @@ def decode_slice(graphdef, kernel, page_size: int, slice_len: int, params, table
             "out_logp": c["out_logp"].at[c["i"]].set(logp_D),
             "i": c["i"] + 1,
         }
+        if probs:
+            out["out_q"] = c["out_q"].at[c["i"]].set(q_DV)
+        return out
 
     init = {
         "k": k,
@@ -161,5 +195,9 @@ def decode_slice(graphdef, kernel, page_size: int, slice_len: int, params, table
         "out_logp": jnp.zeros((slice_len, D), jnp.float32),
         "i": jnp.zeros((), jnp.int32),
     }
+    if probs:
+        init["out_q"] = jnp.zeros((slice_len, D, model.cfg.vocab_size), jnp.float32)
     out = jax.lax.while_loop(cond, body, init)
+    if probs:
+        return out["k"], out["v"], out["out_tok"], out["out_logp"], out["i"], out["out_q"]
     return out["k"], out["v"], out["out_tok"], out["out_logp"], out["i"]

@@ -3,8 +3,8 @@
 A *drafter* proposes the next tokens of decoding sequences; the target model
 verifies them in the ordinary mixed step, where a decoding sequence with k
 drafts computes 1 + k positions (a declared `decode_widths` bucket) and
-samples after each; `Engine._commit` keeps the samples while they confirm the
-drafts and rolls back the rest (pages past the kept tokens are released, and
+samples after each; `Engine._commit` keeps the accepted drafts and the token
+after them and rolls back the rest (pages past the kept tokens are released, and
 nothing unverified enters the prefix cache).
 
 - `drafters.PromptLookup`: no model; the continuation of the latest earlier
@@ -17,9 +17,12 @@ nothing unverified enters the prefix cache).
   reserves pages for them and may drop them under memory pressure), the
   drafter's tokens after it, and the acceptance counts.
 
-Acceptance compares the draft with the target's own sample at each position
-(per-request keys, independent of the batch and of the drafts): the output is
-token for token the non-speculative output, greedy or sampled.
+The verify step decides acceptance on device (`acceptance.verify_chain`):
+greedy rows accept while the target's argmax equals the draft; sampled rows
+follow Leviathan et al.'s rejection rule with a draft model's distributions
+(the target's distribution, exactly), or, with `acceptance="match"` and for
+prompt lookup, accept while the draft equals the target's own per-position
+sample (then the output is token for token the non-speculative output).
 """
 
 from mlx_sched.speculative.config import SpecConfig

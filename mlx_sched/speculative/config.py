@@ -9,6 +9,7 @@ from typing import Any
 from models.errors import ConfigError, check_keys
 
 KINDS = ("prompt_lookup", "draft_model")
+ACCEPTANCE = ("rejection", "match")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,10 +19,18 @@ class SpecConfig:
     ngram_max: int = 3  # prompt lookup: longest suffix matched
     ngram_min: int = 1  # prompt lookup: shortest suffix matched
     draft_checkpoint: str = ""  # draft_model: a checkpoint directory the entry points load
+    # sampled requests with a draft model: "rejection" (Leviathan: accept with min(1, p/q),
+    # the target's distribution) or "match" (accept while the draft equals the target's own
+    # sample: the non-speculative output token for token, fewer drafts accepted)
+    acceptance: str = "rejection"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError(f"serve.speculative.kind must be one of {KINDS}, got '{self.kind}'")
+        if self.acceptance not in ACCEPTANCE:
+            raise ConfigError(
+                f"serve.speculative.acceptance must be one of {ACCEPTANCE}, got '{self.acceptance}'"
+            )
         if self.gamma < 1:
             raise ConfigError(f"serve.speculative.gamma must be >= 1, got {self.gamma}")
         if not 1 <= self.ngram_min <= self.ngram_max:
@@ -29,6 +38,12 @@ class SpecConfig:
                 "serve.speculative needs 1 <= ngram_min <= ngram_max, got "
                 f"{self.ngram_min}, {self.ngram_max}"
             )
+
+    @property
+    def rejection(self) -> bool:
+        """Verification by Leviathan's rule with the draft's distributions (a draft model's;
+        prompt lookup's drafts are point masses, for which the match rule is the same rule)."""
+        return self.kind == "draft_model" and self.acceptance == "rejection"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SpecConfig:

@@ -31,6 +31,11 @@ class Drafter:
     def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
         """After verification of `drafts` proposed when seq had `before` tokens."""
 
+    def distributions(self) -> dict:
+        """Per sequence id, the distributions the last proposal's drafts were drawn from
+        ([drafts, V]; sampled sequences of a drafter that samples, for the rejection rule)."""
+        return {}
+
     def forget(self, seq_id: str) -> None:
         """The sequence left the engine: drop what is kept for it."""
 
@@ -110,7 +115,8 @@ class DraftModel(Drafter):
             policy="fcfs",
             policy_args={},
         )
-        self.runner = Runner(model, self.cfg, mesh)
+        self.runner = Runner(model, self.cfg, mesh, draft_probs=target_cfg.spec.rejection)
+        self._probs: dict = {}
         # per sequence: positions the draft's arrays hold, their pages, the request's
         # preemption count (a preempted sequence may get the same page ids back)
         self.computed: dict[str, tuple[int, tuple[int, ...], int]] = {}
@@ -141,8 +147,9 @@ class DraftModel(Drafter):
         for v, k in zip(views, ks, strict=True):
             plan.add(v, k)  # a decode: from the last token, k iterations
         result = self.runner.run(plan)
-        out = []
-        for v, k, samples in zip(views, ks, result.samples, strict=True):
+        out, self._probs = [], {}
+        probs = result.probs or [None] * len(views)
+        for v, k, samples, q in zip(views, ks, result.samples, probs, strict=True):
             drafts = list(samples[:k])
             stops = set(stop_ids(v, self.cfg.eos_token))
             for j, tok in enumerate(drafts):  # a slot stops at a stop token: nothing after
@@ -150,8 +157,13 @@ class DraftModel(Drafter):
                     del drafts[j + 1 :]
                     break
             out.append(drafts)
+            if q is not None and v.request.sampling.temperature > 0:
+                self._probs[v.id] = q[: len(drafts)]
         self.seconds += time.perf_counter() - t0
         return out
+
+    def distributions(self) -> dict:
+        return self._probs
 
     def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
         """After verification: the draft's arrays hold positions up to the last token (of the

@@ -91,9 +91,12 @@ class Speculator:
         if not entries:
             return SpecStats()
         proposals = self.drafter.propose([s for _, s, _ in entries], [n - 1 for _, _, n in entries])
+        probs = self.drafter.distributions()
         for (i, s, n), drafts in zip(entries, proposals, strict=True):
             drafts = list(drafts)[: n - 1]
             s.draft = drafts
+            if s.id in probs:
+                plan.draft_probs[s.id] = probs[s.id][: len(drafts)]
             plan.work[i] = (s, 1 + len(drafts))  # still a decode of seq: the index holds
             self._pending.append((s, len(s.tokens), drafts))
         return SpecStats(proposed=sum(len(d) for _, _, d in self._pending),
