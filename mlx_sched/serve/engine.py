@@ -94,7 +94,7 @@ class Engine:
             )
             logging.info("warm-up compiled %d shapes", n)
             if self.spec is not None:
-                self.spec.warmup()
+                self.spec.warmup(self.runner)
 
     # -- requests -------------------------------------------------------------------
 
@@ -198,8 +198,7 @@ class Engine:
         self.sched.release(plan)
         t2 = time.perf_counter()
         decodes, prefills = plan.decodes, plan.prefills  # as they were when the step ran
-        outputs = self._postprocess(plan, result)
-        spec = self.spec.observe(spec) if spec is not None else None
+        outputs = self._postprocess(plan, result, spec)
         new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
         host_s = (t1 - t0) + result.build_s + (time.perf_counter() - t2)
         self._record(decodes, prefills, result, host_s, new_tokens, spec)
@@ -214,12 +213,14 @@ class Engine:
         if plan.send or plan.receive:
             raise NotImplementedError("this engine has no peer to send KV pages to or from")
 
-    def _postprocess(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+    def _postprocess(self, plan: StepPlan, result: StepResult, spec=None) -> list[RequestOutput]:
         now = self.clock()
         new: dict[str, list[int]] = {}
         logps = result.logprobs or [None] * len(plan.work)
         for (seq, n), samples, lp in zip(plan.work, result.samples, logps, strict=True):
             self._commit(seq, n, samples, lp, plan.as_slice, new, now)
+        if spec is not None:  # acceptance counts, before finished requests are retired
+            self.spec.observe(spec)
         outputs = []
         for req in plan.requests():
             if req.status is not Status.RUNNING:
@@ -347,6 +348,8 @@ class Engine:
         )
         self._steps_kept.append(rec)
         self.sched.cost.observe(rec)
+        if self.spec is not None:
+            self.spec.on_step(rec)
         self.policy.on_step(rec)
 
     # -- conveniences -------------------------------------------------------------------

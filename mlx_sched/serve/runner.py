@@ -383,6 +383,30 @@ class Runner:
         with self._counting(), jax.set_mesh(self.mesh):
             self.k, self.v = self._write(self.k, self.v, idx, kd, vd)
 
+    # -- profiling ------------------------------------------------------------------
+
+    def profile(self, shapes: Sequence[Shape], reps: int = 3) -> dict[Shape, float]:
+        """Seconds of one call of each compiled shape, best of `reps`, run on padding slots (a
+        decode slice runs one iteration): the step-cost table of adaptive speculation before
+        any step was measured. Padding writes only the null page."""
+        out = {}
+        for shape in shapes:
+            build = self.build_mixed if shape.kind == "mixed" else self.build_slice
+            bundle = build(StepPlan(), shape)
+            if shape.kind == "decode":
+                bundle["steps"][:] = 1
+            bundle = jax.device_put(bundle, self.repl)
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                with self._counting(), jax.set_mesh(self.mesh):
+                    res = self._exe[shape](self.params, self.tables, self.k, self.v, bundle)
+                    self.k, self.v = res[0], res[1]
+                    jax.block_until_ready(res[2])
+                best = min(best, time.perf_counter() - t0)
+            out[shape] = best
+        return out
+
     # -- warm-up --------------------------------------------------------------------
 
     def warmup(self, progress=None) -> int:

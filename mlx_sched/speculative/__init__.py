@@ -16,6 +16,9 @@ nothing unverified enters the prefix cache).
   sequence gets before the policy schedules (placeholders, so every policy
   reserves pages for them and may drop them under memory pressure), the
   drafter's tokens after it, and the acceptance counts.
+- `adaptive.AdaSpec` (`speculative.adaptive=True`): per-sequence confidences
+  and, each step, the drafts per sequence (0 included) that maximise predicted
+  goodput under step costs profiled at warm-up and learnt from measured steps.
 
 The verify step decides acceptance on device (`acceptance.verify_chain`):
 greedy rows accept while the target's argmax equals the draft; sampled rows

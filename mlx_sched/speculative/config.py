@@ -23,6 +23,9 @@ class SpecConfig:
     # the target's distribution) or "match" (accept while the draft equals the target's own
     # sample: the non-speculative output token for token, fewer drafts accepted)
     acceptance: str = "rejection"
+    # AdaSpec: each step, drafts per sequence (0 included) from the compiled decode_widths up
+    # to gamma, maximising predicted goodput; False: gamma for every decoding sequence
+    adaptive: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:

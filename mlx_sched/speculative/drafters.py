@@ -31,6 +31,16 @@ class Drafter:
     def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
         """After verification of `drafts` proposed when seq had `before` tokens."""
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Slot buckets of the drafter's proposals, where its cost steps (none: no buckets)."""
+        return ()
+
+    def profile(self) -> dict[tuple[int, int], float]:
+        """Seconds of a proposal by (slot bucket, drafts), measured before serving ({}: none;
+        the adaptive controller then learns them from the steps it sees)."""
+        return {}
+
     def distributions(self) -> dict:
         """Per sequence id, the distributions the last proposal's drafts were drawn from
         ([drafts, V]; sampled sequences of a drafter that samples, for the rejection rule)."""
@@ -164,6 +174,19 @@ class DraftModel(Drafter):
 
     def distributions(self) -> dict:
         return self._probs
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.cfg.decode_sizes
+
+    def profile(self) -> dict[tuple[int, int], float]:
+        """A proposal of k drafts costs k iterations of the draft's decode slice."""
+        from mlx_sched.serve.shapes import Shape
+
+        shapes = [Shape("decode", D, S=self.cfg.slice_len) for D in self.cfg.decode_sizes]
+        per_iter = self.runner.profile(shapes)
+        gamma = self.cfg.slice_len
+        return {(sh.D, k): k * t for sh, t in per_iter.items() for k in range(1, gamma + 1)}
 
     def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
         """After verification: the draft's arrays hold positions up to the last token (of the

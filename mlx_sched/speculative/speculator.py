@@ -10,6 +10,8 @@ import time
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.request import Seq
+from mlx_sched.serve.shapes import Shape
+from mlx_sched.speculative.adaptive import AdaSpec, StepCosts
 from mlx_sched.speculative.drafters import Drafter, DraftModel, PromptLookup
 from models.errors import ConfigError
 
@@ -51,6 +53,10 @@ class Speculator:
         self.cfg, self.drafter = cfg, drafter
         self.gamma = cfg.spec.gamma
         self._pending: list[tuple[Seq, int, list[int]]] = []  # (seq, tokens before, drafts)
+        self.adaptive: AdaSpec | None = None  # AdaSpec's controller, when configured
+        if cfg.spec.adaptive:
+            costs = StepCosts(cfg.decode_sizes, cfg.mixed_decode_sizes, drafter.sizes)
+            self.adaptive = AdaSpec(cfg.decode_widths, self.gamma, costs, cfg.slice_len)
 
     @classmethod
     def build(cls, cfg: ServeConfig, model_cfg, draft_model=None, mesh=None) -> Speculator:
@@ -60,13 +66,27 @@ class Speculator:
             raise ConfigError("a draft model was given but serve.speculative is off")
         return cls(cfg, make_drafter(cfg, model_cfg, draft_model, mesh))
 
-    def warmup(self) -> None:
-        """Compile the drafter's shapes (a draft model's), logging progress."""
+    def warmup(self, runner=None) -> None:
+        """Compile the drafter's shapes (a draft model's), logging progress; with AdaSpec,
+        profile the target's decode and verify shapes (on `runner`) and the drafter's."""
         n = self.drafter.warmup(
             lambda i, n, shape: logging.info("draft warm-up %d/%d: %s", i + 1, n, shape)
         )
         if n:
             logging.info("draft warm-up compiled %d shapes", n)
+        if self.adaptive is None or runner is None or not hasattr(runner, "profile"):
+            return
+        cfg, costs = self.cfg, self.adaptive.costs
+        shapes = [Shape("decode", D, S=cfg.slice_len) for D in cfg.decode_sizes]
+        shapes += [Shape("mixed", D, L, 0) for L in cfg.decode_widths[1:]
+                   for D in cfg.mixed_decode_sizes]  # fmt: skip
+        for shape, t in runner.profile(shapes).items():
+            if shape.kind == "decode":
+                costs.decode[shape.D] = t
+            else:
+                costs.verify[shape.D, shape.L] = t
+        costs.draft.update(self.drafter.profile())
+        logging.info("adaptive speculation: profiled %d target shapes", len(shapes))
 
     def length(self, seq: Seq) -> int:
         """Drafts for seq this step: gamma, but never past its max_tokens."""
@@ -74,10 +94,14 @@ class Speculator:
         return max(0, min(self.gamma, left - 1))
 
     def prepare(self, running) -> None:
-        for req in running:
-            for s in req.live_seqs:
-                if s.remaining == 1:
-                    s.draft = [PLACEHOLDER] * self.length(s)
+        decoding = [s for req in running for s in req.live_seqs if s.remaining == 1]
+        if self.adaptive is not None:
+            ks = self.adaptive.choose([s.id for s in decoding])
+            for s in decoding:
+                s.draft = [PLACEHOLDER] * min(ks[s.id], self.length(s))
+            return
+        for s in decoding:
+            s.draft = [PLACEHOLDER] * self.length(s)
 
     def fill(self, plan: StepPlan, running) -> SpecStats:
         t0 = time.perf_counter()
@@ -99,8 +123,13 @@ class Speculator:
                 plan.draft_probs[s.id] = probs[s.id][: len(drafts)]
             plan.work[i] = (s, 1 + len(drafts))  # still a decode of seq: the index holds
             self._pending.append((s, len(s.tokens), drafts))
-        return SpecStats(proposed=sum(len(d) for _, _, d in self._pending),
-                         draft_s=time.perf_counter() - t0)  # fmt: skip
+        stats = SpecStats(proposed=sum(len(d) for _, _, d in self._pending),
+                          draft_s=time.perf_counter() - t0)  # fmt: skip
+        if self.adaptive is not None:
+            k = max((len(d) for _, _, d in self._pending), default=0)
+            if k:
+                self.adaptive.costs.observe_draft(len(entries), k, stats.draft_s)
+        return stats
 
     def observe(self, stats: SpecStats) -> SpecStats:
         """After the step: drafts the target kept, per sequence and in all."""
@@ -113,12 +142,21 @@ class Speculator:
                     break
             s.spec_proposed += len(drafts)
             s.spec_accepted += kept
+            if self.adaptive is not None and drafts:
+                self.adaptive.observe(s.id, len(drafts), kept)
             stats.accepted += kept
             self.drafter.settle(s, before, drafts)
         self._pending = []
         return stats
 
+    def on_step(self, rec) -> None:
+        """The engine's record of a step: AdaSpec's step times learn from it."""
+        if self.adaptive is not None:
+            self.adaptive.costs.observe_step(rec)
+
     def forget(self, req) -> None:
         """The request left the engine: its sequences' drafter state goes."""
         for s in req.seqs:
             self.drafter.forget(s.id)
+            if self.adaptive is not None:
+                self.adaptive.forget(s.id)
