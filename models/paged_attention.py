@@ -100,6 +100,8 @@ def paged_attention(
     pattern,
     chunk_pages: int = 8,
     layer: int | None = None,
+    tree_GLL: jax.Array | None = None,
+    tree_base_G: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of G query groups over their paged context; f32 online softmax.
 
@@ -111,6 +113,12 @@ def paged_attention(
     loop whose trip count is set by the longest context in the batch at run time,
     so the table width W is not a compile-time bucket and no step reads more KV
     than its longest context needs. Queries with no visible key return zeros.
+
+    A token tree (speculative verification, SpecInfer): with `tree_GLL`, the L queries of
+    group g are nodes whose keys sit at positions tree_base[g] + l, and a key there is
+    visible to query i exactly when `tree_GLL[g, i, l]` (node l is i or an ancestor of it);
+    keys before the tree follow the pattern at the queries' own positions `q_pos_GL` (the
+    node's depth past the context, as RoPE has them).
     """
     k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)
     pages_GW, q_pos_GL, kv_len_G = map(jnp.asarray, (pages_GW, q_pos_GL, kv_len_G))
@@ -141,6 +149,14 @@ def paged_attention(
         k_GTKX, v_GTKX = gather(k_cache, pg_GC), gather(v_cache, pg_GC)
         k_pos_GT = jnp.broadcast_to(i * chunk + jnp.arange(chunk, dtype=jnp.int32), (G, chunk))
         ok_GPLT = pattern.mask(q_pos_GL, k_pos_GT) & (k_pos_GT < kv_len_G[:, None])[:, None, None]
+        if tree_GLL is not None:  # keys inside the tree: its ancestors, whatever the pattern
+            rel_GT = k_pos_GT - tree_base_G[:, None]
+            inside_GT = (rel_GT >= 0) & (rel_GT < L)
+            idx = jnp.broadcast_to(jnp.clip(rel_GT, 0, L - 1)[:, None, :], (G, L, chunk))
+            seen_GLT = jnp.take_along_axis(tree_GLL, idx, axis=2)
+            live_GT = k_pos_GT < kv_len_G[:, None]
+            ok_GPLT = jnp.where(inside_GT[:, None, None], (seen_GLT & live_GT[:, None])[:, None],
+                                ok_GPLT)  # fmt: skip
         if ok_GPLT.shape[1] == H:  # per-head pattern
             ok = ok_GPLT.reshape(G, K, Q, L, chunk).reshape(G, K, M, chunk)
         else:

@@ -6,7 +6,8 @@ read which pages:
 
 - the decode group: G = D slots of `dec_width` (L) consecutive queries each, the
   first D * L tokens (L = 1: one query per slot; L > 1: a sequence verifying
-  draft tokens, each query seeing the context up to its own position);
+  draft tokens, each query seeing the context up to its own position, or with
+  `dec_tree_DLL` a token tree, each node seeing the context and its ancestors);
 - the prefill group: R rows of up to C consecutive tokens of one sequence,
   gathered from the remaining tokens by `pre_index_RC`.
 
@@ -62,6 +63,10 @@ class PagedContext:
     mode: str = "serve"
     kernel: KernelOptions = KernelOptions()
     dec_width: int = 1  # L: consecutive query positions per decode slot
+    # token trees (SpecInfer): node l of slot d is written at dec_base[d] + l and sees the
+    # context and the nodes dec_tree[d, i, :] marks (itself and its ancestors)
+    dec_tree_DLL: jax.Array | None = None
+    dec_base_D: jax.Array | None = None
 
     @property
     def chunk_pages(self) -> int:
@@ -124,7 +129,23 @@ class PagedContext:
                 flavour=self.kernel.pallas,
                 interpret=self.kernel.interpret,
             )
-        if D and pallas:
+        if D and L > 1 and self.dec_tree_DLL is not None:  # token trees: pure JAX, masked
+            H, X = q_THX.shape[1:]
+            o = paged_attention(
+                q_THX[: D * L].reshape(D, L, H, X),
+                self.k,
+                self.v,
+                self.dec_pages_DW,
+                self.positions_T[: D * L].reshape(D, L),
+                self.dec_len_D,
+                pattern,
+                self.chunk_pages,
+                layer,
+                tree_GLL=self.dec_tree_DLL,
+                tree_base_G=self.dec_base_D,
+            )
+            outs.append(o.reshape(D * L, H, X))
+        elif D and pallas:
             H, X = q_THX.shape[1:]
             o = pallas(
                 q_THX[: D * L].reshape(D, L, H, X),

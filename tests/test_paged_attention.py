@@ -205,3 +205,44 @@ def test_native_decode_kernel_equals_pure_jax(packed):
     tol = 1e-2 if packed else 1e-5
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref, np.float32), atol=tol)
     assert np.all(np.asarray(got)[1] == 0)  # a padding slot reads nothing
+
+
+@pytest.mark.parametrize("chunk_pages", [1, 8])
+def test_tree_mask_sees_the_context_and_the_ancestors_only(chunk_pages):
+    """Token-tree verification: node i (key at base + i, query at its depth past the context)
+    attends to the keys before the tree and to its ancestors and itself, nothing else."""
+    rng = np.random.default_rng(3)
+    K, H, X, Z, P, W = 2, 4, 8, 4, 32, 6
+    parent = np.array([-1, 0, 0, 1, 1, 3, -1])  # node 6: padding
+    L = len(parent)
+    depth = np.zeros(L, int)
+    for c in range(1, L):
+        depth[c] = depth[parent[c]] + 1 if parent[c] >= 0 else 0
+    G, base = 2, np.array([9, 14])
+    kv_len = base + L - 1  # the padding node's key is past the length
+    pages = rng.permutation(np.arange(1, P))[: G * W].reshape(G, W).astype(np.int32)
+    k_cache = rng.normal(size=(P, Z, K, X)).astype(np.float32)
+    v_cache = rng.normal(size=(P, Z, K, X)).astype(np.float32)
+    q = rng.normal(size=(G, L, H, X)).astype(np.float32)
+    anc = np.zeros((L, L), bool)
+    for i in range(L):
+        j = i
+        while j >= 0:
+            anc[i, j] = True
+            j = parent[j]
+    tree = np.broadcast_to(anc, (G, L, L))
+    q_pos = base[:, None] + depth[None, :]
+    got = paged_attention(jnp.asarray(q), k_cache, v_cache, pages, q_pos, kv_len, DenseCausal(),
+                          chunk_pages, tree_GLL=jnp.asarray(tree), tree_base_G=base)  # fmt: skip
+    flat_k = k_cache[pages].reshape(G, W * Z, K, X)
+    flat_v = v_cache[pages].reshape(G, W * Z, K, X)
+    for g in range(G):
+        for i in range(L - 1):  # the padding node's output is discarded
+            keys = list(range(base[g])) + [base[g] + j for j in range(L) if anc[i, j]]
+            keys = [t for t in keys if t < kv_len[g]]
+            for h in range(H):
+                kk, vv = flat_k[g, keys, h // (H // K)], flat_v[g, keys, h // (H // K)]
+                s = kk @ q[g, i, h] / np.sqrt(X)
+                w = np.exp(s - s.max())
+                want = (w / w.sum()) @ vv
+                np.testing.assert_allclose(np.asarray(got[g, i, h]), want, rtol=2e-5, atol=2e-5)

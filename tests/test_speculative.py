@@ -103,7 +103,7 @@ def _draft(kind):
     return tiny(5, d=16, layers=1) if kind == "draft_model" else None
 
 
-@pytest.mark.parametrize("kind", ["prompt_lookup", "draft_model"])
+@pytest.mark.parametrize("kind", ["prompt_lookup", "draft_model", "draft_tree"])
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
 def test_equal_under_preemption_chunked_prefill_and_parallel_sampling(target, kind, preemption):
     """Few pages (speculating sequences preempted and resumed), a prompt longer than the
@@ -119,8 +119,12 @@ def test_equal_under_preemption_chunked_prefill_and_parallel_sampling(target, ki
     stop = ref[3][0][5]  # a token of the greedy continuation: stops in a run of drafts
     sps[3] = SamplingParams(max_tokens=MAX_NEW, stop_tokens=(stop,))
     ref[3] = Engine(target, ServeConfig(**small)).generate([prompts[3]], sps[3])[0].outputs
-    cfg = ServeConfig(**small, decode_widths=(1, 5), speculative={"kind": kind, "gamma": 4})
-    engine = Engine(target, cfg, draft_model=_draft(kind))
+    spec = {"kind": kind, "gamma": 4}
+    if kind == "draft_tree":  # a token tree: 2 x 2 nodes, its siblings a perturbed draft's
+        spec = {"kind": "draft_model", "gamma": 2, "tree_width": 2}
+    cfg = ServeConfig(**small, decode_widths=(1, 5), speculative=spec)
+    draft = _perturbed(target, 0.1) if kind == "draft_tree" else _draft(kind)
+    engine = Engine(target, cfg, draft_model=draft)
     got = [o.outputs for o in engine.generate(prompts, sps)]
     assert got == ref
     assert ref[3][0][-1] == stop
@@ -177,6 +181,39 @@ def _perturbed(model, scale):
     return nnx.merge(graphdef, state)
 
 
+@pytest.mark.parametrize("kind,width,gamma", [("prompt_lookup", 3, 2), ("draft_model", 2, 3),
+                                              ("draft_model", 3, 2)])  # fmt: skip
+def test_token_trees_greedy_output_equals_non_speculative(target, prompts, plain, kind, width,
+                                                          gamma):  # fmt: skip
+    """SpecInfer's token trees at the verify width of a 6-draft chain: the output is the
+    non-speculative one. With a draft close to the target, siblings are taken where its first
+    choice is wrong, and their K/V is moved to the path's positions on device (without the move
+    the next tokens would differ)."""
+    draft = _perturbed(target, 0.1) if kind == "draft_model" else None
+    spec = {"kind": kind, "gamma": gamma, "tree_width": width}
+    cfg = ServeConfig(**dict(SPEC, decode_widths=(1, 7)), speculative=spec)
+    engine = Engine(target, cfg, draft_model=draft)
+    assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == plain
+    recs = engine.step_records
+    assert sum(r.spec_proposed for r in recs) > 0
+    if draft is not None:
+        assert sum(r.spec_accepted for r in recs) > 0
+        assert engine.spec.drafter.runner.compiles_since_warmup == 0
+    assert engine.runner.compiles_since_warmup == 0 and engine.pool.num_in_use == 0
+    engine.pool.check()
+
+
+def test_lookup_trees_merge_continuations():
+    from mlx_sched.speculative.drafters import continuations, trie
+
+    toks = [1, 2, 7, 8, 5, 1, 2, 9, 4, 6, 1, 2, 7, 3, 1, 2]
+    conts = continuations(toks, 2, 3, 2, 2)
+    assert conts == [[7, 3], [9, 4], [7, 8]]  # latest match first, distinct
+    tokens, parents = trie(conts, budget=10)
+    assert tokens == [7, 3, 9, 4, 8] and parents == [-1, 0, 1, 0, 3, 1]  # "7" shared
+    assert trie(conts, budget=3) == ([7, 3, 9], [-1, 0, 1, 0])
+
+
 def test_moe_target_with_a_dense_draft(prompts):
     moe = tiny(3, moe={"num_experts": 4, "top_k": 2, "every": 2})
     ref = _run(Engine(moe, ServeConfig(**BASE)), prompts, SamplingParams(max_tokens=MAX_NEW))
@@ -192,6 +229,14 @@ def test_bad_speculative_settings_are_one_line_config_errors(target):
         ServeConfig(**SPEC, speculative={"gama": 4})
     with pytest.raises(ConfigError, match="kind must be one of"):
         ServeConfig(**SPEC, speculative={"kind": "oracle"})
+    with pytest.raises(ConfigError, match=r"gamma=2 x tree_width=3 needs a decode width of 7"):
+        ServeConfig(**SPEC, speculative={"gamma": 2, "tree_width": 3})  # widths end at 5
+    with pytest.raises(ConfigError, match="tree_width must be >= 1"):
+        ServeConfig(**SPEC, speculative={"gamma": 2, "tree_width": 0})
+    with pytest.raises(ConfigError, match="adaptive chooses chain lengths"):
+        ServeConfig(**SPEC, speculative={"gamma": 2, "tree_width": 2, "adaptive": True})
+    with pytest.raises(ConfigError, match="acceptance must be one of"):
+        ServeConfig(**SPEC, speculative={"acceptance": "always"})
     other_vocab = Transformer(
         dataclasses.replace(tiny(5, d=16, layers=1).cfg, vocab_size=300), nnx.Rngs(0)
     )

@@ -173,18 +173,19 @@ def _negated(model):
     """The target with its output head negated and sharpened: its draws land where the
     target's mass is smallest (acceptance near 0)."""
     graphdef, state = nnx.split(model)
-    bad = nnx.merge(graphdef, state)
+    bad = nnx.merge(graphdef, jax.tree.map(jnp.array, state))  # its own arrays
     bad.final_norm.scale[...] = -3.0 * bad.final_norm.scale[...]
     return bad
 
 
-def _engine_samples(model, draft, temperature, n_requests, acceptance="rejection", kind=None):
+def _engine_samples(model, draft, temperature, n_requests, acceptance="rejection", kind=None,
+                    tree_width=1):  # fmt: skip
     base = dict(page_size=4, num_pages=512, max_seqs=32, decode_buckets=(32,), token_budget=64,
                 prefill_buckets=(64,), max_prefill_rows=2)  # fmt: skip
     spec = {}
     if kind is not None:
-        spec = {"kind": kind, "gamma": 2, "acceptance": acceptance}
-        base["decode_widths"] = (1, 3)
+        spec = {"kind": kind, "gamma": 2, "acceptance": acceptance, "tree_width": tree_width}
+        base["decode_widths"] = (1, 2 * tree_width + 1)
     engine = Engine(model, ServeConfig(**base, speculative=spec), draft_model=draft)
     sps = [SamplingParams(max_tokens=DEPTH, temperature=temperature, n=8, seed=i, ignore_eos=True)
            for i in range(n_requests)]  # fmt: skip
@@ -220,6 +221,28 @@ def test_engine_samples_have_the_target_distribution(target, draft_kind):
         assert alpha == 1.0
 
 
+def test_engine_tree_samples_have_the_target_distribution(target):
+    """Token trees (2 levels x 2 children, siblings i.i.d. from the draft) verified by
+    SpecInfer's multi-step speculative sampling: the joint distribution is the target's."""
+    counts, alpha = _engine_samples(target, small(5), 1.0, 500, kind="draft_model", tree_width=2)
+    _check_joint(target, counts, 1.0)
+    assert alpha > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "draft_kind,width,temperature",
+    [("bad", 2, 1.0), ("same", 2, 0.7), ("lookup", 3, 1.0), ("random", 3, 0.6)],
+)
+def test_engine_tree_samples_have_the_target_distribution_more(
+    target, draft_kind, width, temperature
+):
+    draft = {"bad": _negated(target), "random": small(5), "same": target}.get(draft_kind)
+    kind = "prompt_lookup" if draft_kind == "lookup" else "draft_model"
+    counts, _ = _engine_samples(target, draft, temperature, 500, kind=kind, tree_width=width)
+    _check_joint(target, counts, temperature)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "draft_kind,acceptance,temperature",
@@ -235,3 +258,95 @@ def test_engine_samples_have_the_target_distribution_more(
     _check_joint(target, counts, temperature)
     if draft_kind == "bad":
         assert alpha < 0.1
+    assert float(target.final_norm.scale[0]) > 0  # the target itself untouched
+
+
+# -- token trees -------------------------------------------------------------------------
+
+
+def _verify_tree(p_logits_LV, parent, q_of_node, temperature, N, q_rng=2):
+    """N slots of one tree: node c's token drawn from q_of_node[c] (numpy), verified by
+    SpecInfer's multi-step rule -> (tokens, accepted, path, node tokens)."""
+    from mlx_sched.speculative.acceptance import verify_tree
+
+    L, V = p_logits_LV.shape
+    rng = np.random.default_rng(q_rng)
+    toks = np.zeros((N, L), np.int32)
+    for c in range(1, L):
+        toks[:, c] = rng.choice(V, size=N, p=q_of_node[c])
+    logits = jnp.broadcast_to(jnp.asarray(p_logits_LV, jnp.float32), (N, L, V))
+    T = jnp.full((N,), temperature, jnp.float32)
+    zk, one = jnp.zeros((N,), jnp.int32), jnp.ones((N,), jnp.float32)
+    seeds = jnp.repeat(jnp.arange(N, dtype=jnp.int32), L)
+    depth = np.zeros(L, np.int32)
+    for c in range(1, L):
+        depth[c] = depth[parent[c]] + 1
+    pos = jnp.tile(jnp.asarray(depth + 11), N)
+    zero = jnp.zeros((N * L,), jnp.int32)
+    samples, _ = sample(logits.reshape(N * L, V), jnp.repeat(T, L), jnp.repeat(zk, L),
+                        jnp.repeat(one, L), seeds, zero, pos)  # fmt: skip
+    keys = row_keys(seeds, zero, pos).reshape(N, L)
+    q = np.stack([q_of_node[c] for c in range(1, L)])
+    tok, acc, path = jax.jit(verify_tree)(
+        logits,
+        samples.reshape(N, L),
+        jnp.asarray(toks),
+        jnp.broadcast_to(jnp.asarray(parent, jnp.int32), (N, L)),
+        {"temperature": T, "top_k": zk, "top_p": one},
+        keys,
+        jnp.broadcast_to(jnp.asarray(q, jnp.float32), (N, L - 1, V)),
+    )
+    return np.asarray(tok), np.asarray(acc), np.asarray(path), toks
+
+
+TREE = [-1, 0, 0, 0, 1, 1, 4]  # root: three children; node 1: two; node 4: one
+
+
+@pytest.mark.parametrize("draft", ["random", "near"])
+def test_multi_step_speculative_sampling_keeps_the_target_distribution(draft):
+    """SpecInfer's rule over a tree whose siblings are i.i.d. draws of the draft at their
+    parent: the first token has the target's distribution at the root, and the token after
+    node c (when the path reaches c) the target's distribution at c."""
+    V, N = 6, 20000
+    L = len(TREE)
+    rng = np.random.default_rng(8)
+    p_logits = rng.normal(size=(L, V)) * 1.5
+    p = _p(p_logits, 1.0, 0)
+    q_at = {u: rng.dirichlet(np.ones(V)) for u in range(L)}  # the draft at each node
+    if draft == "near":
+        q_at = {u: 0.8 * p[u] + 0.2 * q_at[u] for u in range(L)}
+    q_of_node = {c: q_at[TREE[c]] for c in range(1, L)}
+    tok, acc, path, toks = _verify_tree(p_logits, TREE, q_of_node, 1.0, N)
+    ok, pv = chi_square_ok(np.bincount(tok[:, 0], minlength=V), p[0])
+    assert ok, pv
+    for c in (1, 4):  # nodes with children: the next token's distribution is p at c
+        depth = 1 if c == 1 else 2
+        at_c = (acc >= depth) & (path[:, depth] == c)
+        assert at_c.sum() > 500
+        ok, pv = chi_square_ok(np.bincount(tok[at_c, depth], minlength=V), p[c])
+        assert ok, (c, pv)
+    for i in range(200):  # accepted tokens are the tokens of the path's nodes
+        assert list(tok[i, : acc[i]]) == [toks[i, path[i, d + 1]] for d in range(acc[i])]
+        assert all(TREE[path[i, d + 1]] == path[i, d] for d in range(acc[i]))
+
+
+def test_tree_greedy_rows_follow_the_argmax():
+    V, N = 5, 300
+    L = len(TREE)
+    rng = np.random.default_rng(1)
+    p_logits = rng.normal(size=(L, V))
+    q_of_node = {c: np.full(V, 1 / V) for c in range(1, L)}
+    tok, acc, path, toks = _verify_tree(p_logits, TREE, q_of_node, 0.0, N)
+    g = p_logits.argmax(-1)
+    for i in range(N):
+        u, want, nodes = 0, [], []
+        while True:
+            kids = [c for c in range(1, L) if TREE[c] == u and toks[i, c] == g[u]]
+            if not kids:
+                want.append(g[u])
+                break
+            u = kids[0]
+            want.append(toks[i, u])
+            nodes.append(u)
+        assert acc[i] == len(nodes) and list(tok[i, : acc[i] + 1]) == want
+        assert list(path[i, 1 : acc[i] + 1]) == nodes

@@ -243,8 +243,8 @@ class Engine:
         The entry computed n positions from p = num_computed. In a slice every sample is the
         next token. Otherwise sample j was drawn after position q = p + n - len(samples) + j;
         it is a new token when q >= len(tokens) - 1. A verifying decode's samples are its
-        accepted drafts and one more token (the step decided on device,
-        `speculative.acceptance`): read while they confirm the drafts. Positions
+        accepted drafts and one more token (the step decided on device and moved a tree's
+        accepted nodes' K/V to their positions, `speculative.acceptance`). Positions
         computed past the kept tokens (rejected drafts) are overwritten later; their pages
         are released now and never enter the prefix cache.
         """
@@ -253,16 +253,11 @@ class Engine:
         if sequential:
             taken, picked = list(samples), list(range(len(samples)))
         else:
-            taken, picked = [], []
             first = p0 + n - len(samples)
-            for j, tok in enumerate(samples):
-                k = first + j + 1 - L0  # index of the predicted token among the drafts
-                if k < 0:
-                    continue  # a prefill position: the next token is already known
-                taken.append(tok)
-                picked.append(j)
-                if k >= len(seq.draft) or tok != seq.draft[k]:
-                    break
+            # a decode keeps all its samples: the accepted drafts (chain or tree path) and the
+            # token after them; a prefill chunk's sample is new only after the last token
+            picked = [j for j in range(len(samples)) if first + j + 1 - L0 >= 0]
+            taken = [samples[j] for j in picked]
         stops = self._stop_set(seq)
         limit = req.prompt_len + req.sampling.max_tokens
         appended = new.setdefault(seq.id, [])

@@ -46,6 +46,9 @@ class StepPlan:
     # speculative decoding's rejection rule: per sequence id, the distributions its draft
     # tokens were drawn from ([drafts, V]; sampled sequences of a draft model only)
     draft_probs: dict = dataclasses.field(default_factory=dict)
+    # token trees (SpecInfer): per sequence id, each node's parent (node 0, the last token:
+    # -1; node c > 0 is draft c - 1); absent: a chain
+    draft_tree: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         self._index()

@@ -62,6 +62,14 @@ class CompileCounter:
         return getattr(cls._local, "count", 0)
 
 
+def depths(parent_L: np.ndarray) -> np.ndarray:
+    """Depth of each node of a token tree given its parents (node 0, the root: depth 0)."""
+    out = np.zeros(len(parent_L), np.int32)
+    for c in range(1, len(parent_L)):
+        out[c] = out[parent_L[c]] + 1 if parent_L[c] >= 0 else 0
+    return out
+
+
 class Runner:
     def __init__(
         self,
@@ -127,6 +135,7 @@ class Runner:
             donate_argnums=(2, 3),
         )
         self.draft_probs = draft_probs
+        self.probs_always = False  # fetch them for greedy batches too (a tree's siblings)
         self._slice = jax.jit(
             functools.partial(
                 steps.decode_slice, graphdef, self.kernel, self.Z, cfg.slice_len, probs=draft_probs
@@ -139,6 +148,8 @@ class Runner:
         # draft's distributions (zeros, kept on device, when no sampled slot has any)
         spec = cfg.spec
         self.verify_probs = spec is not None and spec.rejection
+        # token trees: verify steps take each node's parent (plan.draft_tree)
+        self.trees = spec is not None and spec.tree_width > 1
         self._no_probs: dict[tuple[int, int], jax.Array] = {}
         self._exe: dict[Shape, object] = {}  # ahead-of-time compiled steps, by shape
         self._read = jax.jit(steps.read_pages, out_shardings=(repl, repl))
@@ -219,13 +230,21 @@ class Runner:
         decodes, prefills = plan.decodes, plan.prefills
         dec = {k: np.zeros((D, L), np.int32) for k in ("tokens", "pos", "wpage", "woff")}
         dec_len, dec_ndraft = np.zeros(D, np.int32), np.zeros(D, np.int32)
+        trees = self.trees and L > 1  # token trees: a parent per node, positions by depth
+        parent = np.full((D, L), -1, np.int32)
+        depth_of: dict[str, np.ndarray] = {}
         for i, (s, n) in enumerate(decodes):
             p0 = s.num_computed
-            pos = np.arange(p0, p0 + n)
-            dec["tokens"][i, :n] = [self._token_at(s, p) for p in pos]
-            dec["pos"][i, :n] = pos
-            dec["wpage"][i, :n] = np.asarray(s.pages, np.int32)[pos // Z]
-            dec["woff"][i, :n] = pos % Z
+            slots = np.arange(p0, p0 + n)  # where each node's K/V is written
+            dec["tokens"][i, :n] = [self._token_at(s, p) for p in slots]
+            if trees:
+                parent[i, :n] = plan.draft_tree.get(s.id, np.arange(-1, n - 1))
+                depth_of[s.id] = depths(parent[i, :n])
+                dec["pos"][i, :n] = p0 + depth_of[s.id]
+            else:
+                dec["pos"][i, :n] = slots
+            dec["wpage"][i, :n] = np.asarray(s.pages, np.int32)[slots // Z]
+            dec["woff"][i, :n] = slots % Z
             dec_len[i], dec_ndraft[i] = p0 + n, n - 1
         pre = {k: np.zeros(Tp, np.int32) for k in ("tokens", "pos", "wpage", "woff")}
         pre_index = np.full((R, min(C, Tp)), Tp, np.int32)
@@ -249,7 +268,8 @@ class Runner:
         positions = [0] * (D * L + R)
         for i, (s, n) in enumerate(decodes):
             for j in range(n):
-                rows[i * L + j], positions[i * L + j] = s, s.num_computed + j + 1
+                d = depth_of[s.id][j] if trees else j
+                rows[i * L + j], positions[i * L + j] = s, s.num_computed + d + 1
         for r, (s, n) in enumerate(prefills):
             rows[D * L + r], positions[D * L + r] = s, s.num_computed + n
         return {
@@ -265,6 +285,7 @@ class Runner:
             **self._sampling_rows(rows, positions),
             **self._copies(plan.copies),
             **self._draft_probs(plan, D, L),
+            **({"dec_parent": parent, "dec_base": dec_len - dec_ndraft - 1} if trees else {}),
         }
 
     def _draft_probs(self, plan: StepPlan, D: int, L: int) -> dict:
@@ -323,7 +344,9 @@ class Runner:
             fn = self._exe.get(shape) or (self._mixed if shape.kind == "mixed" else self._slice)
             out = fn(self.params, self.tables, self.k, self.v, bundle)
             self.k, self.v, tok, logp, extra, *q = out  # extra: accepted drafts | iterations
-            want_probs = bool(q) and any(s.request.sampling.temperature > 0 for s, _ in plan.work)
+            want_probs = bool(q) and (
+                self.probs_always or any(s.request.sampling.temperature > 0 for s, _ in plan.work)
+            )
             fetch = {"tok": tok, "extra": extra}
             if want_logprobs:
                 fetch["logp"] = logp

@@ -117,20 +117,19 @@ def sample_with_probs(
     seq_S: jax.Array,
     pos_S: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`sample`'s tokens and log-probabilities, and each sampled row's distribution after
-    temperature / top-k / top-p (the q of speculative decoding's rejection rule; zeros for
-    greedy rows, whose drafts are checked against the target's argmax)."""
+    """`sample`'s tokens and log-probabilities, and each row's distribution: for a sampled row
+    the one its token was drawn from (after temperature / top-k / top-p: the q of speculative
+    decoding's rejection rule), for a greedy row the model's softmax (whose argmax it took;
+    its ranking gives a token tree's siblings)."""
     logits_SV = logits_SV.astype(jnp.float32)
     greedy_S = argmax(logits_SV)
-
-    def sampled(_):
-        w_SV = weights(logits_SV, temperature_S, top_k_S, top_p_S)
-        drawn_S = draw(w_SV, row_keys(seed_S, seq_S, pos_S))
-        hot_S = temperature_S > 0
-        q_SV = jnp.where(hot_S[:, None], w_SV / jnp.sum(w_SV, axis=-1, keepdims=True), 0.0)
-        return jnp.where(hot_S, drawn_S, greedy_S), q_SV
-
-    token_S, q_SV = jax.lax.cond(
-        jnp.any(temperature_S > 0), sampled, lambda _: (greedy_S, jnp.zeros_like(logits_SV)), None
+    hot_S = temperature_S > 0
+    T_S = jnp.where(hot_S, temperature_S, 1.0)
+    w_SV = weights(logits_SV, T_S, jnp.where(hot_S, top_k_S, 0), jnp.where(hot_S, top_p_S, 1.0))
+    q_SV = w_SV / jnp.sum(w_SV, axis=-1, keepdims=True)
+    token_S = jax.lax.cond(
+        jnp.any(hot_S),
+        lambda: jnp.where(hot_S, draw(w_SV, row_keys(seed_S, seq_S, pos_S)), greedy_S),
+        lambda: greedy_S,
     )
     return token_S, chosen_logprob(logits_SV, token_S), q_SV

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlx_sched.serve.sampling import chosen_logprob, row_keys, sample, sample_with_probs
-from mlx_sched.speculative.acceptance import verify_chain
+from mlx_sched.speculative.acceptance import ancestors, verify_chain, verify_tree
 from models.paged_context import PagedContext
 from sharding.rules import constrain
 
@@ -103,24 +103,60 @@ def mixed_step(graphdef, kernel, params, tables, k, v, b):
         kernel=kernel,
         dec_width=L,
     )
+    tree = "dec_parent" in b and L > 1 and D > 0  # token trees (SpecInfer)
+    if tree:
+        ctx.dec_tree_DLL, ctx.dec_base_D = ancestors(b["dec_parent"]), b["dec_base"]
     x_TD, _ = model.forward(embed(model, tables, flat("tokens")), ctx)
     logits_SV = model.logits(x_TD[b["sample_index"]])
     tokens_S, _ = _sample_rows(logits_SV, b)
     accepted_D = jnp.zeros((D,), jnp.int32)
-    if L > 1 and D:  # verification: decide on device which drafts the slots keep
+    k, v = ctx.k, ctx.v
+    if tree:
+        tokens_S, accepted_D, path_DL = _verify(logits_SV, tokens_S, b, D, L, tree=True)
+        k, v = compact_path(k, v, b["dec_pages"], b["dec_base"], path_DL, accepted_D)
+    elif L > 1 and D:  # verification: decide on device which drafts the slots keep
         tokens_S, accepted_D = _verify(logits_SV, tokens_S, b, D, L)
-    return ctx.k, ctx.v, tokens_S, chosen_logprob(logits_SV, tokens_S), accepted_D
+    return k, v, tokens_S, chosen_logprob(logits_SV, tokens_S), accepted_D
 
 
-def _verify(logits_SV, tokens_S, b, D, L):
-    """Acceptance of each decode slot's drafts (`speculative.acceptance.verify_chain`): the
-    slots' rows get their kept tokens; -> (tokens_S, accepted_D)."""
+def compact_path(k, v, pages_DW, base_D, path_DL, accepted_D):
+    """Move the K/V of each slot's accepted tree nodes to the positions of their depths
+    (node path[i], written at base + path[i], goes to base + i); all reads before writes.
+    Unmoved entries copy the null page onto itself."""
+    D, L = path_DL.shape
+    Z = k.shape[2]
+    i_L = jnp.arange(L)[None, :]
+    src_DL, dst_DL = base_D[:, None] + path_DL, base_D[:, None] + i_L
+    move = (i_L >= 1) & (i_L <= accepted_D[:, None]) & (src_DL != dst_DL)
+
+    def at(pos_DL):
+        page = jnp.take_along_axis(pages_DW, pos_DL // Z, axis=1)
+        return jnp.where(move, page, 0).reshape(-1), jnp.where(move, pos_DL % Z, 0).reshape(-1)
+
+    (sp, so), (dp, do) = at(src_DL), at(dst_DL)
+    return k.at[:, dp, do].set(k[:, sp, so]), v.at[:, dp, do].set(v[:, sp, so])
+
+
+def _verify(logits_SV, tokens_S, b, D, L, tree=False):
+    """Acceptance of each decode slot's drafts (`speculative.acceptance`): the slots' rows get
+    their kept tokens; -> (tokens_S, accepted_D), and each slot's path with a tree."""
     n = D * L
     q = b.get("dec_q")  # the draft's distributions: Leviathan's rejection rule
     keys = None
     if q is not None:
         keys = row_keys(b["seed"][:n], b["seq_index"][:n], b["sample_pos"][:n]).reshape(D, L)
     per_slot = {name: b[name][:n:L] for name in ("temperature", "top_k", "top_p")}
+    if tree:
+        tok_DL, accepted_D, path_DL = verify_tree(
+            logits_SV[:n].reshape(D, L, -1),
+            tokens_S[:n].reshape(D, L),
+            b["dec_tokens"],
+            b["dec_parent"],
+            per_slot,
+            keys,
+            q,
+        )
+        return tokens_S.at[:n].set(tok_DL.reshape(-1)), accepted_D, path_DL
     tok_DL, accepted_D = verify_chain(
         logits_SV[:n].reshape(D, L, -1),
         tokens_S[:n].reshape(D, L),

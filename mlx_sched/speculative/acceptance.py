@@ -113,3 +113,105 @@ def _tokens(drafts_DK, accepted_D, final_D):
 
 def _fold(key, stream: int):
     return jax.random.fold_in(key, stream)
+
+
+def ancestors(parent_DL: jax.Array) -> jax.Array:
+    """[D, L, L] bool: node j is node i or one of its ancestors (parent -1: a root or an
+    unused node)."""
+    D, L = parent_DL.shape
+    eye = jnp.broadcast_to(jnp.eye(L, dtype=bool), (D, L, L))
+    cur_DL = jnp.broadcast_to(jnp.arange(L), (D, L))
+    out = eye
+    for _ in range(L - 1):  # walk up one level per pass
+        cur_DL = jnp.where(
+            cur_DL >= 0, jnp.take_along_axis(parent_DL, jnp.maximum(cur_DL, 0), 1), -1
+        )
+        hit = (cur_DL[..., None] == jnp.arange(L)) & (cur_DL[..., None] >= 0)
+        out = out | hit
+    return out
+
+
+def verify_tree(
+    logits_DLV: jax.Array,
+    samples_DL: jax.Array,
+    tokens_DL: jax.Array,
+    parent_DL: jax.Array,
+    sampling: dict,
+    keys_DL: jax.Array | None,
+    q_DKV: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Acceptance over a token tree per slot (SpecInfer) -> (tokens_DL, accepted_D, path_DL).
+
+    Node 0 is the slot's last token; node c > 0 holds draft `tokens_DL[:, c]` with parent
+    `parent_DL[:, c]` < c (-1: unused). Walking from the root, the children of the current
+    node u are tried in index order: under the match rule (and for greedy rows) the child
+    equal to u's own sample (its argmax) is taken; under the rejection rule (`q_DKV[:, c - 1]`
+    the distribution child c was drawn from) child c is taken with probability
+    min(1, p(x_c) / q(x_c)), and on its rejection p becomes norm(max(0, p - q)) for the next
+    child — SpecInfer's multi-step speculative sampling. When no child is taken the final token
+    is drawn from that residual (or is u's own sample when u has no child tried). Nodes are in
+    topological order, so one pass over c = 1..L-1 walks the whole tree. `path_DL[:, i]` is
+    the node taken at depth i (path[:, 0] = 0), `tokens_DL[:, :accepted + 1]` the accepted
+    tokens and the final one.
+    """
+    D, L, V = logits_DLV.shape
+    greedy_D = sampling["temperature"] <= 0
+    rows = jnp.arange(D)
+
+    def walk(rejection: bool):
+        if rejection:
+            w = weights(
+                logits_DLV.reshape(D * L, V).astype(jnp.float32),
+                jnp.repeat(sampling["temperature"], L),
+                jnp.repeat(sampling["top_k"], L),
+                jnp.repeat(sampling["top_p"], L),
+            )
+            p_all = _normalised(w).reshape(D, L, V)
+            p_DV = p_all[:, 0]
+        u_D = jnp.zeros((D,), jnp.int32)
+        tried_D = jnp.zeros((D,), bool)  # a child of u was tried (and rejected)
+        acc_D = jnp.zeros((D,), jnp.int32)
+        path_DL = jnp.zeros((D, L), jnp.int32)
+        for c in range(1, L):
+            x_D = tokens_DL[:, c]
+            is_child = parent_DL[:, c] == u_D
+            y_D = samples_DL[rows, u_D]
+            take = is_child & (x_D == y_D)
+            if rejection:
+                q_cV = q_DKV[:, c - 1].astype(jnp.float32)
+                px, qx = p_DV[rows, x_D], q_cV[rows, x_D]
+                key_D = keys_DL[rows, u_D]
+                u01 = jax.vmap(
+                    lambda k, c=c: jax.random.uniform(_fold(_fold(k, ACCEPT_STREAM), c))
+                )(key_D)
+                take = jnp.where(greedy_D, take, is_child & (u01 * qx < px))
+                resid = jnp.maximum(p_DV - q_cV, 0.0)
+                ok = jnp.sum(resid, -1, keepdims=True) > 0
+                resid = jnp.where(
+                    ok, resid / jnp.where(ok, jnp.sum(resid, -1, keepdims=True), 1), p_DV
+                )
+                rejected = is_child & ~take & ~greedy_D
+                p_DV = jnp.where(
+                    take[:, None], p_all[:, c], jnp.where(rejected[:, None], resid, p_DV)
+                )
+                tried_D = jnp.where(take, False, tried_D | rejected)
+            acc_D = acc_D + take
+            path_DL = path_DL.at[rows, acc_D].set(jnp.where(take, c, path_DL[rows, acc_D]))
+            u_D = jnp.where(take, c, u_D)
+        final_D = samples_DL[rows, u_D]
+        if rejection:
+            keys_D = keys_DL[rows, u_D]
+            drawn = draw(p_DV, jax.vmap(lambda k: _fold(k, RESIDUAL_STREAM))(keys_D))
+            final_D = jnp.where(tried_D & ~greedy_D, drawn, final_D)
+        return acc_D, path_DL, final_D
+
+    if q_DKV is None:
+        acc_D, path_DL, final_D = walk(False)
+    else:
+        acc_D, path_DL, final_D = jax.lax.cond(
+            jnp.any(~greedy_D), lambda _: walk(True), lambda _: walk(False), None
+        )
+    j_L = jnp.arange(L)[None, :]
+    nxt_DL = jnp.take_along_axis(tokens_DL, jnp.roll(path_DL, -1, axis=1), axis=1)
+    out_DL = jnp.where(j_L < acc_D[:, None], nxt_DL, final_D[:, None]).astype(jnp.int32)
+    return out_DL, acc_D.astype(jnp.int32), path_DL

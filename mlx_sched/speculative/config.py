@@ -26,6 +26,11 @@ class SpecConfig:
     # AdaSpec: each step, drafts per sequence (0 included) from the compiled decode_widths up
     # to gamma, maximising predicted goodput; False: gamma for every decoding sequence
     adaptive: bool = False
+    # token trees (SpecInfer): children per node on the draft's main chain (1: a chain). A draft
+    # model adds tree_width - 1 siblings at each depth, drawn from its distribution there;
+    # prompt lookup merges up to tree_width continuations of different earlier matches. The
+    # verify width is gamma * tree_width + 1 positions.
+    tree_width: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -36,6 +41,13 @@ class SpecConfig:
             )
         if self.gamma < 1:
             raise ConfigError(f"serve.speculative.gamma must be >= 1, got {self.gamma}")
+        if self.tree_width < 1:
+            raise ConfigError(f"serve.speculative.tree_width must be >= 1, got {self.tree_width}")
+        if self.adaptive and self.tree_width > 1:
+            raise ConfigError(
+                "serve.speculative.adaptive chooses chain lengths; it does not take "
+                "tree_width > 1 (set one of them)"
+            )
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(
                 "serve.speculative needs 1 <= ngram_min <= ngram_max, got "
@@ -53,10 +65,19 @@ class SpecConfig:
         check_keys(cls, d, "serve.speculative")
         return cls(**d)
 
+    @property
+    def nodes(self) -> int:
+        """Draft tokens per sequence and step at most: gamma, times tree_width with trees."""
+        return self.gamma * self.tree_width
+
     def check_widths(self, decode_widths: tuple[int, ...]) -> None:
-        """gamma drafts need a compiled decode width of at least gamma + 1 positions."""
-        if self.gamma + 1 > decode_widths[-1]:
+        """gamma drafts (a tree: gamma * tree_width nodes) need a compiled decode width of at
+        least that many positions plus one."""
+        if self.nodes + 1 > decode_widths[-1]:
+            what = f"gamma={self.gamma}" + (
+                f" x tree_width={self.tree_width}" if self.tree_width > 1 else ""
+            )
             raise ConfigError(
-                f"serve.speculative.gamma={self.gamma} needs a decode width of {self.gamma + 1} "
+                f"serve.speculative.{what} needs a decode width of {self.nodes + 1} "
                 f"positions, but serve.decode_widths={decode_widths} ends at {decode_widths[-1]}"
             )

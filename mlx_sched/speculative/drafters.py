@@ -12,6 +12,8 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.request import Seq, stop_ids
@@ -22,6 +24,15 @@ class Drafter:
     name = "base"
 
     def propose(self, seqs: Sequence[Seq], ks: Sequence[int]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def propose_tree(
+        self, seqs: Sequence[Seq], budgets: Sequence[int], depths: Sequence[int], width: int
+    ) -> list[tuple[list[int], list[int]]]:
+        """Token trees: per sequence, at most budgets[i] draft nodes, depths[i] deep, up to
+        `width` children per node on the main chain -> (node tokens, parents), where node c + 1
+        holds tokens[c] and parents has one entry per node plus the root (parents[0] = -1,
+        parents[c] < c; the main chain is nodes 1, 2, ... each the child of the one before)."""
         raise NotImplementedError
 
     def warmup(self, progress=None) -> int:
@@ -63,6 +74,15 @@ class PromptLookup(Drafter):
         pairs = zip(seqs, ks, strict=True)
         return [lookup(s.tokens, k, self.ngram_max, self.ngram_min) for s, k in pairs]
 
+    def propose_tree(self, seqs, budgets, depths, width):
+        """A trie of up to `width` different continuations (of the latest matches first),
+        the latest match's continuation its main chain."""
+        out = []
+        for s, budget, depth in zip(seqs, budgets, depths, strict=True):
+            conts = continuations(s.tokens, depth, width, self.ngram_max, self.ngram_min)
+            out.append(trie(conts, budget))
+        return out
+
 
 def lookup(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> list[int]:
     """k tokens following the latest earlier match of tokens' last n tokens, for the longest
@@ -79,6 +99,46 @@ def lookup(tokens: Sequence[int], k: int, ngram_max: int, ngram_min: int) -> lis
                     out.append(tokens[i] if i < L else out[i - L])
                 return out
     return []
+
+
+def continuations(
+    tokens: Sequence[int], k: int, width: int, ngram_max: int, ngram_min: int
+) -> list[list[int]]:
+    """Up to `width` different k-token continuations of earlier matches of the tokens' last n
+    tokens: the longest n first, the latest match first (the first is `lookup`'s)."""
+    L, out = len(tokens), []
+    for n in range(min(ngram_max, L - 1), ngram_min - 1, -1):
+        suffix = list(tokens[L - n :])
+        for start in range(L - n - 1, -1, -1):
+            if tokens[start] == suffix[0] and list(tokens[start : start + n]) == suffix:
+                cont: list[int] = []
+                for i in range(start + n, start + n + k):
+                    cont.append(tokens[i] if i < L else cont[i - L])
+                if cont not in out:
+                    out.append(cont)
+                    if len(out) == width:
+                        return out
+    return out
+
+
+def trie(conts: Sequence[Sequence[int]], budget: int) -> tuple[list[int], list[int]]:
+    """Merge continuations into a token tree of at most `budget` nodes -> (tokens, parents),
+    the first continuation the main chain (nodes 1..), shared prefixes once."""
+    tokens: list[int] = []
+    parents = [-1]
+    children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    for cont in conts:
+        node = 0
+        for tok in cont:
+            nxt = children.get((node, tok))
+            if nxt is None:
+                if len(tokens) == budget:
+                    break
+                tokens.append(tok)
+                parents.append(node)
+                nxt = children[node, tok] = len(tokens)
+            node = nxt
+    return tokens, parents
 
 
 def _view(seq: Seq, num_computed: int) -> Seq:
@@ -125,8 +185,13 @@ class DraftModel(Drafter):
             policy="fcfs",
             policy_args={},
         )
-        self.runner = Runner(model, self.cfg, mesh, draft_probs=target_cfg.spec.rejection)
-        self._probs: dict = {}
+        spec = target_cfg.spec
+        trees = spec.tree_width > 1  # siblings come from the draft's distribution, greedy too
+        self.runner = Runner(model, self.cfg, mesh, draft_probs=spec.rejection or trees)
+        self.runner.probs_always = trees
+        self.rejection = spec.rejection
+        self._probs: dict = {}  # seq id -> [drafts, V], for the rejection rule
+        self._q: dict = {}  # seq id -> [drafts, V], every sequence (trees)
         # per sequence: positions the draft's arrays hold, their pages, the request's
         # preemption count (a preempted sequence may get the same page ids back)
         self.computed: dict[str, tuple[int, tuple[int, ...], int]] = {}
@@ -157,7 +222,7 @@ class DraftModel(Drafter):
         for v, k in zip(views, ks, strict=True):
             plan.add(v, k)  # a decode: from the last token, k iterations
         result = self.runner.run(plan)
-        out, self._probs = [], {}
+        out, self._probs, self._q = [], {}, {}
         probs = result.probs or [None] * len(views)
         for v, k, samples, q in zip(views, ks, result.samples, probs, strict=True):
             drafts = list(samples[:k])
@@ -167,13 +232,48 @@ class DraftModel(Drafter):
                     del drafts[j + 1 :]
                     break
             out.append(drafts)
-            if q is not None and v.request.sampling.temperature > 0:
-                self._probs[v.id] = q[: len(drafts)]
+            if q is not None:
+                self._q[v.id] = q[: len(drafts)]
+                if self.rejection and v.request.sampling.temperature > 0:
+                    self._probs[v.id] = q[: len(drafts)]
         self.seconds += time.perf_counter() - t0
         return out
 
     def distributions(self) -> dict:
         return self._probs
+
+    def propose_tree(self, seqs, budgets, depths, width):
+        """The main chain is the draft's proposal; each of its nodes gets width - 1 siblings:
+        for a sampled sequence independent draws from the draft's distribution at their
+        parent (SpecInfer's i.i.d. children, keyed by seed, sequence, position and rank), for
+        a greedy one the draft's next most likely tokens. Siblings are leaves."""
+        chains = self.propose(seqs, depths)
+        out = []
+        for s, budget, chain in zip(seqs, budgets, chains, strict=True):
+            chain = chain[:budget]
+            tokens, parents = list(chain), list(range(-1, len(chain)))
+            q = self._q.get(s.id)
+            node_q = list(q[: len(chain)]) if q is not None else []
+            sp = s.request.sampling
+            for d in range(len(chain)):  # siblings of the main node at depth d + 1
+                if q is None or len(tokens) >= budget:
+                    break
+                qd = np.asarray(q[d], np.float64)
+                n_sib = min(width - 1, budget - len(tokens))
+                if sp.temperature > 0:
+                    pos = len(s.tokens) + d  # the position the sibling would take
+                    rng = np.random.default_rng([sp.seed, s.index, pos, 1])
+                    sib = list(rng.choice(len(qd), size=n_sib, p=qd / qd.sum()))
+                else:
+                    order = np.argsort(-qd, kind="stable")
+                    sib = [int(t) for t in order if t != chain[d]][:n_sib]
+                tokens += [int(t) for t in sib]
+                parents += [d] * len(sib)
+                node_q += [q[d]] * len(sib)
+            out.append((tokens, parents))
+            if s.id in self._probs:
+                self._probs[s.id] = np.stack(node_q) if node_q else np.zeros((0, 1), np.float32)
+        return out
 
     @property
     def sizes(self) -> tuple[int, ...]:

@@ -7,6 +7,8 @@ import dataclasses
 import logging
 import time
 
+import numpy as np
+
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.request import Seq
@@ -51,8 +53,9 @@ class Speculator:
 
     def __init__(self, cfg: ServeConfig, drafter: Drafter):
         self.cfg, self.drafter = cfg, drafter
-        self.gamma = cfg.spec.gamma
-        self._pending: list[tuple[Seq, int, list[int]]] = []  # (seq, tokens before, drafts)
+        self.gamma, self.width = cfg.spec.gamma, cfg.spec.tree_width
+        # (seq, tokens before, drafts, the drafts' main chain)
+        self._pending: list[tuple[Seq, int, list[int], list[int]]] = []
         self.adaptive: AdaSpec | None = None  # AdaSpec's controller, when configured
         if cfg.spec.adaptive:
             costs = StepCosts(cfg.decode_sizes, cfg.mixed_decode_sizes, drafter.sizes)
@@ -100,8 +103,8 @@ class Speculator:
             for s in decoding:
                 s.draft = [PLACEHOLDER] * min(ks[s.id], self.length(s))
             return
-        for s in decoding:
-            s.draft = [PLACEHOLDER] * self.length(s)
+        for s in decoding:  # a tree reserves its nodes: width per level
+            s.draft = [PLACEHOLDER] * (self.length(s) * self.width)
 
     def fill(self, plan: StepPlan, running) -> SpecStats:
         t0 = time.perf_counter()
@@ -114,38 +117,53 @@ class Speculator:
         self._pending = []
         if not entries:
             return SpecStats()
-        proposals = self.drafter.propose([s for _, s, _ in entries], [n - 1 for _, _, n in entries])
+        seqs, budgets = [s for _, s, _ in entries], [n - 1 for _, _, n in entries]
+        if self.width > 1:
+            depths = [min(self.length(s), b) for s, b in zip(seqs, budgets, strict=True)]
+            proposals = self.drafter.propose_tree(seqs, budgets, depths, self.width)
+        else:
+            proposals = [(d, None) for d in self.drafter.propose(seqs, budgets)]
         probs = self.drafter.distributions()
-        for (i, s, n), drafts in zip(entries, proposals, strict=True):
+        for (i, s, n), (drafts, parents) in zip(entries, proposals, strict=True):
             drafts = list(drafts)[: n - 1]
             s.draft = drafts
             if s.id in probs:
                 plan.draft_probs[s.id] = probs[s.id][: len(drafts)]
+            main = drafts
+            if parents is not None:
+                plan.draft_tree[s.id] = np.asarray(parents[: 1 + len(drafts)], np.int32)
+                m = 0  # the main chain: nodes 1, 2, ... each the child of the one before
+                while m < len(drafts) and parents[m + 1] == m:
+                    m += 1
+                main = drafts[:m]
             plan.work[i] = (s, 1 + len(drafts))  # still a decode of seq: the index holds
-            self._pending.append((s, len(s.tokens), drafts))
-        stats = SpecStats(proposed=sum(len(d) for _, _, d in self._pending),
+            self._pending.append((s, len(s.tokens), drafts, main))
+        stats = SpecStats(proposed=sum(len(d) for _, _, d, _ in self._pending),
                           draft_s=time.perf_counter() - t0)  # fmt: skip
         if self.adaptive is not None:
-            k = max((len(d) for _, _, d in self._pending), default=0)
+            k = max((len(d) for _, _, d, _ in self._pending), default=0)
             if k:
                 self.adaptive.costs.observe_draft(len(entries), k, stats.draft_s)
         return stats
 
     def observe(self, stats: SpecStats) -> SpecStats:
         """After the step: drafts the target kept, per sequence and in all."""
-        for s, before, drafts in self._pending:
-            kept = 0
-            for j, tok in enumerate(drafts):
-                if before + j < len(s.tokens) and s.tokens[before + j] == tok:
-                    kept += 1
-                else:
-                    break
+        for s, before, drafts, main in self._pending:
+            if self.width > 1:  # a tree path: every token appended but the last was a draft
+                kept = max(0, min(len(drafts), len(s.tokens) - before - 1))
+            else:
+                kept = 0
+                for j, tok in enumerate(drafts):
+                    if before + j < len(s.tokens) and s.tokens[before + j] == tok:
+                        kept += 1
+                    else:
+                        break
             s.spec_proposed += len(drafts)
             s.spec_accepted += kept
             if self.adaptive is not None and drafts:
                 self.adaptive.observe(s.id, len(drafts), kept)
             stats.accepted += kept
-            self.drafter.settle(s, before, drafts)
+            self.drafter.settle(s, before, main)
         self._pending = []
         return stats
 
