@@ -97,6 +97,10 @@ def test_a_draft_identical_to_the_target_is_always_accepted(target, prompts, pla
     assert all(r["spec_acceptance"] == 1.0 for r in m if "spec_proposed" in r)
     # several tokens per verify: fewer decode steps than tokens
     assert sum(r.new_tokens for r in recs) > len([r for r in recs if r.num_decode])
+    spec = engine.summary(1.0)["speculative"]
+    assert spec["proposed"] == spec["accepted"] == proposed and spec["acceptance"] == 1.0
+    assert spec["tokens_per_verify"] > 2 and spec["draft_s"] > 0 and spec["verify_s"] > 0
+    assert "speculative" not in Engine(target, ServeConfig(**BASE)).summary(1.0)
 
 
 def _draft(kind):

@@ -173,6 +173,29 @@ def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> d
         "host_share_at_peak": _host_share([s for s in steps if s.running == peak]),
         "kv_live_fraction": percentiles([s.kv_live_fraction for s in steps if s.pages_in_use]),
         "buckets": _bucket_counts(steps),
+        **_speculation(steps),
+    }
+
+
+def _speculation(steps: list[StepRecord]) -> dict:
+    """Speculative decoding over the steps that verified drafts ({} when none did): drafts
+    proposed and accepted, tokens per verifying sequence, verify (device) and draft seconds."""
+    verify = [s for s in steps if s.spec_proposed]
+    if not verify:
+        return {}
+    proposed = sum(s.spec_proposed for s in verify)
+    accepted = sum(s.spec_accepted for s in verify)
+    return {
+        "speculative": {
+            "verify_steps": len(verify),
+            "proposed": proposed,
+            "accepted": accepted,
+            "acceptance": accepted / proposed,
+            "tokens_per_verify": sum(s.new_tokens for s in verify)
+            / max(1, sum(s.num_decode for s in verify)),
+            "verify_s": sum(s.device_s for s in verify),
+            "draft_s": sum(s.draft_s for s in steps),
+        }
     }
 
 
