@@ -1,19 +1,25 @@
 """Decode tokens/s with speculative decoding off and on, at several batch sizes.
 
-  python -m experiments.bench_speculative
+  python -m experiments.bench_speculative                     # the trained models
+  python -m experiments.bench_speculative --target=llama44m   # the 44M Llama, random weights
   python -m experiments.bench_speculative --batches=1,8 --gammas=2,4 --drafters=lookup
 
-The target is the 44M Llama of the vLLM comparison (`experiments/llama44m.py`, random
-weights, float32 by default). Drafters: `lookup` (prompt lookup, no model), `same` (a draft
-identical to the target: acceptance 1, cost ratio c = 1, the mechanics' upper bound on
-tokens per verify), `small` (a random 1-layer d-128 draft with the target's vocabulary:
-acceptance near 0, c small). Every request is greedy, 32 prompt tokens that repeat a
-16-token phrase (what prompt lookup exploits), 96 output tokens; all arrive at t = 0.
-Reported per (drafter, gamma, batch): output tok/s over the wall time (best of --runs after
-a warm-up run), drafts proposed and accepted, tokens per verifying step, the drafting share
-of the wall time, and the ratio to speculation off at the same batch. Decode slots come in
-powers of two from 1 to the largest batch (with speculation or without), so a batch of 1
-runs one slot, not 16.
+`--target=trained` (the default): the speculative experiment's target (6 layers, d 256) and
+drafts (`small`: 1 layer d 64, `medium`: 2 layers d 128), trained on the built-in corpus and
+cached in --models_dir (trained first when missing: ~25 min for the target on 2 cores);
+prompts are 64-byte slices of held-out stdlib sources (code), outputs 96 tokens, greedy.
+`--target=llama44m`: the 44M Llama of the vLLM comparison (`experiments/llama44m.py`,
+random weights) with drafters `lookup`, `same` (a draft identical to the target:
+acceptance 1, cost ratio c = 1) and `small` (a random 1-layer d-128 draft), on prompts that
+repeat a 16-token phrase (what prompt lookup exploits).
+
+Modes per drafter: a chain of each of --gammas drafts, a token tree (--tree=GxW: G levels, W
+children per main-chain node; SpecInfer) and AdaSpec (--adaptive_gamma: drafts chosen per
+step and sequence from widths 1, 2, 3, 5, 9 up to that, 0 included). Reported per point:
+output tok/s over the wall time (best of --runs after a warm-up run), drafts proposed and
+accepted, tokens per verifying step, the drafting share of the wall time, the ratio to
+speculation off at the same batch. Decode slots come in powers of two from 1 to the largest
+batch, so a batch of 1 runs one slot, not 16. Every request arrives at t = 0.
 
 Outputs are compared with the non-speculative engine's: in float32 they must be equal (an
 assertion); in bfloat16 one check saw 1 of 8 greedy sequences diverge at a near-tie (cause
@@ -33,13 +39,30 @@ from absl import flags
 
 from experiments import common
 
-_BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "concurrent requests")
-_GAMMAS = flags.DEFINE_list("gammas", ["2", "4"], "draft tokens per step")
-_DRAFTERS = flags.DEFINE_list("drafters", ["lookup", "same", "small"], "lookup, same, small")
+_TARGET = flags.DEFINE_enum("target", "trained", ["trained", "llama44m"], "target model")
+_MODELS_DIR = flags.DEFINE_string("models_dir", "runs/speculative_models", "trained models")
+_BATCHES = flags.DEFINE_list("batches", ["1", "4", "8", "32", "64"], "concurrent requests")
+_GAMMAS = flags.DEFINE_list("gammas", ["2", "4", "8"], "draft tokens per step (chains)")
+_TREE = flags.DEFINE_string("tree", "3x2", "token tree GxW ('' for none)")
+_ADAPTIVE = flags.DEFINE_integer("adaptive_gamma", 8, "AdaSpec's longest chain (0: off)")
+_DRAFTERS = flags.DEFINE_list("drafters", [], "default: lookup,medium (trained) or "
+                              "lookup,same,small (llama44m)")  # fmt: skip
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype")
 _RUNS = flags.DEFINE_integer("runs", 2, "timed runs per point (best reported)")
 _OUT = flags.DEFINE_integer("output", 96, "output tokens per request")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench_speculative", "results")
+
+
+def modes() -> list[dict]:
+    """The speculative settings measured per drafter: chains, the tree, AdaSpec."""
+    out = [{"mode": f"chain {g}", "gamma": g, "tree_width": 1} for g in map(int, _GAMMAS.value)]
+    if _TREE.value:
+        g, w = map(int, _TREE.value.lower().split("x"))
+        out.append({"mode": f"tree {g}x{w}", "gamma": g, "tree_width": w})
+    if _ADAPTIVE.value:
+        out.append({"mode": f"adaptive <={_ADAPTIVE.value}", "gamma": _ADAPTIVE.value,
+                    "tree_width": 1, "adaptive": True})  # fmt: skip
+    return out
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -51,11 +74,11 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def run(engine, batch: int, runs: int) -> dict:
+def run(engine, batch: int, runs: int, make_prompts) -> dict:
     from mlx_sched.serve.request import SamplingParams
 
-    sp = SamplingParams(max_tokens=_OUT.value)
-    ps = prompts(batch, engine.model_cfg.vocab_size)
+    sp = SamplingParams(max_tokens=_OUT.value, ignore_eos=True)
+    ps = make_prompts(batch)
     engine.generate(ps, sp)  # warm-up run
     best, outs, recs = None, None, None
     for _ in range(runs):
@@ -85,54 +108,80 @@ def run(engine, batch: int, runs: int) -> dict:
     }
 
 
-def main(argv):
-    del argv
+def models(dtype: str):
+    """(target, {drafter: draft model or None}, prompts(batch), description)."""
     from flax import nnx
 
-    from experiments.llama44m import MODEL, serve_config
-    from mlx_sched.serve.engine import Engine
     from models import ModelConfig, Transformer
 
+    if _TARGET.value == "llama44m":
+        from experiments.llama44m import MODEL
+
+        target = Transformer(ModelConfig(**{**MODEL, "dtype": dtype}), nnx.Rngs(0))
+        small_cfg = {**MODEL, "d_model": 128, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2,
+                     "d_ff": 384, "dtype": dtype}  # fmt: skip
+        drafts = {"lookup": None, "same": target,
+                  "small": Transformer(ModelConfig(**small_cfg), nnx.Rngs(1))}  # fmt: skip
+        vocab = target.cfg.vocab_size
+        return target, drafts, lambda b: prompts(b, vocab), "44M Llama, random weights"
+    from experiments import spec_lab
+
+    runs = {n: spec_lab.ensure_model(pathlib.Path(_MODELS_DIR.value), n) for n in spec_lab.MODELS}
+    target = spec_lab.load(runs["target"], dtype)
+    drafts = {"lookup": None, "small": spec_lab.load(runs["draft_small"], dtype),
+              "medium": spec_lab.load(runs["draft_medium"], dtype), "same": target}  # fmt: skip
+    what = "trained 6-layer d-256 target, code prompts from held-out stdlib sources"
+    return target, drafts, lambda b: spec_lab.code_prompts(b, 64, seed=b), what
+
+
+def main(argv):
+    del argv
+    from mlx_sched.serve.config import ServeConfig
+    from mlx_sched.serve.engine import Engine
+
     dtype = _DTYPE.value
-    target = Transformer(ModelConfig(**{**MODEL, "dtype": dtype}), nnx.Rngs(0))
-    small_cfg = {**MODEL, "d_model": 128, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2,
-                 "d_ff": 384, "dtype": dtype}  # fmt: skip
-    drafts = {"lookup": None, "same": target,
-              "small": Transformer(ModelConfig(**small_cfg), nnx.Rngs(1))}  # fmt: skip
+    target, drafts, make_prompts, what = models(dtype)
+    names = _DRAFTERS.value or (
+        ["lookup", "medium"] if _TARGET.value == "trained" else ["lookup", "same", "small"]
+    )
     batches = [int(b) for b in _BATCHES.value]
-    gammas = [int(g) for g in _GAMMAS.value]
     top = 1 << (max(batches) - 1).bit_length()  # the largest batch, to a power of two
     slots = tuple(2**i for i in range(top.bit_length()))  # 1, 2, 4, .. top
-    base = dataclasses.replace(
-        serve_config("default", dtype),
-        max_seqs=top,
-        decode_widths=(1, *[g + 1 for g in gammas]),
-        decode_buckets=slots,
-        mixed_decode_buckets=slots,
-    )
+    if _TARGET.value == "llama44m":
+        from experiments.llama44m import serve_config
+
+        base = serve_config("default", dtype)
+    else:
+        base = ServeConfig(num_pages=4096, token_budget=512, max_context=1024)
+    base = dataclasses.replace(base, max_seqs=top, decode_buckets=slots, mixed_decode_buckets=slots)
     rows = []
     off = Engine(target, base)
     ref = {}
     for b in batches:
-        r = run(off, b, _RUNS.value)
+        r = run(off, b, _RUNS.value, make_prompts)
         ref[b] = r
-        rows.append({"drafter": "off", "gamma": 0, "batch": b, **r})
+        rows.append({"drafter": "off", "mode": "off", "gamma": 0, "batch": b, **r})
         print(f"off batch {b}: {r['output_tok_s']:.0f} tok/s", flush=True)
     del off
-    for name in _DRAFTERS.value:
-        for g in gammas:
+    for name in names:
+        for m in modes():
             kind = "prompt_lookup" if name == "lookup" else "draft_model"
-            cfg = dataclasses.replace(base, speculative={"kind": kind, "gamma": g})
+            spec = {"kind": kind, "gamma": m["gamma"], "tree_width": m["tree_width"],
+                    "adaptive": m.get("adaptive", False)}  # fmt: skip
+            widths = (1, 2, 3, 5, 9) if spec["adaptive"] else (1,)
+            widths = tuple(w for w in widths if w <= m["gamma"] + 1)
+            widths = tuple(sorted({*widths, m["gamma"] * m["tree_width"] + 1}))
+            cfg = dataclasses.replace(base, decode_widths=widths, speculative=spec)
             engine = Engine(target, cfg, draft_model=drafts[name])
             for b in batches:
-                r = run(engine, b, _RUNS.value)
+                r = run(engine, b, _RUNS.value, make_prompts)
                 same = [x == y for x, y in zip(r["outputs"], ref[b]["outputs"], strict=True)]
                 r["equal_share"] = sum(same) / len(same)
                 assert dtype != "float32" or all(same), (
-                    f"{name} gamma {g} batch {b}: outputs differ"
+                    f"{name} {m['mode']} batch {b}: outputs differ"
                 )
-                rows.append({"drafter": name, "gamma": g, "batch": b, **r})
-                print(f"{name} gamma {g} batch {b}: {r['output_tok_s']:.0f} tok/s, "
+                rows.append({"drafter": name, **m, "batch": b, **r})
+                print(f"{name} {m['mode']} batch {b}: {r['output_tok_s']:.0f} tok/s, "
                       f"acceptance {r['acceptance']}", flush=True)  # fmt: skip
             del engine
     out = pathlib.Path(_WORKDIR.value)
@@ -140,18 +189,48 @@ def main(argv):
     for r in rows:
         r.pop("outputs")
     (out / f"results_{dtype}.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n44M Llama ({dtype}, random weights), {_OUT.value} output tokens per request, "
-          f"best of {_RUNS.value}")  # fmt: skip
-    print("| drafter | gamma | batch | output tok/s | vs off | acceptance | tokens / verify "
+    print(f"\n{what} ({dtype}), {_OUT.value} output tokens per request, best of {_RUNS.value}")
+    print("| drafter | mode | batch | output tok/s | vs off | acceptance | tokens / verify "
           "| drafting share | outputs equal to off |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         tpv = "" if r["tokens_per_verify"] is None else f"{r['tokens_per_verify']:.2f}"
         ratio = r["output_tok_s"] / ref[r["batch"]]["output_tok_s"]
-        print(f"| {r['drafter']} | {r['gamma']} | {r['batch']} | {r['output_tok_s']:,.0f} "
+        print(f"| {r['drafter']} | {r['mode']} | {r['batch']} | {r['output_tok_s']:,.0f} "
               f"| {ratio:.2f}x | {acc} | {tpv} | {100 * r['draft_share']:.0f}% "
               f"| {100 * r.get('equal_share', 1.0):.0f}% |")  # fmt: skip
+    print()
+    for line in verdicts(rows, ref):
+        print(line)
+
+
+def verdicts(rows, ref) -> list[str]:
+    """The issue's goals, each checked against this run's rows."""
+    out = []
+    for name in sorted({r["drafter"] for r in rows} - {"off"}):
+        mine = [r for r in rows if r["drafter"] == name]
+        acc = [r["acceptance"] for r in mine if r["acceptance"] is not None]
+        alpha = float(np.mean(acc)) if acc else float("nan")
+        low = [r for r in mine if r["batch"] <= 4 and not r.get("adaptive")]
+        for b in sorted({r["batch"] for r in low}):
+            best = max((r for r in low if r["batch"] == b), key=lambda r: r["output_tok_s"])
+            ratio = best["output_tok_s"] / ref[b]["output_tok_s"]
+            out.append(
+                f"{name}: batch {b}: best fixed mode {best['mode']} {ratio:.2f}x off "
+                f"(mean acceptance {alpha:.2f}; goal >= 2x with acceptance >= 0.7)"
+            )
+        ada = [r for r in mine if r.get("adaptive")]
+        if ada:
+            worst = min(r["output_tok_s"] / ref[r["batch"]]["output_tok_s"] for r in ada)
+            out.append(f"{name}: adaptive vs off, worst batch: {worst:.2f}x (goal >= 1.00x)")
+            for r in ada:
+                fixed = [x for x in mine if x["batch"] == r["batch"] and not x.get("adaptive")]
+                best = max(fixed, key=lambda x: x["output_tok_s"])
+                out.append(f"  batch {r['batch']}: adaptive {r['output_tok_s']:,.0f} tok/s, "
+                           f"best fixed ({best['mode']}) {best['output_tok_s']:,.0f}, off "
+                           f"{ref[r['batch']]['output_tok_s']:,.0f}")  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -70,12 +70,16 @@ def test_bench_speculative_reports_speculation_against_off(tmp_path):
     out = _run(
         "experiments.bench_speculative", f"--workdir={tmp_path}", "--batches=1",
         "--gammas=2", "--drafters=lookup,small", "--output=8", "--runs=1",
+        "--target=llama44m", "--tree=1x2", "--adaptive_gamma=2",
     )  # fmt: skip
-    assert "| off | 0 | 1 |" in out and "| lookup | 2 | 1 |" in out and "| small | 2 | 1 |" in out
+    for row in ("| off | off | 1 |", "| lookup | chain 2 | 1 |", "| small | tree 1x2 | 1 |",
+                "| small | adaptive <=2 | 1 |"):  # fmt: skip
+        assert row in out
+    assert "adaptive vs off, worst batch" in out
     rows = json.loads((tmp_path / "results_float32.json").read_text())
     assert {r["drafter"] for r in rows} == {"off", "lookup", "small"}
     assert all(r["compiles_after_warmup"] == 0 for r in rows)
-    assert all(r["proposed"] > 0 for r in rows if r["drafter"] != "off")
+    assert all(r["proposed"] > 0 for r in rows if r["drafter"] != "off" and not r.get("adaptive"))
 
 
 @pytest.mark.slow
