@@ -135,4 +135,40 @@ def serve_point(config, workdir: pathlib.Path) -> dict:
     return out
 
 
-RUNNERS = {"train": train_point, "moe": moe_point, "serve": serve_point}
+def speculative_point(config, workdir: pathlib.Path) -> dict:
+    """One point of the speculative-decoding experiment (`experiments/configs/speculative.py`):
+    the cached trained target (and draft), offline batches or a Poisson stream."""
+    from experiments import spec_lab
+    from mlx_sched.serve.config import ServeConfig
+    from mlx_sched.serve.engine import Engine
+
+    p = dict(config.point)
+    tiny, models = config.tiny, pathlib.Path(config.models_dir)
+    target = spec_lab.load(spec_lab.ensure_model(models, "target", tiny), config.dtype)
+    draft = None
+    if p["drafter"] in ("small", "medium") and p["gamma"]:
+        run = spec_lab.ensure_model(models, f"draft_{p['drafter']}", tiny)
+        draft = spec_lab.load(run, config.dtype)
+    serve = spec_lab.serve_settings(p, p["max_seqs"])
+    engine = Engine(target, ServeConfig(**serve), draft_model=draft)
+    if p["rate"] > 0:
+        prompts = spec_lab.code_prompts(p["requests"], p["prompt_len"], seed=1)
+        engine.generate(prompts[:2], None)  # warm the host paths once
+        out = spec_lab.online(engine, prompts, p["max_tokens"], p["temperature"], p["rate"],
+                              0, config.slo.ttft, config.slo.tpot)  # fmt: skip
+    else:
+        n = p["batch"] * p["groups"]
+        prompts = spec_lab.code_prompts(n, p["prompt_len"], seed=2)
+        groups = [prompts[i : i + p["batch"]] for i in range(0, n, p["batch"])]
+        out = spec_lab.offline_groups(engine, groups, p["max_tokens"], p["temperature"], p["runs"])
+    out.update({k: p[k] for k in ("drafter", "gamma", "tree_width", "adaptive", "batch", "rate")})
+    out["compiles_after_warmup"] = engine.runner.compiles_since_warmup
+    return out
+
+
+RUNNERS = {
+    "train": train_point,
+    "moe": moe_point,
+    "serve": serve_point,
+    "speculative": speculative_point,
+}
