@@ -24,7 +24,7 @@ def test_leviathan_formulas():
 def test_sweep_has_every_claim_point():
     names = {p["name"] for p in exp.get_sweep()}
     assert {"off_b1", "accept_small_g1", "accept_medium_g8", "tree_medium_3x2", "lookup_g4",
-            "load64_adaptive", "load4_off"} <= names  # fmt: skip
+            "load32_adaptive", "load4_off"} <= names  # fmt: skip
     with pytest.raises(ValueError, match="unknown variant"):
         exp.get_config("huge")
 

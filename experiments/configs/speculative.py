@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 
 DRAFTS = ("small", "medium")
-GAMMAS = (1, 2, 3, 4, 6, 8)
-RATES = (4, 16, 64)
+GAMMAS = (1, 2, 4, 6, 8)
+RATES = (4, 32)
 LOAD_MODES = {"off": {}, "g2": {"gamma": 2}, "g4": {"gamma": 4},
               "adaptive": {"gamma": 8, "adaptive": True}}  # fmt: skip
 
@@ -53,12 +53,12 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         max_tokens=64,
         temperature=0.0,
         runs=2,
-        max_seqs=64,
+        max_seqs=8,  # decode slots (load points: 64)
     )
     c.slo = dict(ttft=1.0, tpot=0.05)
     if arg == "runlocal":
         c.models_dir = "runs/speculative_models_tiny"
-        c.point.update(groups=1, requests=6, max_tokens=12, runs=1, max_seqs=8, prompt_len=24)
+        c.point.update(groups=1, requests=6, max_tokens=12, runs=1, prompt_len=24)
     elif arg != "default":
         raise ValueError(f"unknown variant '{arg}' of speculative.py; use default or runlocal")
     return c
@@ -79,14 +79,14 @@ def get_sweep(arg: str = "default") -> list[dict]:
     for d in DRAFTS:
         for g in GAMMAS:
             out.append({"name": f"accept_{d}_g{g}", "point.drafter": d, "point.gamma": g})
-        for g, w in ((3, 2), (2, 3)):
-            out.append({"name": f"tree_{d}_{g}x{w}", "point.drafter": d, "point.gamma": g,
-                        "point.tree_width": w})  # fmt: skip
+    for g, w in ((3, 2), (2, 3)):
+        out.append({"name": f"tree_medium_{g}x{w}", "point.drafter": "medium", "point.gamma": g,
+                    "point.tree_width": w})  # fmt: skip
     for g in (2, 4, 8):
         out.append({"name": f"lookup_g{g}", "point.drafter": "lookup", "point.gamma": g})
     for r in RATES:
         for mode, spec in LOAD_MODES.items():
-            p = {"name": f"load{r}_{mode}", "point.rate": float(r)}
+            p = {"name": f"load{r}_{mode}", "point.rate": float(r), "point.max_seqs": 64}
             if spec:
                 p.update({"point.drafter": "medium", **{f"point.{k}": v for k, v in spec.items()}})
             out.append(p)
