@@ -19,6 +19,8 @@ def test_leviathan_formulas():
     assert exp.expected_tokens(1.0, 4) == 5.0
     assert exp.expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
     assert exp.predicted_speedup(0.5, 2, 0.25) == pytest.approx(1.75 / 1.5)
+    pts = [(g, exp.expected_tokens(0.8, g)) for g in (1, 2, 4, 8)]
+    assert exp.fit_alpha(pts) == pytest.approx(0.8, abs=1e-3)
 
 
 def test_sweep_has_every_claim_point():
@@ -40,7 +42,8 @@ def test_summary_checks_the_claims_and_draws_the_plots(tmp_path):
     rows = [_row("off_b1")]
     for g in (1, 2, 4, 6):
         rows.append(_row(f"accept_medium_g{g}", drafter="medium", gamma=g, proposed=10 * g,
-                         accepted=7 * g, acceptance=0.7, tokens_per_verify=1 + 0.7 * g,
+                         accepted=7 * g, acceptance=0.7,
+                         tokens_per_verify=exp.expected_tokens(0.7, g),
                          draft_s=0.001 * 10 * g, output_tok_s=100 + 10 * g))  # fmt: skip
     rows.append(_row("tree_medium_3x2", drafter="medium", gamma=3, tree_width=2,
                      tokens_per_verify=9.0, acceptance=0.5))  # fmt: skip

@@ -106,6 +106,15 @@ def predicted_speedup(alpha: float, gamma: int, c: float) -> float:
     return expected_tokens(alpha, gamma) / (gamma * c + 1)
 
 
+def fit_alpha(points: list[tuple[int, float]]) -> float:
+    """Leviathan's per-token acceptance a fitted to measured (gamma, tokens per verify): the a
+    whose (1 - a^(g+1)) / (1 - a) is closest in squares (drafts after a rejection are never
+    judged, so accepted / proposed would understate a)."""
+    grid = np.linspace(0.0, 1.0, 1001)
+    err = [sum((expected_tokens(a, g) - t) ** 2 for g, t in points) for a in grid]
+    return float(grid[int(np.argmin(err))])
+
+
 def _by(rows, name):
     return next((r for r in rows if r["name"] == name), None)
 
@@ -130,7 +139,7 @@ def summarize(rows: list[dict], workdir) -> str:
                       key=lambda r: r["gamma"])  # fmt: skip
         if not mine:
             continue
-        alpha = sum(r["accepted"] for r in mine) / max(1, sum(r["proposed"] for r in mine))
+        alpha = fit_alpha([(r["gamma"], r["tokens_per_verify"]) for r in mine])
         # c: drafting seconds per draft token over the target's seconds per decode iteration
         c = np.median([r["draft_s"] / max(1, r["proposed"]) / off["decode_iter_s"] for r in mine])
         g = [r["gamma"] for r in mine]
