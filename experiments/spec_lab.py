@@ -87,9 +87,11 @@ def serve_settings(point: dict, max_seqs: int) -> dict:
         num_pages=2048,
         max_seqs=max_seqs,
         decode_buckets=tuple(buckets),
-        mixed_decode_buckets=tuple(buckets),
+        # mixed steps by 4x and two prefill sizes: with AdaSpec's five verify widths, a bucket
+        # per power of two made ~150 programs, past what LLVM could map in one process here
+        mixed_decode_buckets=tuple(sorted({*buckets[::2], max_seqs})),
         token_budget=512,
-        prefill_buckets=(64, 256, 512),
+        prefill_buckets=(64, 512),
         max_prefill_rows=4,
         max_context=1024,
         history=-1,  # every step record: a run's statistics slice them

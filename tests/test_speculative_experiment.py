@@ -51,7 +51,10 @@ def test_summary_checks_the_claims_and_draws_the_plots(tmp_path):
         rows.append(_row(f"load4_{mode}", rate=4.0, goodput_tok_s=good, slo_attainment=0.9,
                          tpot_p90=0.02, ttft_p90=0.1, verify_share=0.5))  # fmt: skip
     text = exp.summarize(rows, tmp_path)
-    assert "medium draft: acceptance a = 0.70, cost ratio c = 0.10" in text
+    assert (
+        "medium draft: acceptance a = 0.70 (fitted to tokens per verify), cost ratio c = 0.10"
+        in text
+    )
     assert "best tree tree_medium_3x2 9.00 tokens per verify: reproduces" in text
     assert "AdaSpec at least as good (within 5%): yes" in text
     for png in ("speculative_acceptance.png", "speculative_speedup.png", "speculative_load.png"):
