@@ -158,7 +158,8 @@ def summarize(rows: list[dict], workdir) -> str:
         lines.append(f"- {d} draft: acceptance a = {alpha:.2f} (fitted to tokens per verify), "
                      f"cost ratio c = {c:.2f} (median; {cs[min(cs)]:.2f} at gamma {min(cs)}, "
                      f"{cs[max(cs)]:.2f} at gamma {max(cs)}); best gamma {best['gamma']}: "
-                     f"{best['speedup']:.2f}x off at batch 1 (predicted {predicted:.2f}x).")  # fmt: skip
+                     f"{best['speedup']:.2f}x off at batch 1 "
+                     f"(predicted {predicted:.2f}x).")  # fmt: skip
     for ax, fig, name, ylabel in (
         (ax1, fig1, "speculative_acceptance.png", "tokens per verify"),
         (ax2, fig2, "speculative_speedup.png", "speedup vs no speculation (batch 1)"),
