@@ -157,3 +157,17 @@ def test_the_engine_follows_the_controllers_choice(verification):
         assert len(verified) >= len(decoding) - 1  # the last step may have no room for drafts
     else:
         assert not verified
+
+
+def test_warmup_warns_when_the_shapes_are_many(monkeypatch, caplog):
+    """Many compiled programs exhausted LLVM's memory mappings in one process (a segfault
+    with AdaSpec's five widths x every power-of-two bucket): warm-up says so beforehand."""
+    import logging
+
+    from mlx_sched.serve import runner
+
+    monkeypatch.setattr(runner, "MANY_SHAPES", 1)
+    cfg = ServeConfig(page_size=4, num_pages=64, max_seqs=2, token_budget=16, max_prefill_rows=1)
+    with caplog.at_level(logging.WARNING):
+        Engine(tiny(1, d=16, layers=1), cfg)
+    assert any("coarser mixed_decode_buckets" in r.message for r in caplog.records)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import os
 import threading
 import time
@@ -60,6 +61,9 @@ class CompileCounter:
     @classmethod
     def count(cls) -> int:
         return getattr(cls._local, "count", 0)
+
+
+MANY_SHAPES = 100  # warm-up warns above this many programs
 
 
 def depths(parent_L: np.ndarray) -> np.ndarray:
@@ -436,6 +440,14 @@ class Runner:
         """Compile every declared shape, ahead of time and in parallel (XLA compiles each on
         its own thread; with the persistent compilation cache a second start loads them)."""
         shapes = all_shapes(self.cfg)
+        if len(shapes) > MANY_SHAPES:
+            logging.warning(
+                "%d compiled shapes: XLA:CPU maps each program's code separately, and near 150 "
+                "one process ran out of memory mappings here (LLVM 'Cannot allocate memory', "
+                "vm.max_map_count 65530); declare coarser mixed_decode_buckets, prefill_buckets "
+                "or fewer decode_widths",
+                len(shapes),
+            )
         done = [0]
         lock = threading.Lock()
 
