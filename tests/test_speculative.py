@@ -293,3 +293,24 @@ def test_sparse_attention_target(prompts):
     assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == ref
     recs = engine.step_records
     assert sum(r.spec_accepted for r in recs) == sum(r.spec_proposed for r in recs) > 0
+
+
+@pytest.mark.parametrize(
+    "policy", __import__("mlx_sched.serve.policies", fromlist=["names"]).names()
+)
+def test_every_policy_runs_with_speculation_on(target, prompts, policy):
+    """Each registered policy schedules speculating sequences (their draft placeholders are
+    positions like any other): greedy outputs equal the same policy without speculation, the
+    service a policy counts (VTC's, MLFQ's token counts) is the tokens the requests got."""
+    sp = SamplingParams(max_tokens=MAX_NEW)
+    base = dict(BASE, policy=policy)
+    ref_engine = Engine(target, ServeConfig(**base))
+    ref = _run(ref_engine, prompts, sp)
+    spec = {"kind": "draft_model", "gamma": 3}
+    cfg = ServeConfig(**dict(base, decode_widths=(1, 4)), speculative=spec)
+    engine = Engine(target, cfg, draft_model=target)  # every draft accepted
+    assert _run(engine, prompts, sp) == ref
+    assert sum(r.spec_accepted for r in engine.step_records) > 0
+    assert engine.pool.num_in_use == 0 and engine.runner.compiles_since_warmup == 0
+    if policy == "vtc":  # accepted tokens count as service, once each
+        assert engine.policy.counter == pytest.approx(ref_engine.policy.counter)

@@ -171,3 +171,26 @@ def test_warmup_warns_when_the_shapes_are_many(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         Engine(tiny(1, d=16, layers=1), cfg)
     assert any("coarser mixed_decode_buckets" in r.message for r in caplog.records)
+
+
+def test_choose_maximises_the_goodput_formula():
+    """The per-step choice (vectorised) is the (k, m) of largest `goodput` among the
+    candidates, on random confidences and costs."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        c = costs(
+            per_draft=float(rng.uniform(0.02, 0.5)), draft_per_tok=float(rng.uniform(0, 3e-3))
+        )
+        ada = AdaSpec((1, 2, 3, 5, 9), 8, c, slice_len=1)
+        ids = [f"s{i}" for i in range(int(rng.integers(1, 20)))]
+        for i in ids:
+            ada.confidence[i] = float(rng.uniform(0, 1))
+        got = ada.choose(ids)
+        conf = [ada.confidence[i] for i in ids]
+        ms = sorted({min(s, len(ids)) for s in c.draft_sizes} | {len(ids)})
+        cands = [(0, 0)] + [(k, m) for k in (1, 2, 4, 8) for m in ms]
+        best = max(cands, key=lambda km: (ada.goodput(conf, *km), -km[0]))
+        assert ada.last == best or ada.goodput(conf, *ada.last) == pytest.approx(
+            ada.goodput(conf, *best)
+        ), trial
+        assert sorted(got.values()).count(ada.last[0]) >= (ada.last[1] if ada.last[0] else 0)
