@@ -129,23 +129,8 @@ class PagedContext:
                 flavour=self.kernel.pallas,
                 interpret=self.kernel.interpret,
             )
-        if D and L > 1 and self.dec_tree_DLL is not None:  # token trees: pure JAX, masked
-            H, X = q_THX.shape[1:]
-            o = paged_attention(
-                q_THX[: D * L].reshape(D, L, H, X),
-                self.k,
-                self.v,
-                self.dec_pages_DW,
-                self.positions_T[: D * L].reshape(D, L),
-                self.dec_len_D,
-                pattern,
-                self.chunk_pages,
-                layer,
-                tree_GLL=self.dec_tree_DLL,
-                tree_base_G=self.dec_base_D,
-            )
-            outs.append(o.reshape(D * L, H, X))
-        elif D and pallas:
+        trees = D and L > 1 and self.dec_tree_DLL is not None  # token trees: pure JAX, masked
+        if D and pallas and not trees:
             H, X = q_THX.shape[1:]
             o = pallas(
                 q_THX[: D * L].reshape(D, L, H, X),
@@ -154,9 +139,9 @@ class PagedContext:
                 kv_len_G=self.dec_len_D,
             )
             outs.append(o.reshape(D * L, H, X))
-        elif D and L > 1 and self.kernel.native and isinstance(pattern, DenseCausal):
+        elif D and L > 1 and not trees and self.kernel.native and isinstance(pattern, DenseCausal):
             outs.append(self._native_multi(layer, q_THX[: D * L]))
-        elif D and L > 1:  # several queries per slot: causal by position within the slot
+        elif D and L > 1:  # several queries per slot: causal by position, or a tree's mask
             H, X = q_THX.shape[1:]
             o = paged_attention(
                 q_THX[: D * L].reshape(D, L, H, X),
@@ -168,6 +153,8 @@ class PagedContext:
                 pattern,
                 self.chunk_pages,
                 layer,
+                tree_GLL=self.dec_tree_DLL if trees else None,
+                tree_base_G=self.dec_base_D if trees else None,
             )
             outs.append(o.reshape(D * L, H, X))
         elif D and not isinstance(pattern, DenseCausal):  # sparse: read only the needed keys

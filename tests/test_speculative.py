@@ -200,11 +200,37 @@ def test_token_trees_greedy_output_equals_non_speculative(target, prompts, plain
     assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == plain
     recs = engine.step_records
     assert sum(r.spec_proposed for r in recs) > 0
+    _each_verify_keeps_its_accepted_drafts_and_one_more(recs)
     if draft is not None:
         assert sum(r.spec_accepted for r in recs) > 0
         assert engine.spec.drafter.runner.compiles_since_warmup == 0
     assert engine.runner.compiles_since_warmup == 0 and engine.pool.num_in_use == 0
     engine.pool.check()
+
+
+def _each_verify_keeps_its_accepted_drafts_and_one_more(recs):
+    """Steps of decodes only: every sequence gets its accepted drafts plus the correction or
+    bonus token (drafts never run past max_tokens, and these runs have no stop token)."""
+    pure = [r for r in recs if r.kind == "mixed" and r.spec_proposed and not r.num_prefill_tokens]
+    assert pure
+    for r in pure:
+        assert r.new_tokens == r.spec_accepted + r.num_decode
+
+
+@pytest.mark.parametrize("acceptance", ["rejection", "match"])
+def test_chain_verify_keeps_the_correction_token(target, prompts, acceptance):
+    """Partial acceptance (a perturbed draft, greedy and sampled requests): the token after
+    the accepted drafts is kept in the same step (a regression dropped it)."""
+    sps = [SamplingParams(max_tokens=MAX_NEW, temperature=0.8 * (i % 2), seed=i)
+           for i in range(len(prompts))]  # fmt: skip
+    spec = {"kind": "draft_model", "gamma": 4, "acceptance": acceptance}
+    engine = Engine(
+        target, ServeConfig(**SPEC, speculative=spec), draft_model=_perturbed(target, 0.1)
+    )
+    _run(engine, prompts, sps)
+    recs = engine.step_records
+    assert 0 < sum(r.spec_accepted for r in recs) < sum(r.spec_proposed for r in recs)
+    _each_verify_keeps_its_accepted_drafts_and_one_more(recs)
 
 
 def test_lookup_trees_merge_continuations():
