@@ -1,0 +1,417 @@
+"""One HTTP completion's life: its prompts become engine requests, the engine's events
+become choices (text detokenized incrementally, cut exactly at a stop string, logprobs,
+usage), answered whole or streamed as OpenAI's server-sent-event chunks.
+
+A request with k prompts and `n` samples is k engine requests of n sequences each;
+choice `i * n + j` is sequence j of prompt i, as in the OpenAI API. A stop string is
+matched on the detokenized text; once every sequence of an engine request has met
+one (or ended), the request is aborted in the engine so its pages are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mlx_sched.serve.request import RequestError, SamplingParams
+from mlx_sched.server import text as text_lib
+from mlx_sched.server.engine_thread import (
+    Accepted,
+    Delta,
+    EngineThread,
+    Overloaded,
+    Rejected,
+    Submission,
+    Unavailable,
+)
+from mlx_sched.server.protocol import ApiError, ChatRequest, CompletionRequest
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclasses.dataclass
+class Limits:
+    """What the server refuses before the engine sees a request."""
+
+    max_len: int  # context length: prompt + max_tokens
+    vocab_size: int
+    max_n: int = 8
+
+
+class Choice:
+    """One sequence of one prompt: its tokens, text and how it ended."""
+
+    def __init__(self, index: int, tokenizer, stops: list[str], want_logprobs: bool):
+        self.index = index
+        self.tokenizer = tokenizer
+        self.detok = text_lib.IncrementalDetokenizer(tokenizer) if tokenizer else None
+        self.stops = text_lib.StopStrings(stops) if stops else None
+        self.want_logprobs = want_logprobs
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self, tokens: list[int], logprobs: list[float] | None) -> tuple[str, int]:
+        """Take a step's tokens one at a time (a stop string may end inside the step);
+        returns the text to emit and how many tokens were kept."""
+        out, kept = [], 0
+        for k, tok in enumerate(tokens):
+            if self.done:
+                break
+            self.token_ids.append(tok)
+            if self.want_logprobs and logprobs is not None and k < len(logprobs):
+                self.logprobs.append(float(logprobs[k]))
+            kept += 1
+            piece = self.detok.push([tok]) if self.detok else ""
+            out.append(self._cut(piece))
+        return "".join(out), kept
+
+    def finish(self, reason: str | None) -> str:
+        """The engine ended this sequence: release held-back text; returns it."""
+        if self.done:
+            return ""
+        tail = self._cut(self.detok.flush() if self.detok else "")
+        if not self.done and self.stops is not None:
+            tail += self.stops.flush()
+        if not self.done:
+            self.finish_reason = FINISH_REASONS.get(reason or "abort", "stop")
+        self.text += tail
+        return tail
+
+    def _cut(self, piece: str) -> str:
+        if self.stops is None:
+            self.text += piece
+            return piece
+        emit, stopped = self.stops.push(piece)
+        self.text += emit
+        if stopped:
+            self.finish_reason = "stop"
+        return emit
+
+    def token_strings(self) -> list[str]:
+        tok = self.tokenizer
+        return [tok.token_text(t) if tok else str(t) for t in self.token_ids]
+
+
+class Generation:
+    """The engine requests and choices of one HTTP completion request."""
+
+    def __init__(
+        self,
+        body: CompletionRequest | ChatRequest,
+        prompts: list[list[int]],
+        tokenizer,
+        limits: Limits,
+        model_name: str,
+    ):
+        self.body, self.tokenizer, self.model_name = body, tokenizer, model_name
+        self.chat = isinstance(body, ChatRequest)
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.prompts = prompts
+        n = body.n
+        if n > limits.max_n:
+            raise ApiError(400, f"n must be at most {limits.max_n}, got {n}", param="n")
+        if body.stops and tokenizer is None:
+            raise ApiError(400, "stop strings need a tokenizer; this model has none", "stop")
+        want_lp = bool(body.logprobs)
+        self.rids = [f"{self.id}-{i}" for i in range(len(prompts))]
+        self.choices = {
+            rid: [Choice(i * n + j, tokenizer, body.stops, want_lp) for j in range(n)]
+            for i, rid in enumerate(self.rids)
+        }
+        self.ended: set[str] = set()  # engine requests finished or aborted
+        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        self.submissions = []
+        for rid, prompt in zip(self.rids, prompts, strict=True):
+            max_tokens = self._max_tokens(prompt, limits)
+            try:
+                sampling = SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=body.temperature,
+                    top_k=body.top_k,
+                    top_p=body.top_p,
+                    n=n,
+                    seed=seed,
+                    ignore_eos=body.ignore_eos,
+                    logprobs=want_lp,
+                )
+            except RequestError as e:
+                raise ApiError(400, str(e)) from None
+            self.submissions.append(
+                Submission(rid, prompt, sampling, body.user or "default", body.priority)
+            )
+
+    def _max_tokens(self, prompt: list[int], limits: Limits) -> int:
+        bad = [t for t in prompt if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise ApiError(
+                400,
+                f"token ids outside the vocabulary [0, {limits.vocab_size}): {bad[:5]}",
+                param="prompt" if not self.chat else "messages",
+            )
+        room = limits.max_len - len(prompt)
+        which = "messages" if self.chat else "prompt"
+        if room < 1:
+            raise ApiError(
+                400,
+                f"the prompt has {len(prompt)} tokens; the context length is {limits.max_len}",
+                param=which,
+                code="context_length_exceeded",
+            )
+        asked = self.body.token_limit if self.chat else self.body.max_tokens
+        if asked is None:
+            return room
+        if asked > room:
+            raise ApiError(
+                400,
+                f"max_tokens ({asked}) + the prompt ({len(prompt)} tokens) exceeds the context "
+                f"length {limits.max_len}",
+                param="max_completion_tokens"
+                if self.chat and self.body.max_completion_tokens
+                else "max_tokens",
+                code="context_length_exceeded",
+            )
+        return asked
+
+    # -- events -----------------------------------------------------------------------
+
+    def on_delta(self, d: Delta) -> tuple[list[tuple[Choice, str, int]], bool]:
+        """Apply one Delta: per choice touched, (choice, new text, new tokens); and whether the
+        engine request should now be aborted (every sequence met a stop string)."""
+        news = []
+        choices = self.choices[d.request_id]
+        for j, choice in enumerate(choices):
+            if choice.done:
+                continue
+            toks = d.tokens[j] if j < len(d.tokens) else []
+            lps = d.logprobs[j] if d.logprobs is not None and j < len(d.logprobs) else None
+            emitted, kept = choice.feed(toks, lps)
+            if d.finished:
+                reasons = d.finish_reasons
+                emitted += choice.finish(reasons[j] if j < len(reasons) else "abort")
+            if emitted or kept or choice.done:
+                news.append((choice, emitted, kept))
+        if d.finished:
+            self.ended.add(d.request_id)
+        abort = not d.finished and all(c.done for c in choices)
+        if abort:
+            self.ended.add(d.request_id)
+        return news, abort
+
+    @property
+    def finished(self) -> bool:
+        return len(self.ended) == len(self.rids)
+
+    def all_choices(self) -> list[Choice]:
+        return sorted((c for cs in self.choices.values() for c in cs), key=lambda c: c.index)
+
+    def usage(self) -> dict:
+        prompt = sum(len(p) for p in self.prompts)
+        completion = sum(len(c.token_ids) for c in self.all_choices())
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    # -- OpenAI objects -------------------------------------------------------------------
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name}
+
+    @property
+    def wants_tokens(self) -> bool:
+        """Every token matters to the client (token ids or logprobs), not only the text."""
+        return bool(self.body.return_token_ids or self.tokenizer is None or self.body.logprobs)
+
+    def _token_ids(self, choice: Choice, since: int = 0) -> dict:
+        if self.body.return_token_ids or self.tokenizer is None:
+            return {"token_ids": choice.token_ids[since:]}
+        return {}
+
+    def _logprobs(self, choice: Choice, since: int = 0, offset: int = 0) -> dict | None:
+        if not self.body.logprobs:
+            return None
+        strings = choice.token_strings()[since:]
+        lps = choice.logprobs[since:]
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": s,
+                        "logprob": lp,
+                        "bytes": list(s.encode("utf-8")),
+                        "top_logprobs": [],
+                    }
+                    for s, lp in zip(strings, lps, strict=False)
+                ]
+            }
+        offsets, pos = [], offset
+        for s in strings:
+            offsets.append(pos)
+            pos += len(s)
+        return {
+            "tokens": strings,
+            "token_logprobs": lps,
+            "top_logprobs": None,
+            "text_offset": offsets,
+        }
+
+    def response(self) -> dict:
+        choices = []
+        for c in self.all_choices():
+            if self.chat:
+                item = {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._logprobs(c),
+                    "finish_reason": c.finish_reason,
+                }
+            else:
+                item = {
+                    "index": c.index,
+                    "text": c.text,
+                    "logprobs": self._logprobs(c),
+                    "finish_reason": c.finish_reason,
+                }
+            choices.append(item | self._token_ids(c))
+        obj = "chat.completion" if self.chat else "text_completion"
+        return self._head(obj) | {"choices": choices, "usage": self.usage()}
+
+    def chunk(self, choice: Choice, text: str, kept: int, first: bool) -> dict:
+        since = len(choice.token_ids) - kept
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text or not choice.done:
+                delta["content"] = text
+            item = {"index": choice.index, "delta": delta}
+        else:
+            item = {"index": choice.index, "text": text}
+        offset = len(choice.text) - len(text)
+        item |= {
+            "logprobs": self._logprobs(choice, since, offset),
+            "finish_reason": choice.finish_reason,
+        }
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._head(obj) | {"choices": [item | self._token_ids(choice, since)]}
+
+    def usage_chunk(self) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._head(obj) | {"choices": [], "usage": self.usage()}
+
+
+# ---------------------------------------------------------------------------------------
+# Driving a generation from an asyncio handler
+
+
+class Pipe:
+    """The engine thread's events for one generation, on the handler's event loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(self, event) -> None:  # called on the engine thread
+        with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def get(self):
+        return await self.queue.get()
+
+
+async def start(gen: Generation, engine: EngineThread) -> Pipe:
+    """Submit and wait for the engine's answer; ApiError 503/400 when refused."""
+    pipe = Pipe()
+    try:
+        engine.submit(gen.submissions, pipe.sink)
+    except Overloaded as e:
+        raise ApiError(
+            503, str(e), code="overloaded", type="server_error", headers={"Retry-After": "1"}
+        ) from None
+    except Unavailable as e:
+        raise ApiError(503, str(e), code="unavailable", type="server_error") from None
+    try:
+        event = await pipe.get()
+    except asyncio.CancelledError:  # the handler is gone before the engine answered
+        abort_unfinished(gen, engine)
+        raise
+    if isinstance(event, Rejected):
+        raise ApiError(400, event.message, param="prompt" if not gen.chat else "messages")
+    assert isinstance(event, Accepted), event
+    return pipe
+
+
+def abort_unfinished(gen: Generation, engine: EngineThread) -> None:
+    for rid in gen.rids:
+        if rid not in gen.ended:
+            engine.abort(rid)
+            gen.ended.add(rid)
+
+
+async def collect(gen: Generation, pipe: Pipe, engine: EngineThread) -> dict:
+    """Run to the end; the whole response object."""
+    try:
+        while not gen.finished:
+            d = await pipe.get()
+            _, abort = gen.on_delta(d)
+            if abort:
+                engine.abort(d.request_id)
+            if d.error is not None:
+                raise _engine_error(d)
+        return gen.response()
+    finally:  # cancelled (client gone) or failed: nothing keeps running for it
+        abort_unfinished(gen, engine)
+
+
+async def stream(gen: Generation, pipe: Pipe, engine: EngineThread) -> AsyncIterator[bytes]:
+    """Server-sent events: one chunk per choice per step with news, then usage (when asked)
+    and `data: [DONE]`."""
+    started: set[int] = set()
+    try:
+        if gen.chat:  # the role comes first, as OpenAI sends it
+            for c in gen.all_choices():
+                started.add(c.index)
+                yield _sse(gen.chunk(c, "", 0, first=True))
+        while not gen.finished:
+            d = await pipe.get()
+            news, abort = gen.on_delta(d)
+            if abort:
+                engine.abort(d.request_id)
+            if d.error is not None:
+                yield _sse(_engine_error(d).body())
+                return
+            for choice, text, kept in news:
+                if not (text or choice.done or gen.wants_tokens):
+                    continue  # only held-back bytes (a split character, a possible stop)
+                yield _sse(gen.chunk(choice, text, kept, first=choice.index not in started))
+                started.add(choice.index)
+        opts = gen.body.stream_options
+        if opts is not None and opts.include_usage:
+            yield _sse(gen.usage_chunk())
+        yield b"data: [DONE]\n\n"
+    finally:
+        abort_unfinished(gen, engine)
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _engine_error(d: Delta) -> ApiError:
+    """A request the engine ended on its own: it failed (500), or it could not be served."""
+    if d.error.startswith("engine failure"):
+        return ApiError(500, d.error, type="server_error", code="engine_error")
+    return ApiError(400, f"the request could not be served: {d.error}", code="unservable")
