@@ -66,6 +66,40 @@ def load_checkpoint(path) -> Transformer:
     return nnx.merge(graphdef, params)
 
 
+def load_text_model(config, checkpoint: str = "", hf_path: str = ""):
+    """(model, tokenizer, name) for serving text: from a training run (`checkpoint`: its
+    folder or checkpoints/), a Hugging Face folder (`hf_path`), or the config's (its own
+    checkpoint / hf_path, else random weights, with a warning). The tokenizer is the
+    folder's tokenizer.json, or the byte-level one of the framework's models; None when
+    the model has neither (token-id prompts only)."""
+    from mlx_sched.server import text
+
+    checkpoint = checkpoint or config.get("checkpoint", "")
+    hf_path = hf_path or ("" if checkpoint else config.get("hf_path", ""))
+    if checkpoint and hf_path:
+        raise ConfigError("give a checkpoint or an hf_path, not both")
+    dtype = config.model.get("dtype", "float32")
+    if hf_path:
+        from models import hf
+
+        model, source = hf.load_model(hf_path, dtype=dtype), hf_path
+    elif checkpoint:
+        model, source = load_checkpoint(checkpoint), checkpoint
+    else:
+        logging.warning("no --checkpoint or --hf_path: serving a randomly initialised model")
+        model, source = Transformer(model_config(config.model), nnx.Rngs(0)), ""
+    try:
+        tokenizer = text.load_tokenizer(hf_path or None, model.cfg.vocab_size)
+    except text.TextError as e:
+        raise ConfigError(str(e)) from None
+    if tokenizer is None:
+        logging.warning("%s has no tokenizer.json: prompts must be token ids", hf_path)
+    name = pathlib.Path(source).resolve().name if source else "random"
+    if name == "checkpoints":
+        name = pathlib.Path(source).resolve().parent.name
+    return model, tokenizer, name
+
+
 def serve_config(config, **overrides) -> ServeConfig:
     """The experiment's ServeConfig. Experiments analyse every request and step, so the engine
     keeps them all (history=-1) unless the config sets serve.history."""

@@ -249,6 +249,12 @@ CASES = [
       "--config.serve.num_pages=2"], {}, "serve.num_pages=2"),
     ("main_without_serve", "main", [LM, "--workdir={w}"], {},
      "has no serve or workload section"),
+    ("serve_missing_checkpoint", "serve", ["--checkpoint=/no/such/run", "--workdir={w}"], {},
+     "does not exist"),
+    ("serve_two_sources", "serve", ["--checkpoint=/a", "--hf_path=/b", "--workdir={w}"], {},
+     "not both"),
+    ("generate_missing_checkpoint", "generate", ["--checkpoint=/no/such/run"], {},
+     "does not exist"),
     ("sweep_missing_config", "sweep", ["--config=experiments/configs/nope.py", "--workdir={w}"],
      {}, "config file 'experiments/configs/nope.py' does not exist"),
 ]  # fmt: skip

@@ -10,6 +10,9 @@ Variants:
             random 44M Llama, d 512, 8 layers, vocab 32k), 32 x 128 -> 128
   runlocal  a tiny model and a short trace, for tests
 
+The `server` section is read by `python -m experiments.serve` (the HTTP server);
+the benchmarks ignore it.
+
   python -m experiments.bench_serving --config=experiments/configs/serve.py:decode --slice_lens=1,8
   python -m experiments.bench_serving --config=experiments/configs/serve.py:online \
       --config.serve.policy=vtc "--config.serve.policy_args={'weights': {'default': 2.0}}"
@@ -56,6 +59,16 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         length_scale=0.25,
         seed=0,
         time_scale=1.0,
+    )
+    c.server = dict(
+        host="127.0.0.1",
+        port=8000,
+        model_name="",  # "": the checkpoint's folder name, or "random-<variant>"
+        max_n=8,  # most samples per prompt (n)
+        max_waiting=256,  # requests not yet admitted before answering 503 + Retry-After
+        max_body_bytes=1 << 20,
+        shutdown_timeout_s=30.0,
+        history=1000,  # finished requests and steps the engine keeps (a server never grows)
     )
     c = ml_collections.ConfigDict(c)
     if arg == "online":

@@ -217,7 +217,10 @@ class Trainer:
             diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
             raise CheckpointError(
                 f"checkpoint {step} in {self.ckpt.directory} was written for a different model "
-                f"(saved vs now: {diff}); use a fresh --workdir or the same model config"
+                f"(saved vs now: {diff}); use a fresh --workdir or the same model config. To "
+                f"read text from that run: python -m experiments.generate "
+                f"--checkpoint={self.ckpt.directory.parent} --prompt='def ' (or serve it: "
+                f"python -m experiments.serve --checkpoint={self.ckpt.directory.parent})"
             )
 
     def _truncate_metrics(self, step: int) -> None:
