@@ -206,6 +206,15 @@ def test_logprobs_of_the_chosen_tokens(client):
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(lp.tokens) == r.usage.completion_tokens
     assert all(x <= 1e-6 for x in lp.token_logprobs)
+    zero = client.completions.create(
+        model=MODEL, prompt="ab", max_tokens=10, temperature=0, logprobs=0
+    )
+    assert zero.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs)
+    stream = client.completions.create(
+        model=MODEL, prompt="ab", max_tokens=10, temperature=0, logprobs=0, stream=True
+    )
+    streamed = [x for c in stream if c.choices for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs)
     assert "".join(lp.tokens).startswith(r.choices[0].text[:1])
     r = client.chat.completions.create(
         model=MODEL,

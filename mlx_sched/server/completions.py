@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -64,18 +65,23 @@ class Choice:
         return self.finish_reason is not None
 
     def feed(self, tokens: list[int], logprobs: list[float] | None) -> tuple[str, int]:
-        """Take a step's tokens one at a time (a stop string may end inside the step);
-        returns the text to emit and how many tokens were kept."""
-        out, kept = [], 0
-        for k, tok in enumerate(tokens):
-            if self.done:
-                break
-            self.token_ids.append(tok)
-            if self.want_logprobs and logprobs is not None and k < len(logprobs):
-                self.logprobs.append(float(logprobs[k]))
-            kept += 1
-            piece = self.detok.push([tok]) if self.detok else ""
-            out.append(self._cut(piece))
+        """Take a step's tokens; returns the text to emit and how many tokens were kept. With
+        stop strings one token at a time (a stop may end inside the step: the tokens after it
+        are not kept); without, the step's tokens in one piece."""
+        if self.done or not tokens:
+            return "", 0
+        if self.stops is not None:
+            out, kept = [], 0
+            for kept, tok in enumerate(tokens, 1):  # noqa: B007 (kept is used after the loop)
+                out.append(self._cut(self.detok.push([tok])))
+                if self.done:
+                    break
+        else:
+            kept = len(tokens)
+            out = [self._cut(self.detok.push(tokens) if self.detok else "")]
+        self.token_ids += tokens[:kept]
+        if self.want_logprobs and logprobs is not None:
+            self.logprobs += [float(x) for x in logprobs[:kept]]
         return "".join(out), kept
 
     def finish(self, reason: str | None) -> str:
@@ -126,7 +132,8 @@ class Generation:
             raise ApiError(400, f"n must be at most {limits.max_n}, got {n}", param="n")
         if body.stops and tokenizer is None:
             raise ApiError(400, "stop strings need a tokenizer; this model has none", "stop")
-        want_lp = bool(body.logprobs)
+        # completions: logprobs=0 asks for the chosen tokens' (OpenAI); chat: logprobs=true
+        want_lp = self.want_logprobs = body.logprobs is not None and body.logprobs is not False
         self.rids = [f"{self.id}-{i}" for i in range(len(prompts))]
         self.choices = {
             rid: [Choice(i * n + j, tokenizer, body.stops, want_lp) for j in range(n)]
@@ -235,7 +242,7 @@ class Generation:
     @property
     def wants_tokens(self) -> bool:
         """Every token matters to the client (token ids or logprobs), not only the text."""
-        return bool(self.body.return_token_ids or self.tokenizer is None or self.body.logprobs)
+        return bool(self.body.return_token_ids or self.tokenizer is None or self.want_logprobs)
 
     def _token_ids(self, choice: Choice, since: int = 0) -> dict:
         if self.body.return_token_ids or self.tokenizer is None:
@@ -243,7 +250,7 @@ class Generation:
         return {}
 
     def _logprobs(self, choice: Choice, since: int = 0, offset: int = 0) -> dict | None:
-        if not self.body.logprobs:
+        if not self.want_logprobs:
             return None
         strings = choice.token_strings()[since:]
         lps = choice.logprobs[since:]
@@ -317,16 +324,54 @@ class Generation:
 # Driving a generation from an asyncio handler
 
 
+class Dispatcher:
+    """Delivers the engine thread's events on one event loop, with one wake-up of the loop
+    per batch of events (a step produces an event per running request) rather than one per
+    event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, queue: asyncio.Queue, event) -> None:  # any thread
+        with self._lock:
+            wake = not self._pending
+            self._pending.append((queue, event))
+        if wake:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._pending = self._pending, []
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+_dispatchers: dict[asyncio.AbstractEventLoop, Dispatcher] = {}
+
+
+def dispatcher() -> Dispatcher:
+    """The running loop's Dispatcher."""
+    loop = asyncio.get_running_loop()
+    d = _dispatchers.get(loop)
+    if d is None:
+        for old in [x for x in _dispatchers if x.is_closed()]:
+            del _dispatchers[old]
+        d = _dispatchers[loop] = Dispatcher(loop)
+    return d
+
+
 class Pipe:
     """The engine thread's events for one generation, on the handler's event loop."""
 
     def __init__(self):
-        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self._dispatcher = dispatcher()
 
     def sink(self, event) -> None:  # called on the engine thread
-        with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self._dispatcher.post(self.queue, event)
 
     async def get(self):
         return await self.queue.get()
