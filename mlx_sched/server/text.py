@@ -7,6 +7,9 @@ stop strings.
   with the chat template, BOS and EOS of its `tokenizer_config.json` / `config.json`.
 - `IncrementalDetokenizer`: streamed text that never splits a multi-byte character.
 - `StopStrings`: text cut exactly before the first stop string, streamed.
+- `write_byte_tokenizer`: a `tokenizer.json` (+ `tokenizer_config.json` with the plain chat
+  template) for a framework model exported to a Hugging Face folder, so that `--hf_path`
+  serves it with the same ids and text as `--checkpoint`.
 
 The plain chat template (the byte-level models, and Hugging Face folders without a
 template) renders each message as `"<role>: <content>\\n"` and then `"assistant:"`.
@@ -39,6 +42,12 @@ def check_messages(messages) -> list[dict]:
         if not isinstance(m.get("content"), str):
             raise TextError(f"messages[{i}].content must be a string")
     return messages
+
+
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def plain_chat(messages) -> str:
@@ -188,6 +197,63 @@ def _byte_decoder() -> dict[str, int]:
             chars[chr(256 + extra)] = b
             extra += 1
     return chars
+
+
+def write_byte_tokenizer(folder: str | pathlib.Path) -> None:
+    """Write the byte-level tokenizer of the framework's models into a Hugging Face folder
+    (after `models.hf.save_model`): a byte-level BPE `tokenizer.json` with no merges whose id
+    of byte b is b, PAD / BOS / EOS as special tokens at their ids, and a
+    `tokenizer_config.json` carrying BOS, EOS and the plain chat template. Loaded by
+    `HFTokenizer` (or `transformers`), it encodes and decodes as `ByteTokenizerText`."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_char = {b: c for c, b in _byte_decoder().items()}
+    specials = {"<pad>": data.PAD, "<s>": data.BOS, "</s>": data.EOS}
+    level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": tok,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for tok, i in specials.items()
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **level},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", **level},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": {byte_char[b]: b for b in range(data.NUM_BYTE_TOKENS)},
+            "merges": [],
+        },
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "chat_template": PLAIN_CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False, indent=1))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _read_json(path: pathlib.Path) -> dict:
