@@ -83,8 +83,8 @@ def over_http(model, config, trace_path: pathlib.Path, out: pathlib.Path) -> dic
 
 def main(argv):
     del argv
-    from experiments import loadgen, serving
-    from mlx_sched.lab import workload
+    from experiments import serving
+    from mlx_sched.lab import http_load, workload
     from mlx_sched.train.data import load_corpus
 
     config = _CONFIG.value
@@ -117,7 +117,7 @@ def main(argv):
         head = f"{name} (Poisson {rate}/s)" if name == "online" and rate else name
         lines.append(f"\n-- {head}")
         for mode in ("in_process", "http"):
-            lines.append(f"{mode}:\n{loadgen.table(runs[mode][-1])}")
+            lines.append(f"{mode}:\n{http_load.table(runs[mode][-1])}")
         ratio = statistics.median(
             h["output_tok_s"] / p["output_tok_s"]
             for p, h in zip(runs["in_process"], runs["http"], strict=True)

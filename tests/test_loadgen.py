@@ -1,4 +1,4 @@
-"""The HTTP load generator (`experiments.loadgen`) against a live server, and
+"""The HTTP load generator (`lab.http_load`, `experiments.loadgen`) against a live server, and
 `experiments.bench_http` end to end (slow)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import pytest
 from flax import nnx
 
-from experiments import loadgen
+from mlx_sched.lab import http_load as loadgen
 from mlx_sched.lab.workload import TraceRequest, save_trace
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.engine import Engine
