@@ -44,6 +44,9 @@ class ServeConfig:
     native_kernels: bool = True  # native CPU decode-attention kernel when available
     packed_matmuls: bool = True  # with native_kernels: weights packed for the native matmul
     preemption: str = "recompute"  # or "swap" (KV to host memory and back)
+    # compile the KV page transfer programs at warm-up even without swap: an engine whose
+    # requests move to or from other engines (mlx_sched.cluster: migration, disaggregation)
+    kv_transfer: bool = False
     prefix_caching: bool = True
     max_copies: int = 8  # copy-on-write page copies per step
     eos_token: int = -1  # -1: none

@@ -7,7 +7,8 @@
             print(out.request_id, out.new_tokens)
 
 `generate(prompts, sampling)` does the loop for offline use; `stream(rid)`
-yields a request's tokens as they are produced.
+yields a request's tokens as they are produced. Requests move between engines with
+the `serve.handoff` methods (export, read and write KV, import, detach).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 
 from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.handoff import Handoff
 from mlx_sched.serve.interface import StepResult, StepRunner
 from mlx_sched.serve.kv_store import HostKVStore
 from mlx_sched.serve.paging import PagePool
@@ -41,7 +43,7 @@ from mlx_sched.serve.request import (
 from mlx_sched.serve.scheduler import Scheduler
 
 
-class Engine:
+class Engine(Handoff):
     KV_STATS_EVERY = 16  # exact KV-occupancy statistics cost a pass over every page: sample them
 
     def __init__(
@@ -83,6 +85,7 @@ class Engine:
         self._order = itertools.count()
         self._steps, self._kv = 0, (0, 0)
         self._stops: dict[str, frozenset[int]] = {}
+        self._imports: dict[str, list[int]] = {}  # pages reserved for requests moving here
         self.spec = None  # speculative decoding (mlx_sched.speculative), when configured
         if self.cfg.spec is not None or draft_model is not None:
             from mlx_sched.speculative.speculator import Speculator
@@ -146,6 +149,7 @@ class Engine:
         for queue in (self.sched.waiting, self.sched.running, self.sched.swapped):
             if req in queue:
                 queue.remove(req)
+        self.sched.paused.pop(request_id, None)
         for s in req.seqs:
             self.sched.free_seq(s)
             s.done = True
@@ -210,8 +214,6 @@ class Engine:
             self.store.fill(t.seq_id, *self.runner.read_pages(t.pages))
         for t in plan.swap_in:
             self.runner.write_pages(t.pages, *self.store.take(t.seq_id))
-        if plan.send or plan.receive:
-            raise NotImplementedError("this engine has no peer to send KV pages to or from")
 
     def _postprocess(self, plan: StepPlan, result: StepResult, spec=None) -> list[RequestOutput]:
         now = self.clock()

@@ -14,8 +14,9 @@ sampling the next token (slice-level batching; n = 1 is ORCA's iteration).
 KV movement around the device step is data too; the engine executes it in
 this order: `swap_out` reads pages to the host KV store, `swap_in` writes
 pages from it, then the step copies `copies` (copy-on-write) and computes.
-`send` / `receive` (pages to or from another engine) have the same form and
-are executed by a peer hook. No policy moves KV itself.
+Between engines, KV moves between steps, not inside a plan: a request's pages
+are read on one engine and written into pages reserved on another
+(`serve.handoff`, driven by `mlx_sched.cluster`). No policy moves KV itself.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ class StepPlan:
     copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst)
     swap_out: list[PageTransfer] = dataclasses.field(default_factory=list)
     swap_in: list[PageTransfer] = dataclasses.field(default_factory=list)
-    send: list[PageTransfer] = dataclasses.field(default_factory=list)
-    receive: list[PageTransfer] = dataclasses.field(default_factory=list)
     pinned: list[int] = dataclasses.field(default_factory=list)  # copy sources held for the step
     # speculative decoding's rejection rule: per sequence id, the distributions its draft
     # tokens were drawn from ([drafts, V]; sampled sequences of a draft model only)
@@ -63,7 +62,7 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.work or self.swap_out or self.swap_in or self.send or self.receive)
+        return not (self.work or self.swap_out or self.swap_in)
 
     @property
     def decodes(self) -> list[tuple[Seq, int]]:

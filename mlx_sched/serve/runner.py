@@ -2,7 +2,7 @@
 
 Every step compiles for a shape from the finite set `shapes.all_shapes(cfg)`
 (mixed steps `(D, L, Tp)`, decode slices `(D, S)`), and KV transfers for page
-counts in powers of two (only with preemption="swap"). The page-table width
+counts in powers of two (with preemption="swap" or kv_transfer). The page-table width
 is fixed (pages for the longest allowed context); the context length is not a
 bucket: paged attention's loop runs only over the chunks the longest context
 in the batch needs. `warmup()` compiles every shape; afterwards
@@ -166,6 +166,12 @@ class Runner(BatchBuilder):
         base = self.compiles_at_warmup
         return 0 if base is None else self.compiles - base
 
+    @property
+    def transfers_compiled(self) -> bool:
+        """Whether warm-up compiles the KV transfer programs (swap, or moving KV between
+        engines)."""
+        return self.cfg.preemption == "swap" or self.cfg.kv_transfer
+
     def transfer_sizes(self) -> list[int]:
         """Page counts a KV transfer compiles for (powers of two up to a whole context)."""
         out, m = [], 1
@@ -312,7 +318,7 @@ class Runner(BatchBuilder):
         workers = max(1, min(len(shapes), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             self._exe.update(pool.map(compile_one, shapes))
-        if self.cfg.preemption == "swap":
+        if self.transfers_compiled:
             for m in self.transfer_sizes():  # KV transfers: small programs, compiled in place
                 with self._counting(), jax.set_mesh(self.mesh):
                     idx = jax.device_put(np.zeros(m, np.int32), self.repl)
@@ -320,4 +326,4 @@ class Runner(BatchBuilder):
                     self.k, self.v = self._write(self.k, self.v, idx, kd, vd)
             jax.block_until_ready(self.k)
         self.compiles_at_warmup = self.compiles
-        return len(shapes) + (len(self.transfer_sizes()) if self.cfg.preemption == "swap" else 0)
+        return len(shapes) + (len(self.transfer_sizes()) if self.transfers_compiled else 0)

@@ -29,6 +29,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.swapped: list[Request] = []
+        self.paused: dict[str, Request] = {}  # holding their pages while they move elsewhere
         self.cost = StepTimeModel()  # step-time estimates for policies; the engine refits it
 
     # -- accounting ---------------------------------------------------------------
