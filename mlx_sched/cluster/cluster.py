@@ -221,9 +221,7 @@ class Cluster:
         while True:
             entry = self._entry()
             pages = -(-len(prompt) // self.serve.page_size) * sampling.n
-            pick = entry[
-                self.dispatch.choose([self.loads[i] for i in entry], pages, req.priority)
-            ]
+            pick = entry[self.dispatch.choose([self.loads[i] for i in entry], pages, req.priority)]
             (err,) = gather(
                 [
                     self.instances[pick].call(
@@ -533,7 +531,9 @@ class Cluster:
     def check(self) -> None:
         """Every live instance's page pool is consistent (tests)."""
         live = [i for i in range(len(self.instances)) if i not in self.dead]
-        for i, err in zip(live, gather([self.instances[i].call("check") for i in live])):
+        for i, err in zip(
+            live, gather([self.instances[i].call("check") for i in live]), strict=True
+        ):
             if isinstance(err, BaseException):
                 raise AssertionError(f"instance {i}: {err}")
 

@@ -8,6 +8,7 @@ chunks), so the global scheduler's code is the same for both backends.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -169,8 +170,20 @@ class InstanceServer:
         return out
 
     def check(self) -> None:
-        """The page pool's invariants (tests)."""
-        self.engine.pool.check()
+        """The page pool's invariants, and every page in use held by exactly as many live
+        sequences and hand-over reservations as its reference count says (tests)."""
+        e = self.engine
+        e.pool.check()
+        holders = collections.Counter()
+        for req in e.requests.values():
+            if not req.is_finished:
+                for s in req.seqs:
+                    holders.update(s.pages)
+        for pages in e._imports.values():
+            holders.update(pages)
+        counts = {int(p): int(c) for p, c in enumerate(e.pool.refcount) if c}
+        if counts != dict(holders):
+            raise AssertionError(f"{self.name}: page references {counts} != holders {holders}")
 
     def summary(self, wall_s: float) -> dict:
         return self.engine.summary(wall_s)

@@ -12,7 +12,9 @@ one of two ways:
 - **hand-over** (DistServe): a prefilled request, paused on its prefill instance, is
   copied whole to a decode instance and resumes there.
 
-A move is aborted cleanly, the request continuing on the source, if the destination
+A request not on the device (waiting, or swapped out) moves at once, without its KV: it
+is computed again on the destination. A move is aborted cleanly, the request continuing
+on the source, if the destination
 cannot reserve pages, if the request finishes, is aborted or preempted on the source, or
 if either instance dies; the destination's reservation is freed.
 
@@ -89,6 +91,8 @@ class Mover:
         if prog is None:
             return "the request finished or left the source"
         status, computed, preemptions = prog
+        if move.kind == "migration" and status in ("waiting", "swapped"):
+            return status, 0  # not on the device: it moves without KV
         if preemptions != move.preemptions:
             return "the request was preempted on the source"
         want = "paused" if move.kind == "handover" else "running"
@@ -122,7 +126,11 @@ class Mover:
         prog = self._progress(move)
         if isinstance(prog, str):
             return prog
-        _, computed = prog
+        status, computed = prog
+        if status in ("waiting", "swapped"):  # recomputed on the destination
+            if move.stage_end is not None or move.copied_tokens:
+                return "the request was preempted on the source"
+            return self._finish(move, 0, 0, 0)
         if move.stage_end is None:  # a new stage
             need = self._pages(move, computed)
             first = move.copied_tokens // move.page_size  # a partial page is copied again

@@ -3,12 +3,14 @@
 `ray.init()` starts a local Ray cluster by itself; `ClusterConfig.ray_address` joins an
 existing (multi-host) one, after checking within `ray_timeout_s` that it answers, so an
 unreachable address is a clear error, not a hang. The model reaches the actors as its
-config and parameters, put once in Ray's object store. KV chunks of a move go from one actor to another through the object store:
-the source's `read_kv` result is passed, unresolved, to the destination's `write_kv`.
+config and parameters, put once in Ray's object store. KV chunks of a move go from one
+actor to another through the object store: the source's `read_kv` result is passed,
+unresolved, to the destination's `write_kv`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -134,10 +136,8 @@ class RayInstance:
     def close(self) -> None:
         import ray
 
-        try:
+        with contextlib.suppress(Exception):  # already gone
             ray.kill(self.actor, no_restart=True)
-        except Exception:  # already gone
-            pass
 
 
 def start(model, serve: ServeConfig, cfg: ClusterConfig, mesh_cfg: dict):
