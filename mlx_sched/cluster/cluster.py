@@ -30,73 +30,10 @@ from mlx_sched.cluster.config import ClusterConfig
 from mlx_sched.cluster.dispatch import make_dispatch
 from mlx_sched.cluster.instance import Load, Output
 from mlx_sched.cluster.migration import MigrationPolicy, Move, Mover
+from mlx_sched.cluster.records import ClusterOutput, ClusterRequest
 from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.request import RequestError, SamplingParams, validate_prompt
-
-
-@dataclasses.dataclass
-class ClusterRequest:
-    id: str
-    prompt: list[int]
-    sampling: SamplingParams
-    client: str
-    priority: int
-    arrival: float
-    deadline: float | None
-    instance: int = -1
-    outputs: list[list[int]] = dataclasses.field(default_factory=list)
-    times: list[list[float]] = dataclasses.field(default_factory=list)
-    finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
-    finished: bool = False
-    status: str = "running"  # then "finished" / "aborted"
-    skip: list[int] = dataclasses.field(default_factory=list)  # tokens to drop after a restart
-    restarts: int = 0
-    migrations: int = 0
-    preemptions: int = 0
-    error: str | None = None
-    phase: str = "prefill"  # disaggregated: "prefill" -> "handover" -> "decode"
-
-    def metrics(self) -> dict:
-        out = {
-            "id": self.id,
-            "client": self.client,
-            "priority": self.priority,
-            "prompt_len": len(self.prompt),
-            "status": self.status,
-            "preemptions": self.preemptions,
-            "migrations": self.migrations,
-            "restarts": self.restarts,
-            "output_len": sum(map(len, self.outputs)),
-        }
-        times = [t for t in self.times if t]
-        if times:
-            first, last = min(t[0] for t in times), max(t[-1] for t in times)
-            t0 = times[0]
-            out |= {
-                "ttft": first - self.arrival,
-                "e2e": last - self.arrival,
-                "tpot": (t0[-1] - t0[0]) / (len(t0) - 1) if len(t0) > 1 else 0.0,
-                "itl": [b - a for t in times for a, b in zip(t[:-1], t[1:], strict=True)],
-                "normalized_latency": (last - self.arrival) / max(1, out["output_len"]),
-            }
-        return out
-
-
-@dataclasses.dataclass
-class ClusterOutput:
-    request_id: str
-    new_tokens: list[list[int]]
-    finished: bool
-    request: ClusterRequest = dataclasses.field(repr=False)
-
-    @property
-    def outputs(self) -> list[list[int]]:
-        return self.request.outputs
-
-    @property
-    def finish_reasons(self) -> list[str | None]:
-        return self.request.finish_reasons
 
 
 class Cluster:
@@ -130,6 +67,7 @@ class Cluster:
         self.loads: list[Load | None] = [None] * len(instances)
         self.busy = [False] * len(instances)  # has work, as of its last report
         self.dead: set[int] = set()
+        self._pending_revival: set[int] = set()  # replacements still starting
         self.moves: dict[str, Move] = {}
         self.move_log: list[dict] = []
         self.events: list[str] = []  # deaths, replacements, recoveries (logged too)
@@ -462,7 +400,7 @@ class Cluster:
         if self.cfg.on_death == "replace" and self._replace is not None:
             self.instances[i] = self._replace(i)
             self.mover.instances = self.instances
-            self._pending_revival = getattr(self, "_pending_revival", set()) | {i}
+            self._pending_revival.add(i)
             self._log(f"instance {i}: a replacement is starting")
         elif len(self.dead) == len(self.instances):
             raise ClusterError("every instance of the cluster is dead")
@@ -470,7 +408,7 @@ class Cluster:
             self._log(f"instance {i}: its capacity is removed from the cluster")
 
     def _revive(self) -> None:
-        for i in sorted(getattr(self, "_pending_revival", set())):
+        for i in sorted(self._pending_revival):
             ready = self.instances[i].ready()
             if ready is None:
                 continue

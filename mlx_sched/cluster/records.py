@@ -1,0 +1,71 @@
+"""What the global scheduler keeps of a request, and what a step returns of it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mlx_sched.serve.request import SamplingParams
+
+
+@dataclasses.dataclass
+class ClusterRequest:
+    id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    client: str
+    priority: int
+    arrival: float
+    deadline: float | None
+    instance: int = -1
+    outputs: list[list[int]] = dataclasses.field(default_factory=list)
+    times: list[list[float]] = dataclasses.field(default_factory=list)
+    finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
+    finished: bool = False
+    status: str = "running"  # then "finished" / "aborted"
+    skip: list[int] = dataclasses.field(default_factory=list)  # tokens to drop after a restart
+    restarts: int = 0
+    migrations: int = 0
+    preemptions: int = 0
+    error: str | None = None
+    phase: str = "prefill"  # disaggregated: "prefill" -> "handover" -> "decode"
+
+    def metrics(self) -> dict:
+        out = {
+            "id": self.id,
+            "client": self.client,
+            "priority": self.priority,
+            "prompt_len": len(self.prompt),
+            "status": self.status,
+            "preemptions": self.preemptions,
+            "migrations": self.migrations,
+            "restarts": self.restarts,
+            "output_len": sum(map(len, self.outputs)),
+        }
+        times = [t for t in self.times if t]
+        if times:
+            first, last = min(t[0] for t in times), max(t[-1] for t in times)
+            t0 = times[0]
+            out |= {
+                "ttft": first - self.arrival,
+                "e2e": last - self.arrival,
+                "tpot": (t0[-1] - t0[0]) / (len(t0) - 1) if len(t0) > 1 else 0.0,
+                "itl": [b - a for t in times for a, b in zip(t[:-1], t[1:], strict=True)],
+                "normalized_latency": (last - self.arrival) / max(1, out["output_len"]),
+            }
+        return out
+
+
+@dataclasses.dataclass
+class ClusterOutput:
+    request_id: str
+    new_tokens: list[list[int]]
+    finished: bool
+    request: ClusterRequest = dataclasses.field(repr=False)
+
+    @property
+    def outputs(self) -> list[list[int]]:
+        return self.request.outputs
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return self.request.finish_reasons
