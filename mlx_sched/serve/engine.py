@@ -200,8 +200,10 @@ class Engine:
         decodes, prefills = plan.decodes, plan.prefills  # as they were when the step ran
         outputs = self._postprocess(plan, result, spec)
         new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
-        host_s = (t1 - t0) + result.build_s + (time.perf_counter() - t2)
-        self._record(decodes, prefills, result, host_s, new_tokens, spec)
+        post_s = time.perf_counter() - t2
+        self._record(
+            decodes, prefills, result, (t1 - t0) + result.build_s, post_s, new_tokens, spec
+        )
         return outputs
 
     def _move_kv(self, plan: StepPlan) -> None:
@@ -316,8 +318,10 @@ class Engine:
         self.abort(req.id)
 
     def _record(
-        self, decodes, prefills, result: StepResult, host_s: float, new_tokens: int, spec=None
+        self, decodes, prefills, result: StepResult, pre_s, post_s, new_tokens: int, spec=None
     ):
+        """`pre_s`: host seconds before the tokens are stamped (schedule, batch building);
+        `post_s`: after (postprocess)."""
         self._steps += 1
         if self._steps % self.KV_STATS_EVERY == 1 or self.KV_STATS_EVERY == 1:
             self._kv = self.sched.kv_occupancy()
@@ -336,9 +340,10 @@ class Engine:
             waiting=len(self.sched.waiting),
             pages_in_use=self._kv[0],
             live_tokens=self._kv[1],
-            host_s=host_s,
+            host_s=pre_s + post_s,
             device_s=result.device_s,
             page_size=self.cfg.page_size,
+            post_s=post_s,
             **(spec.fields() if spec is not None else {}),
         )
         self._steps_kept.append(rec)

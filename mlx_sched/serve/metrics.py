@@ -43,6 +43,7 @@ class StepRecord:
     spec_proposed: int = 0  # speculative decoding: draft tokens verified this step
     spec_accepted: int = 0  # of which the target kept
     draft_s: float = 0.0  # seconds the drafter took (within host_s)
+    post_s: float = 0.0  # of host_s, the postprocess after the step's tokens were stamped
 
     @property
     def kv_live_fraction(self) -> float:
