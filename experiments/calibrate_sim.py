@@ -1,0 +1,268 @@
+"""Calibrate the simulator on the real engine and report its error on traces it was not fitted on.
+
+  python -m experiments.calibrate_sim --workdir=runs/calibrate_sim
+  python -m experiments.calibrate_sim --config=experiments/configs/calibrate_sim.py:runlocal \
+      --workdir=/tmp/cal
+
+Per model of the config: the real engine serves the fit traces (online, real time); a
+`CalibratedCost` is fitted to their step records (per compiled shape: device time, host
+time before and after the device, the gap between steps, the idle wake-up); then every
+trace, the fit's and the held-out ones, is served by the real engine and by the simulator
+with that cost, and mean / P90 TTFT and TPOT are compared. Targets (on held-out traces):
+mean within 5%, P90 within 10%; a miss is reported as one, the targets are not changed.
+With `--config.repeats=2` each held-out trace is served twice by the real engine, and the
+second run against the first shows how far the measurement itself moves.
+
+Writes calibrate_sim.json (per model: the fitted cost, its residuals, per trace the
+measured and simulated summaries and errors) and cost_<model>.json (the fitted cost, for
+`CalibratedCost.load`) to --workdir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import types
+
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import common
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", common.config_path("calibrate_sim"), "calibration config", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/calibrate_sim", "where the JSON goes")
+
+SUMMARY_KEYS = ("requests", "finished", "wall_s", "steps", "decode_steps", "ttft", "tpot")
+
+
+def make_trace(spec, model_cfg):
+    from mlx_sched.lab import workload
+
+    return workload.synthetic_trace(
+        n=spec.num_requests,
+        rate=spec.rate or None,
+        preset=spec.preset,
+        max_total=model_cfg.max_seq_len,
+        length_scale=spec.length_scale,
+        cv=spec.cv,
+        vocab=min(256, model_cfg.vocab_size),
+        seed=spec.seed,
+    )
+
+
+class CpuMeter:
+    """CPU seconds this process and every other one used while it was open (Linux
+    /proc/stat): a measurement taken while other work ran is slower than the fit expects."""
+
+    def __enter__(self):
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, wall = (b - a for a, b in zip(self._start, self._read(), strict=True))
+        self.wall_s = wall
+        self.other_cores = max(0.0, busy - own) / max(wall, 1e-9)
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            busy = 0.0
+        t = os.times()
+        return busy, t.user + t.system, time.perf_counter()
+
+
+def serve_real(model, serve_cfg, trace, runner):
+    """(summary, step records, absolute arrival times, other processes' CPU cores) of the
+    real engine on `trace`: a fresh engine on the model's warmed-up device runner."""
+    from mlx_sched.lab.replay import replay
+    from mlx_sched.serve.engine import Engine
+
+    engine = Engine(model, serve_cfg, runner=runner, warmup=False)
+    with CpuMeter() as cpu:
+        wall = replay(engine, trace)
+    arrivals = [r.arrival for r in engine.requests.values()]
+    return engine.summary(wall), engine.step_records, arrivals, cpu.other_cores
+
+
+def serve_sim(model_cfg, serve_cfg, trace, cost):
+    """(summary, step records) of the simulator with `cost` on `trace`."""
+    from mlx_sched.lab.replay import replay
+    from mlx_sched.lab.simulator import sim_engine
+
+    engine = sim_engine(model_cfg, serve_cfg, cost)
+    return engine.summary(replay(engine, trace)), engine.step_records
+
+
+def serve_sims(model_cfg, serve_cfg, trace, cost, seeds: int):
+    """The simulator's summaries with `cost`'s noise drawn from `seeds` seeds (one when it
+    has none): a noisy simulation's statistics are averaged like the real runs'."""
+    from mlx_sched.lab.calibrate import CalibratedCost
+
+    out = []
+    for seed in range(seeds if cost.noise else 1):
+        seeded = CalibratedCost.from_dict({**cost.to_dict(), "seed": cost.seed + seed})
+        out.append(serve_sim(model_cfg, serve_cfg, trace, seeded)[0])
+    return out
+
+
+def main(argv):
+    del argv
+    from flax import nnx
+
+    from mlx_sched.lab import calibrate
+    from mlx_sched.serve import metrics
+    from mlx_sched.serve.config import ServeConfig
+    from mlx_sched.serve.runner import Runner
+    from mlx_sched.train.loop import model_config
+    from models import Transformer
+
+    config = _CONFIG.value
+    workdir = common.claim_workdir(_WORKDIR.value)
+    serve_cfg = ServeConfig.from_dict(config.serve.to_dict())
+    fit_traces = [types.SimpleNamespace(**t) for t in config.fit_traces]
+    eval_traces = [types.SimpleNamespace(**t) for t in config.eval_traces]
+    specs = [*fit_traces, *eval_traces]
+    if len({s.name for s in specs}) < len(specs):
+        raise common.ConfigError("calibrate_sim: two traces share a name")
+    if config.repeats < 1:
+        raise common.ConfigError(f"calibrate_sim: repeats must be >= 1, got {config.repeats}")
+    out, results, loads, other = {}, [], [], []
+    for name, section in config.models.items():
+        model_cfg = model_config(section)
+        model = Transformer(model_cfg, nnx.Rngs(0))
+        runner = Runner(model, serve_cfg)
+        logging.info("%s: warm-up compiled %d shapes", name, runner.warmup())
+        traces = {s.name: make_trace(s, model_cfg) for s in specs}
+        runs = {s.name: [] for s in specs}
+        # the fit's runs and the held-out ones alternate, so that a drift of the machine's
+        # speed over the session reaches both alike
+        for rep in range(config.repeats):
+            for spec in specs:
+                logging.info("%s: real engine on %s (run %d)", name, spec.name, rep + 1)
+                runs[spec.name].append(serve_real(model, serve_cfg, traces[spec.name], runner))
+                other.append(runs[spec.name][-1][3])
+        fit_runs = [run[1] for s in fit_traces for run in runs[s.name]]
+        fit_arrivals = [run[2] for s in fit_traces for run in runs[s.name]]
+        cost = calibrate.fit_cost(
+            fit_runs,
+            fit_arrivals,
+            min_count=config.sim.min_count,
+            noise=config.sim.noise,
+            seed=config.sim.seed,
+        )
+        cost.save(workdir / f"cost_{name}.json")
+        fit_shapes = {(r.kind, tuple(r.shape)) for run in fit_runs for r in run}
+        model_out = {
+            "cost": cost.to_dict(),
+            "residuals_on_fit": calibrate.residuals(cost, [r for run in fit_runs for r in run]),
+            "traces": {},
+        }
+        for spec in specs:
+            held_out = spec in eval_traces
+            real_runs = runs[spec.name]
+            real = calibrate.mean_summary([run[0] for run in real_runs])
+            sims = serve_sims(model_cfg, serve_cfg, traces[spec.name], cost, config.sim.seeds)
+            sim = calibrate.mean_summary(sims)
+            rows = calibrate.compare(real, sim)
+            # the mechanics check: the first run's own step times, replayed
+            summary, recs, arrivals, _ = real_runs[0]
+            replayed, sim_recs = serve_sim(
+                model_cfg,
+                serve_cfg,
+                traces[spec.name],
+                calibrate.RecordedCost(recs, arrivals, cost),
+            )
+            same = calibrate.same_steps(recs, sim_recs)
+            replay_rows = calibrate.compare(summary, replayed)
+            shapes = {(r.kind, tuple(r.shape)) for run in real_runs for r in run[1]}
+            load = {
+                "model": name,
+                "trace": spec.name,
+                "speed": [calibrate.step_time_ratio(cost, run[1]) for run in real_runs],
+                "speed_mixed": [
+                    calibrate.step_time_ratio(cost, run[1], "mixed") for run in real_runs
+                ],
+                "speed_decode": [
+                    calibrate.step_time_ratio(cost, run[1], "decode") for run in real_runs
+                ],
+                "replay_same_steps": f"{same}/{len(recs)}",
+                "replay_error": max(abs(r["error"]) for r in replay_rows),
+            }
+            loads.append(load)
+            model_out["traces"][spec.name] = {
+                "held_out": held_out,
+                "spec": vars(spec),
+                "real_runs": [{k: run[0][k] for k in SUMMARY_KEYS} for run in real_runs],
+                "real": real,
+                "sim_runs": [{k: s[k] for k in SUMMARY_KEYS} for s in sims],
+                "sim": sim,
+                "errors": rows,
+                "shapes_not_in_fit": [f"{k}{list(d)}" for k, d in sorted(shapes - fit_shapes)],
+                "other_processes_cores": [run[3] for run in real_runs],
+                "load": load,
+                "recorded_replay_errors": replay_rows,
+            }
+            label = spec.name if held_out else f"{spec.name} (fitted on)"
+            results.append({"model": name, "trace": label, "rows": rows, "held_out": held_out})
+        out[name] = model_out
+    held = [(res, r) for res in results if res["held_out"] for r in res["rows"]]
+    missed = [
+        f"{res['model']}/{res['trace']} {r['stat']} {r['metric'].upper()} "
+        f"({100 * r['error']:+.1f}%, target {100 * r['target']:.0f}%)"
+        for res, r in held
+        if not r["ok"]
+    ]
+    print(
+        f"\n== simulator vs real engine: mean and P90 TTFT / TPOT; measured = the mean of "
+        f"{config.repeats} real run(s) per trace"
+    )
+    print(calibrate.error_table(results))
+    print(f"\nheld-out targets met: {len(held) - len(missed)}/{len(held)}")
+    for m in missed:
+        print(f"MISSED: {m}")
+    print(
+        "\n== per trace: the machine's speed during each real run (its steps' measured / fitted "
+        "time: all, mixed steps, slices), and the mechanics check (the simulator replaying run 1's "
+        "own step times: steps identical, largest latency error)"
+    )
+    print("| model | trace | measured / fitted | mixed | slices | replay: same steps | error |")
+    print("|---|---|---|---|---|---:|---:|")
+    for ld in loads:
+        speed = [
+            " ".join(f"x{v:.2f}" for v in ld[k]) for k in ("speed", "speed_mixed", "speed_decode")
+        ]
+        print(
+            f"| {ld['model']} | {ld['trace']} | {' | '.join(speed)} | {ld['replay_same_steps']} | "
+            f"{100 * ld['replay_error']:.2f}% |"
+        )
+    print()
+    for name, model_out in out.items():
+        for kind, res in model_out["residuals_on_fit"].items():
+            print(
+                f"{name} {kind} steps: summed device time {100 * res['device_sum_error']:+.1f}%, "
+                f"summed host time {100 * res['host_sum_error']:+.1f}%, one step's device time "
+                f"median |error| {100 * res['device_median_abs_error']:.1f}% (fit traces)"
+            )
+    print(
+        f"other processes during the real runs: {max(other):.2f} CPU cores at most, "
+        f"{sum(other) / len(other):.2f} on average"
+    )
+    out["summary"] = {
+        "held_out_met": len(held) - len(missed),
+        "held_out_total": len(held),
+        "missed": missed,
+        "other_processes_cores_max": max(other),
+    }
+    metrics.write_json(workdir / "calibrate_sim.json", out)
+    print(f"\nJSON in {workdir}: calibrate_sim.json, cost_<model>.json")
+
+
+if __name__ == "__main__":
+    common.run(main)
