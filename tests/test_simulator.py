@@ -160,7 +160,7 @@ def test_commit_keeps_the_tokens_the_token_by_token_rule_keeps(seed):
         want, reason, computed = _commit_by_token(tokens0, p0, n, samples, sequential, stops, limit)
         new = {}
         e._commit(seq, n, samples, None, sequential, new, 1.0)
-        assert seq.tokens == tokens0 + want and new[seq.id] == want
+        assert seq.tokens == tokens0 + want and new[seq] == want
         assert seq.token_times[-len(want) :] == [1.0] * len(want) if want else True
         assert (seq.done, seq.finish_reason) == (reason is not None, reason)
         assert seq.num_computed == computed

@@ -217,7 +217,7 @@ class Engine:
 
     def _postprocess(self, plan: StepPlan, result: StepResult, spec=None) -> list[RequestOutput]:
         now = self.clock()
-        new: dict[str, list[int]] = {}
+        new: dict[Seq, list[int]] = {}  # this step's new tokens per sequence
         logps = result.logprobs or [None] * len(plan.work)
         for (seq, n), samples, lp in zip(plan.work, result.samples, logps, strict=True):
             self._commit(seq, n, samples, lp, plan.as_slice, new, now)
@@ -266,7 +266,7 @@ class Engine:
         stops = self._stop_set(seq)
         if stops and not stops.isdisjoint(taken[:k]):
             k, reason = next(i for i, t in enumerate(taken) if t in stops) + 1, "stop"
-        appended = new.setdefault(seq.id, [])
+        appended = new.setdefault(seq, [])
         if k:
             kept = taken[:k]
             seq.tokens.extend(kept)
@@ -300,7 +300,7 @@ class Engine:
         self.policy.on_finish(req, now)
 
     def _output(self, req: Request, new) -> RequestOutput | None:
-        toks = [new.get(s.id, []) for s in req.seqs]
+        toks = [new.get(s, []) for s in req.seqs]
         finished = req.is_finished
         if not finished and not any(toks):
             return None

@@ -167,7 +167,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status in (Status.FINISHED, Status.ABORTED)
+        return self.status is Status.FINISHED or self.status is Status.ABORTED
 
     @property
     def fcfs_key(self) -> tuple[float, int]:

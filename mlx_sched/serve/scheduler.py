@@ -84,7 +84,10 @@ class Scheduler:
         first, last = start // Z, (start + num_tokens - 1) // Z
         new = max(0, last + 1 - len(pages))
         refcount = pool.refcount
-        shared = [i for i in range(first, min(last + 1, len(pages))) if refcount[pages[i]] > 1]
+        if first == last < len(pages):  # one page (a decode, mostly): no list to build
+            shared = [first] if refcount[pages[first]] > 1 else []
+        else:
+            shared = [i for i in range(first, min(last + 1, len(pages))) if refcount[pages[i]] > 1]
         self.cow_limited = False
         if new + len(shared) > pool.num_available:
             return False
