@@ -3,23 +3,33 @@
   python -m experiments.calibrate_sim --workdir=runs/calibrate_sim
   python -m experiments.calibrate_sim --config=experiments/configs/calibrate_sim.py:runlocal \
       --workdir=/tmp/cal
+  python -m experiments.calibrate_sim --workdir=runs/cal8 --config.repeats=8   # tighter
 
-Per model of the config: the real engine serves the fit traces (online, real time); a
-`CalibratedCost` is fitted to their step records (per compiled shape: device time, host
-time before and after the device, the gap between steps, the idle wake-up); then every
-trace, the fit's and the held-out ones, is served by the real engine and by the simulator
-with that cost, and mean / P90 TTFT and TPOT are compared. Targets (on held-out traces):
-mean within 5%, P90 within 10%; a miss is reported as one, the targets are not changed.
-With `--config.repeats=2` each held-out trace is served twice by the real engine, and the
-second run against the first shows how far the measurement itself moves.
+Per model of the config (a dense one and an MoE one), on one warmed-up device runner:
 
-Writes calibrate_sim.json (per model: the fitted cost, its residuals, per trace the
-measured and simulated summaries and errors) and cost_<model>.json (the fitted cost, for
-`CalibratedCost.load`) to --workdir.
+1. the real engine serves every trace, fit and held-out ones, `repeats` times, in rounds
+   (online, real time; a fresh engine per run);
+2. a `CalibratedCost` is fitted to the fit traces' step records (per compiled shape: device
+   time, host time before and after the device, the gap between steps, the idle wake-up,
+   and with `sim.noise` the machine's speed drift and the steps' spread);
+3. the simulator serves every trace with it (`sim.seeds` seeds when noisy), and mean / P90
+   TTFT and TPOT, averaged over the runs, are compared with the real engine's.
+
+Targets, on the held-out traces: mean within 5%, P90 within 10%. A miss is printed as one;
+the targets are not changed. Beside each measured figure: how much the real runs of that
+trace differed among themselves (on a shared 2-core machine, often more than the targets),
+and per run the machine's speed (measured / fitted time of the run's own steps). A
+mechanics check replays each trace's first real run with its own measured step times:
+the simulator should then step as the engine did.
+
+Writes calibrate_sim.json (per model: the fitted cost, its residuals, per trace the real
+runs' and simulations' summaries, errors, speeds) and cost_<model>.json (the fitted cost,
+for `CalibratedCost.load`, e.g. `bench_simulator --cost=`) to --workdir.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -85,6 +95,7 @@ def serve_real(model, serve_cfg, trace, runner):
     from mlx_sched.serve.engine import Engine
 
     engine = Engine(model, serve_cfg, runner=runner, warmup=False)
+    gc.collect()  # not the previous run's garbage, collected during this one
     with CpuMeter() as cpu:
         wall = replay(engine, trace)
     arrivals = [r.arrival for r in engine.requests.values()]
@@ -142,9 +153,11 @@ def main(argv):
         traces = {s.name: make_trace(s, model_cfg) for s in specs}
         runs = {s.name: [] for s in specs}
         # the fit's runs and the held-out ones alternate, so that a drift of the machine's
-        # speed over the session reaches both alike
+        # speed over the session reaches both alike; each round starts one trace later, so
+        # that no trace always follows the same one
         for rep in range(config.repeats):
-            for spec in specs:
+            k = rep % len(specs)
+            for spec in specs[k:] + specs[:k]:
                 logging.info("%s: real engine on %s (run %d)", name, spec.name, rep + 1)
                 runs[spec.name].append(serve_real(model, serve_cfg, traces[spec.name], runner))
                 other.append(runs[spec.name][-1][3])

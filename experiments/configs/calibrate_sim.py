@@ -5,13 +5,13 @@ Variants:
   default   a dense model and an MoE model (d_model 128, 2 layers: serve.py's decode_small
             sizes; the MoE one has 4 top-1 experts in its second layer), fitted on a
             ShareGPT-like Poisson trace and a burst, checked on four other traces
-            (rates 15-150 req/s; short, heavy-tailed and bursty, prefill-heavy, decode-heavy)
+            (10-60 req/s: short; heavy-tailed and bursty; prefill-heavy; decode-heavy)
   runlocal  the same with tiny models and short traces (tests)
 
   python -m experiments.calibrate_sim --workdir=runs/calibrate_sim
   python -m experiments.calibrate_sim --config=experiments/configs/calibrate_sim.py:runlocal \
       --workdir=/tmp/cal
-  python -m experiments.calibrate_sim --workdir=runs/cal --config.repeats=2  # + real-vs-real
+  python -m experiments.calibrate_sim --workdir=runs/cal8 --config.repeats=8  # tighter
 
 A trace is `dict(name, preset, rate, num_requests, length_scale, cv, seed)` for
 `lab.workload.synthetic_trace` (rate 0: every request at t=0; cv != 1: Gamma arrivals).
@@ -71,6 +71,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         c.models.dense.update(d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=128)
         c.models.moe.update(d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=128)
         c.serve.update(num_pages=128, max_seqs=8, token_budget=32, slice_len=4)
+        c.repeats = 2
+        c.sim.seeds = 2
         c.fit_traces = [
             trace("fit_sharegpt_r40", "sharegpt", 40, 24, 0.1, seed=1),
             trace("fit_burst", "sharegpt", 0, 12, 0.1, seed=2),
