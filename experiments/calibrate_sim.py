@@ -24,7 +24,9 @@ the simulator should then step as the engine did.
 
 Writes calibrate_sim.json (per model: the fitted cost, its residuals, per trace the real
 runs' and simulations' summaries, errors, speeds) and cost_<model>.json (the fitted cost,
-for `CalibratedCost.load`, e.g. `bench_simulator --cost=`) to --workdir.
+for `CalibratedCost.load`, e.g. `bench_simulator --cost=`) to --workdir; with
+`--config.save_runs` also runs_<model>.pkl: every real run's (summary, step records,
+arrival times, other processes' cores, add times) per trace, to refit offline.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import pickle
 import time
 import types
 
@@ -89,17 +92,25 @@ class CpuMeter:
 
 
 def serve_real(model, serve_cfg, trace, runner):
-    """(summary, step records, absolute arrival times, other processes' CPU cores) of the
-    real engine on `trace`: a fresh engine on the model's warmed-up device runner."""
+    """(summary, step records, absolute arrival times, other processes' CPU cores, times the
+    requests were added at) of the real engine on `trace`: a fresh engine on the model's
+    warmed-up device runner."""
     from mlx_sched.lab.replay import replay
     from mlx_sched.serve.engine import Engine
 
     engine = Engine(model, serve_cfg, runner=runner, warmup=False)
+    added, add = [], engine.add_request
+
+    def add_timed(*args, **kwargs):  # where the loop looked for arrivals (the replay check)
+        added.append(engine.clock())
+        return add(*args, **kwargs)
+
+    engine.add_request = add_timed
     gc.collect()  # not the previous run's garbage, collected during this one
     with CpuMeter() as cpu:
         wall = replay(engine, trace)
     arrivals = [r.arrival for r in engine.requests.values()]
-    return engine.summary(wall), engine.step_records, arrivals, cpu.other_cores
+    return engine.summary(wall), engine.step_records, arrivals, cpu.other_cores, added
 
 
 def serve_sim(model_cfg, serve_cfg, trace, cost):
@@ -161,6 +172,9 @@ def main(argv):
                 logging.info("%s: real engine on %s (run %d)", name, spec.name, rep + 1)
                 runs[spec.name].append(serve_real(model, serve_cfg, traces[spec.name], runner))
                 other.append(runs[spec.name][-1][3])
+        if config.save_runs:  # every real run's step records, to refit offline
+            with open(workdir / f"runs_{name}.pkl", "wb") as f:
+                pickle.dump(runs, f)
         fit_runs = [run[1] for s in fit_traces for run in runs[s.name]]
         fit_arrivals = [run[2] for s in fit_traces for run in runs[s.name]]
         cost = calibrate.fit_cost(
@@ -185,12 +199,12 @@ def main(argv):
             sim = calibrate.mean_summary(sims)
             rows = calibrate.compare(real, sim)
             # the mechanics check: the first run's own step times, replayed
-            summary, recs, arrivals, _ = real_runs[0]
+            summary, recs, arrivals, _, added = real_runs[0]
             replayed, sim_recs = serve_sim(
                 model_cfg,
                 serve_cfg,
                 traces[spec.name],
-                calibrate.RecordedCost(recs, arrivals, cost),
+                calibrate.RecordedCost(recs, arrivals, cost, added),
             )
             same = calibrate.same_steps(recs, sim_recs)
             replay_rows = calibrate.compare(summary, replayed)

@@ -180,14 +180,27 @@ def test_calibrated_cost_round_trips_through_json(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["mixed_base"]["16,1,128"] == 3.5e-3
 
 
-def test_simulate_is_predict_plus_gap_and_wake():
+def test_simulate_is_predict_plus_the_gap():
     row = calibrate.StepRow("decode", (16, 4), 5, 20, 0, 0, 5, 400, 4, 0, 0, 0)
     before, device, after = TRUE.predict(row)
     shape = Shape("decode", 16, S=4)
     got = TRUE.simulate(shape, 5, 20, 0, 0, 5, 400, 4, False)
     assert got == pytest.approx((before, device, after + TRUE.gap_s))
-    woke = dataclasses.replace(TRUE, wake_s=1e-3).simulate(shape, 5, 20, 0, 0, 5, 400, 4, True)
-    assert woke[0] == pytest.approx(before + 1e-3)
+    assert TRUE.simulate(shape, 5, 20, 0, 0, 5, 400, 4, True) == got  # the clock woke it
+
+
+def test_an_idle_engine_notices_arrivals_a_wake_up_late_and_takes_them_together():
+    mc = ModelConfig(max_seq_len=256)
+    cfg = ServeConfig(page_size=8, num_pages=64, max_seqs=4, token_budget=32, history=-1)
+    cost = dataclasses.replace(TRUE, wake_s=1e-3)
+    trace = [workload.TraceRequest(a, [1] * 8, 4) for a in (1.0, 1.0005, 1.002)]
+    e = sim_engine(mc, cfg, cost)
+    replay(e, trace)
+    first = e.step_records[0]
+    assert first.num_prefill_seqs == 2  # the second arrived while the engine woke up
+    starts = [r.first_scheduled for r in e.requests.values()]
+    assert starts[0] == starts[1] == pytest.approx(1.001)
+    assert starts[2] > first.t
 
 
 def test_noise_averages_to_the_fit_per_step():

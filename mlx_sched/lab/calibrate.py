@@ -129,7 +129,7 @@ class CalibratedCost:
     host_before: dict[str, tuple[float, float, float]]
     host_after: dict[str, tuple[float, float, float]]
     gap_s: float = 0.0  # from one busy step's end to the next one's start
-    wake_s: float = 0.0  # from an arrival at an idle engine to its step's start
+    wake_s: float = 0.0  # from an arrival at an idle engine to its step's start (the clock's)
     # quantiles of the noise ratios (`device_noise`): "slow" per window of `noise_window_s`
     # busy seconds, "mixed" / "decode" per step; empty: deterministic
     noise: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
@@ -180,7 +180,7 @@ class CalibratedCost:
             ctx = n * decode_ctx + decode_tokens * (n * (n - 1) // 2)
             device = self.slice_device(shape.D, n, ctx)
         a, b, c = self.host_before[kind]
-        before = a + b * entries + c * prefill_tokens + (self.wake_s if woke else 0.0)
+        before = a + b * entries + c * prefill_tokens
         a, b, c = self.host_after[kind]
         # the gap (bookkeeping, the driver's loop) follows the step: arrivals are looked at
         # early in it, as the real loop does
@@ -194,6 +194,10 @@ class CalibratedCost:
             before, after = before * slow, after * slow
             self._busy += before + device + after
         return before, device, after
+
+    def wake_time(self) -> float:
+        """Seconds an idle engine takes to notice an arrival (`SimClock.advance_to`)."""
+        return self.wake_s
 
     def predict(self, row: StepRow) -> tuple[float, float, float]:
         """`simulate` for a measured step's features (the mean, without noise)."""
@@ -252,37 +256,49 @@ class RecordedCost:
 
     Step i of the simulation takes step i's measured host and device seconds, then the
     measured gap to the next step (or, when the engine idled, the next step waits for the
-    measured wake-up from the arrival that woke it).
-    Served the same trace, the simulator must step as the real engine did: same kinds,
-    shapes and batch composition, step for step, and nearly the same latencies; what a
-    `CalibratedCost` loses beyond that is its model of step time. (An arrival that falls
-    within microseconds of where the real loop looked for arrivals can be seen one step
-    earlier or later; from there on the replay drifts, and steps past the recorded ones take
-    `fallback`'s times.)"""
+    measured wake-up from the arrival that woke it). Served the same trace, the simulator
+    must step as the real engine did: same kinds, shapes and batch composition, step for
+    step, and nearly the same latencies; what a `CalibratedCost` loses beyond that is its
+    model of step time.
 
-    def __init__(self, records: Sequence, arrivals: Sequence[float], fallback=None):
+    Where in a gap the real loop looked for arrivals is known only where it added some:
+    `added` (the wall times requests were added at) places it there, else at the step's
+    end. An arrival within microseconds of that point can still be seen one step earlier
+    or later; from there on the replay drifts, and steps past the recorded ones take
+    `fallback`'s times."""
+
+    def __init__(self, records: Sequence, arrivals: Sequence[float], fallback=None, added=()):
         self.fallback = fallback
-        arr = sorted(arrivals)
-        lead, wake, gap = [0.0] * len(records), [0.0] * len(records), [0.0] * len(records)
+        arr, added = sorted(arrivals), sorted(added)
+        n = len(records)
+        lead, woke_lead, wake, after = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
         for i, rec in enumerate(records):
             start = rec.t - rec.host_s - rec.device_s
-            if i == 0:  # from the first arrival (a burst's adds included)
-                lead[0] = wake[0] = max(0.0, start - arr[0]) if arr else 0.0
-                continue
-            prev = records[i - 1]
-            if prev.running + prev.waiting > 0:
-                gap[i - 1] = start - prev.t
-            j = bisect.bisect_right(arr, prev.t)
-            if j < len(arr):
-                wake[i] = max(0.0, start - max(arr[j], prev.t))
+            after[i] += rec.post_s
+            prev_t = records[i - 1].t if i else -float("inf")
+            k = bisect.bisect_right(added, prev_t)
+            top = added[k] if k < len(added) and added[k] < start else None  # first add
+            j = bisect.bisect_right(arr, prev_t)
+            if i == 0 or records[i - 1].running + records[i - 1].waiting == 0:  # woke up
+                first = arr[j] if j < len(arr) else start
+                noticed = start if top is None else top
+                wake[i] = max(0.0, noticed - max(first, prev_t))
+                woke_lead[i] = lead[i] = start - noticed
+                if i == 0:  # not woken (a burst at t=0): from the first arrival
+                    lead[0] = max(0.0, start - arr[0]) if arr else 0.0
+            elif top is None:  # the loop looked right after the step ended
+                lead[i] = start - prev_t
+            else:  # it looked where it added the first request
+                after[i - 1] += top - prev_t
+                lead[i] = start - top
         self.steps = [
-            (lead[i], wake[i], r.host_s - r.post_s, r.device_s, r.post_s + gap[i])
+            (lead[i], woke_lead[i], wake[i], r.host_s - r.post_s, r.device_s, after[i])
             for i, r in enumerate(records)
         ]
         self.i = 0
 
     def simulate(self, shape, *features) -> tuple[float, float, float]:
-        """`CalibratedCost.simulate`'s signature; the features (the last: woke) are ignored."""
+        """`CalibratedCost.simulate`'s signature; of the features only the last (woke) counts."""
         woke = features[-1]
         if self.i >= len(self.steps):
             if self.fallback is None:
@@ -290,9 +306,15 @@ class RecordedCost:
                     f"the simulation ran more steps than the {len(self.steps)} recorded"
                 )
             return self.fallback.simulate(shape, *features)
-        lead, wake, before, device, after = self.steps[self.i]
+        lead, woke_lead, _, before, device, after = self.steps[self.i]
         self.i += 1
-        return before + (wake if woke else lead), device, after
+        return before + (woke_lead if woke else lead), device, after
+
+    def wake_time(self) -> float:
+        """The next step's measured wake-up (`SimClock.advance_to`)."""
+        if self.i < len(self.steps):
+            return self.steps[self.i][2]
+        return self.fallback.wake_time() if self.fallback is not None else 0.0
 
 
 # ---------------------------------------------------------------------------

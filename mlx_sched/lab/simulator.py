@@ -20,6 +20,7 @@ A simulated step, as the real engine's: the host schedules and builds the batch
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -36,13 +37,16 @@ class SimClock:
     """Virtual seconds; the simulated device advances it, idle replays jump it.
 
     `pending` is host time the engine still spends after the current instant (a step's
-    postprocess): the next simulated step, `settle()` or `advance_to()` adds it. `woke` says
-    that the last `advance_to` jumped over idle time (the next step pays a wake-up)."""
+    postprocess): the next simulated step, `settle()` or `advance_to()` adds it. An idle
+    engine notices an arrival `wake()` seconds late (the runner sets it from its cost: a
+    real loop sleeps and wakes up), so arrivals within that time join the same step; `woke`
+    says that the last `advance_to` jumped over idle time."""
 
     def __init__(self, start: float = 0.0):
         self.now = start
         self.pending = 0.0
         self.woke = False
+        self.wake: Callable[[], float] | None = None
 
     def __call__(self) -> float:
         return self.now
@@ -58,7 +62,7 @@ class SimClock:
     def advance_to(self, t: float) -> None:
         self.settle()
         if t > self.now:
-            self.now, self.woke = t, True
+            self.now, self.woke = t + (self.wake() if self.wake is not None else 0.0), True
 
 
 @dataclasses.dataclass
@@ -84,6 +88,7 @@ class SimRunner:
     ):
         self.cfg, self.model_cfg, self.clock = cfg, model_cfg, clock
         self.cost = cost or StepTimeModel()
+        clock.wake = getattr(self.cost, "wake_time", None)
         self.max_len = cfg.max_len(model_cfg.max_seq_len)
         self.rng = np.random.default_rng(seed)
         # ids from the upper half of the vocabulary: never a byte-level stop token
