@@ -8,7 +8,9 @@
 Per model of the config (a dense one and an MoE one), on one warmed-up device runner:
 
 1. the real engine serves every trace, fit and held-out ones, `repeats` times, in rounds
-   (online, real time; a fresh engine per run);
+   (online, real time; a fresh engine per run); a run during which other processes used
+   more than `max_other_cores` CPU cores (/proc/stat) is measured again, up to `retries`
+   times (a CI job starting next to it makes steps twice as slow);
 2. a `CalibratedCost` is fitted to the fit traces' step records (per compiled shape: device
    time, host time before and after the device, the gap between steps, the idle wake-up,
    and with `sim.noise` the machine's speed drift and the steps' spread);
@@ -155,7 +157,7 @@ def main(argv):
         raise common.ConfigError("calibrate_sim: two traces share a name")
     if config.repeats < 1:
         raise common.ConfigError(f"calibrate_sim: repeats must be >= 1, got {config.repeats}")
-    out, results, loads, other = {}, [], [], []
+    out, results, loads, other, retried = {}, [], [], [], 0
     for name, section in config.models.items():
         model_cfg = model_config(section)
         model = Transformer(model_cfg, nnx.Rngs(0))
@@ -170,7 +172,17 @@ def main(argv):
             k = rep % len(specs)
             for spec in specs[k:] + specs[:k]:
                 logging.info("%s: real engine on %s (run %d)", name, spec.name, rep + 1)
-                runs[spec.name].append(serve_real(model, serve_cfg, traces[spec.name], runner))
+                tries = []
+                while len(tries) <= config.retries:  # again while other processes were busy
+                    tries.append(serve_real(model, serve_cfg, traces[spec.name], runner))
+                    if tries[-1][3] <= config.max_other_cores:
+                        break
+                    logging.warning(
+                        "%s on %s: other processes used %.2f CPU cores; measuring again",
+                        name, spec.name, tries[-1][3],
+                    )  # fmt: skip
+                retried += len(tries) - 1
+                runs[spec.name].append(min(tries, key=lambda run: run[3]))
                 other.append(runs[spec.name][-1][3])
         if config.save_runs:  # every real run's step records, to refit offline
             with open(workdir / f"runs_{name}.pkl", "wb") as f:
@@ -277,15 +289,19 @@ def main(argv):
                 f"summed host time {100 * res['host_sum_error']:+.1f}%, one step's device time "
                 f"median |error| {100 * res['device_median_abs_error']:.1f}% (fit traces)"
             )
+    busy = sum(o > config.max_other_cores for o in other)
     print(
-        f"other processes during the real runs: {max(other):.2f} CPU cores at most, "
-        f"{sum(other) / len(other):.2f} on average"
+        f"other processes during the real runs kept: {max(other):.2f} CPU cores at most, "
+        f"{sum(other) / len(other):.2f} on average; {retried} run(s) measured again because "
+        f"they used more than {config.max_other_cores:g}"
+        + (f"; {busy} kept run(s) still above it (the machine stayed busy)" if busy else "")
     )
     out["summary"] = {
         "held_out_met": len(held) - len(missed),
         "held_out_total": len(held),
         "missed": missed,
         "other_processes_cores_max": max(other),
+        "runs_measured_again": retried,
     }
     metrics.write_json(workdir / "calibrate_sim.json", out)
     print(f"\nJSON in {workdir}: calibrate_sim.json, cost_<model>.json")

@@ -68,6 +68,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.sim = dict(noise=True, min_count=3, seed=0, seeds=5)
     c.repeats = 3  # real runs per trace (alternating with the fit's), averaged
     c.save_runs = False  # also write every real run's step records (runs_<model>.pkl)
+    # a run during which other processes used more CPU cores than this is measured again
+    # (up to `retries` times; the least disturbed one is kept)
+    c.max_other_cores = 0.25
+    c.retries = 2
     if arg == "runlocal":
         c.models.dense.update(d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=128)
         c.models.moe.update(d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=128)
