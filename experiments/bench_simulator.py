@@ -37,6 +37,10 @@ _RUNS = flags.DEFINE_integer("runs", 3, "repetitions (best and median are report
 _COST = flags.DEFINE_string("cost", "", "a CalibratedCost JSON (default: the prior)")
 _WORKDIR = flags.DEFINE_string("workdir", "", "where bench_simulator.json goes (optional)")
 _PROFILE = flags.DEFINE_bool("profile", False, "print the top functions of one run (cProfile)")
+_BASELINE = flags.DEFINE_string(
+    "baseline", "", "another checkout of the repository (e.g. `git archive` of an older "
+    "commit) to time on the same trace, prior device only; its simulation must agree"
+)  # fmt: skip
 
 TARGET_REQUESTS, TARGET_INSTANCES, TARGET_S = 1_000_000, 16, 60.0
 VIDUR_US_PER_BATCH = (140.0, 170.0)  # Vidur on this machine (the issue's figure)
@@ -46,6 +50,51 @@ def heavy_trace(n: int, rate: float, seed: int = 0):
     from mlx_sched.lab import workload
 
     return workload.synthetic_trace(n, rate, "sharegpt", max_total=2048, seed=seed)
+
+
+# the baseline's run, in its own interpreter and tree, through the API that has not changed
+BASELINE_SCRIPT = """
+import json, sys, time
+from mlx_sched.lab import workload
+from mlx_sched.lab.replay import replay
+from mlx_sched.lab.simulator import SimClock, SimModel, SimRunner
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.engine import Engine
+from models import ModelConfig
+n, rate, S, max_seqs, runs = json.loads(sys.argv[1])
+trace = workload.synthetic_trace(n, rate, "sharegpt", max_total=2048, seed=0)
+mc = ModelConfig(max_seq_len=2048)
+cfg = ServeConfig(page_size=16, num_pages=max_seqs * 2048 // 16 + 1, max_seqs=max_seqs,
+                  token_budget=512, slice_len=S)
+walls = []
+for _ in range(runs):
+    clock = SimClock()
+    engine = Engine(SimModel(mc), cfg, runner=SimRunner(mc, cfg, clock), clock=clock)
+    t0 = time.perf_counter()
+    simulated = replay(engine, trace)
+    walls.append(time.perf_counter() - t0)
+print(json.dumps(dict(walls=walls, steps=engine._steps, simulated_s=simulated,
+                      output_tokens=engine.totals.output_tokens)))
+"""
+
+
+def baseline_walls(tree: str, n: int, rate: float, S: int, max_seqs: int, runs: int) -> dict:
+    """The baseline checkout's wall times (and what it simulated) on the same trace."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": tree, "JAX_PLATFORMS": "cpu"}
+    args = json.dumps([n, rate, S, max_seqs, runs])
+    out = subprocess.run(
+        [sys.executable, "-c", BASELINE_SCRIPT, args],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def simulate_once(trace, slice_len: int, max_seqs: int, cost_path: str) -> dict:
@@ -136,6 +185,24 @@ def main(argv):
             f"instances of {TARGET_REQUESTS // TARGET_INSTANCES:,} (60 s needs {need_one:,.0f} "
             f"req/s in one process, {need_each:,.0f} per instance in parallel)"
         )
+    if _BASELINE.value:
+        if _COST.value:
+            raise common.ConfigError("--baseline times the prior device only: drop --cost")
+        print(f"\nthe same trace on the baseline {_BASELINE.value} (median of {_RUNS.value}):")
+        for S, row in results.items():
+            base = baseline_walls(
+                _BASELINE.value, _REQUESTS.value, _RATE.value, S, _MAX_SEQS.value, _RUNS.value
+            )
+            same = base["steps"] == row["steps"] and base["output_tokens"] == row["output_tokens"]
+            same = same and abs(base["simulated_s"] - row["simulated_s"]) < 1e-6
+            med = statistics.median(base["walls"])
+            row["baseline"] = {**base, "speedup": med / row["wall_s_median"], "same": same}
+            print(
+                f"slice_len={S}: baseline {1e6 * med / row['batches']:.1f} us per batch, this "
+                f"tree {row['us_per_batch'][1]:.1f}: {med / row['wall_s_median']:.2f}x faster; "
+                f"the same simulation (steps, simulated seconds, tokens): "
+                f"{'yes' if same else 'NO'}"
+            )
     if _PROFILE.value:
         import cProfile
         import pstats

@@ -143,3 +143,13 @@ def test_bench_simulator_reports_batches_steps_and_requests(tmp_path):
     assert one["steps"] == one["batches"]  # S = 1: a batch per step
     assert eight["steps"] < eight["batches"]  # slices: several batches per step
     assert one["output_tokens"] == eight["output_tokens"]
+
+
+@pytest.mark.slow
+def test_bench_simulator_times_a_baseline_checkout_on_the_same_trace():
+    out = _run(
+        "experiments.bench_simulator", "--requests=50", "--slice_lens=4", "--runs=1",
+        f"--baseline={ROOT}",
+    )  # fmt: skip
+    assert "slice_len=4: baseline" in out
+    assert "the same simulation (steps, simulated seconds, tokens): yes" in out
