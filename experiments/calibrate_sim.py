@@ -4,6 +4,9 @@
   python -m experiments.calibrate_sim --config=experiments/configs/calibrate_sim.py:runlocal \
       --workdir=/tmp/cal
   python -m experiments.calibrate_sim --workdir=runs/cal8 --config.repeats=8   # tighter
+  python -m experiments.calibrate_sim --workdir=runs/cal --config.save_runs=True
+  python -m experiments.calibrate_sim --workdir=runs/refit --config.runs_from=runs/cal
+      # refit and simulate a saved session's real runs (no measuring): for cost-model work
 
 Per model of the config (a dense one and an MoE one), on one warmed-up device runner:
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import pathlib
 import pickle
 import time
 import types
@@ -137,16 +141,59 @@ def serve_sims(model_cfg, serve_cfg, trace, cost, seeds: int):
     return out
 
 
-def main(argv):
-    del argv
+def measure(name, model_cfg, serve_cfg, specs, traces, config) -> dict:
+    """Per trace, `repeats` real runs (`serve_real`), in rounds on one warmed-up runner."""
     from flax import nnx
 
+    from mlx_sched.serve.runner import Runner
+    from models import Transformer
+
+    model = Transformer(model_cfg, nnx.Rngs(0))
+    runner = Runner(model, serve_cfg)
+    logging.info("%s: warm-up compiled %d shapes", name, runner.warmup())
+    runs, retried = {s.name: [] for s in specs}, 0
+    # the fit's runs and the held-out ones alternate, so that a drift of the machine's
+    # speed over the session reaches both alike; each round starts one trace later, so
+    # that no trace always follows the same one
+    for rep in range(config.repeats):
+        k = rep % len(specs)
+        for spec in specs[k:] + specs[:k]:
+            logging.info("%s: real engine on %s (run %d)", name, spec.name, rep + 1)
+            tries = []
+            while len(tries) <= config.retries:  # again while other processes were busy
+                tries.append(serve_real(model, serve_cfg, traces[spec.name], runner))
+                if tries[-1][3] <= config.max_other_cores:
+                    break
+                logging.warning(
+                    "%s on %s: other processes used %.2f CPU cores; measuring again",
+                    name, spec.name, tries[-1][3],
+                )  # fmt: skip
+            retried += len(tries) - 1
+            runs[spec.name].append(min(tries, key=lambda run: run[3]))
+    return {**runs, "_retried": retried}
+
+
+def load_runs(folder: str, name: str, specs) -> dict:
+    """A saved session's real runs of model `name` (runs_<name>.pkl), for the config's traces."""
+    path = pathlib.Path(folder) / f"runs_{name}.pkl"
+    if not path.is_file():
+        raise common.ConfigError(f"runs_from: {path} does not exist (save it with save_runs)")
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    missing = [s.name for s in specs if s.name not in saved]
+    if missing:
+        raise common.ConfigError(f"runs_from: {path} has no runs of the traces {missing}")
+    # older files lack the last fields: other processes' cores (0) and the add times (none)
+    pad = (0.0, ())
+    return {s.name: [(*run, *pad[len(run) - 3 :]) for run in saved[s.name]] for s in specs}
+
+
+def main(argv):
+    del argv
     from mlx_sched.lab import calibrate
     from mlx_sched.serve import metrics
     from mlx_sched.serve.config import ServeConfig
-    from mlx_sched.serve.runner import Runner
     from mlx_sched.train.loop import model_config
-    from models import Transformer
 
     config = _CONFIG.value
     workdir = common.claim_workdir(_WORKDIR.value)
@@ -158,34 +205,17 @@ def main(argv):
         raise common.ConfigError("calibrate_sim: two traces share a name")
     if config.repeats < 1:
         raise common.ConfigError(f"calibrate_sim: repeats must be >= 1, got {config.repeats}")
-    out, results, loads, other, retried, dropped = {}, [], [], [], 0, 0
+    out, results, loads, other, retried, dropped, kept_busy = {}, [], [], [], 0, 0, 0
     for name, section in config.models.items():
         model_cfg = model_config(section)
-        model = Transformer(model_cfg, nnx.Rngs(0))
-        runner = Runner(model, serve_cfg)
-        logging.info("%s: warm-up compiled %d shapes", name, runner.warmup())
         traces = {s.name: make_trace(s, model_cfg) for s in specs}
-        runs = {s.name: [] for s in specs}
-        # the fit's runs and the held-out ones alternate, so that a drift of the machine's
-        # speed over the session reaches both alike; each round starts one trace later, so
-        # that no trace always follows the same one
-        for rep in range(config.repeats):
-            k = rep % len(specs)
-            for spec in specs[k:] + specs[:k]:
-                logging.info("%s: real engine on %s (run %d)", name, spec.name, rep + 1)
-                tries = []
-                while len(tries) <= config.retries:  # again while other processes were busy
-                    tries.append(serve_real(model, serve_cfg, traces[spec.name], runner))
-                    if tries[-1][3] <= config.max_other_cores:
-                        break
-                    logging.warning(
-                        "%s on %s: other processes used %.2f CPU cores; measuring again",
-                        name, spec.name, tries[-1][3],
-                    )  # fmt: skip
-                retried += len(tries) - 1
-                runs[spec.name].append(min(tries, key=lambda run: run[3]))
-                other.append(runs[spec.name][-1][3])
-        if config.save_runs:  # every real run's step records, to refit offline
+        if config.runs_from:  # a session saved with save_runs: refit and simulate, no measuring
+            runs = load_runs(config.runs_from, name, specs)
+        else:
+            runs = measure(name, model_cfg, serve_cfg, specs, traces, config)
+        retried += runs.pop("_retried", 0)
+        other += [run[3] for v in runs.values() for run in v]
+        if config.save_runs and not config.runs_from:  # every real run, to refit offline
             with open(workdir / f"runs_{name}.pkl", "wb") as f:
                 pickle.dump(runs, f)
         # runs that other processes still disturbed measured another machine: left out of the
@@ -193,6 +223,7 @@ def main(argv):
         for spec in specs:
             calm = [run for run in runs[spec.name] if run[3] <= config.max_other_cores]
             dropped += len(runs[spec.name]) - len(calm) if calm else 0
+            kept_busy += 0 if calm else len(runs[spec.name])
             runs[spec.name] = calm or runs[spec.name]
         fit_runs = [run[1] for s in fit_traces for run in runs[s.name]]
         fit_arrivals = [run[2] for s in fit_traces for run in runs[s.name]]
@@ -300,6 +331,12 @@ def main(argv):
         f"other processes during the real runs: {max(other):.2f} CPU cores at most, "
         f"{sum(other) / len(other):.2f} on average; {retried} run(s) measured again because "
         f"they used more than {config.max_other_cores:g}, {dropped} still disturbed left out"
+        + (
+            f", {kept_busy} disturbed kept (their traces had no undisturbed run: the machine "
+            "was busy throughout, and the comparison measures a busy machine)"
+            if kept_busy
+            else ""
+        )
     )
     out["summary"] = {
         "held_out_met": len(held) - len(missed),

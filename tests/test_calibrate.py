@@ -376,27 +376,37 @@ def test_a_cost_fitted_on_a_real_run_steps_as_it_did(real_run):
 
 
 @pytest.mark.slow
-def test_calibrate_sim_experiment_reports_every_trace(tmp_path):
+def test_calibrate_sim_experiment_reports_every_trace_and_refits_saved_runs(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.calibrate_sim",
-            "--config=experiments/configs/calibrate_sim.py:runlocal",
-            f"--workdir={tmp_path}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "| dense | alpaca_r100 | mean TTFT |" in out.stdout
-    assert "| moe | fit_burst (fitted on) | p90 TPOT |" in out.stdout
-    assert "held-out targets met:" in out.stdout
-    data = json.loads((tmp_path / "calibrate_sim.json").read_text())
+
+    def run(workdir, *flags):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "experiments.calibrate_sim",
+                "--config=experiments/configs/calibrate_sim.py:runlocal",
+                f"--workdir={workdir}",
+                *flags,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    out = run(tmp_path / "a", "--config.save_runs=True")
+    assert "| dense | alpaca_r100 | mean TTFT |" in out
+    assert "| moe | fit_burst (fitted on) | p90 TPOT |" in out
+    assert "held-out targets met:" in out and "replay: same steps" in out
+    data = json.loads((tmp_path / "a" / "calibrate_sim.json").read_text())
     assert set(data) == {"dense", "moe", "summary"}
     assert data["dense"]["traces"]["alpaca_r100"]["held_out"]
-    assert CalibratedCost.load(tmp_path / "cost_moe.json").mixed_base
+    assert CalibratedCost.load(tmp_path / "a" / "cost_moe.json").mixed_base
+    # the saved session refits and simulates to the same figures without measuring
+    again = run(tmp_path / "b", f"--config.runs_from={tmp_path / 'a'}")
+    table = [line for line in out.splitlines() if line.startswith("| dense |")]
+    assert table and table == [line for line in again.splitlines() if line.startswith("| dense |")]

@@ -68,6 +68,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.sim = dict(noise=True, min_count=3, seed=0, seeds=5)
     c.repeats = 3  # real runs per trace (alternating with the fit's), averaged
     c.save_runs = False  # also write every real run's step records (runs_<model>.pkl)
+    c.runs_from = ""  # a workdir saved with save_runs: refit and simulate its runs, no measuring
     # a run during which other processes used more CPU cores than this is measured again
     # (up to `retries` times; the least disturbed one is kept)
     c.max_other_cores = 0.25
