@@ -206,6 +206,7 @@ def main(argv):
     if config.repeats < 1:
         raise common.ConfigError(f"calibrate_sim: repeats must be >= 1, got {config.repeats}")
     out, results, loads, other, retried, dropped, kept_busy = {}, [], [], [], 0, 0, 0
+    most_runs = 0
     for name, section in config.models.items():
         model_cfg = model_config(section)
         traces = {s.name: make_trace(s, model_cfg) for s in specs}
@@ -214,6 +215,7 @@ def main(argv):
         else:
             runs = measure(name, model_cfg, serve_cfg, specs, traces, config)
         retried += runs.pop("_retried", 0)
+        most_runs = max(most_runs, *(len(v) for v in runs.values()))
         other += [run[3] for v in runs.values() for run in v]
         if config.save_runs and not config.runs_from:  # every real run, to refit offline
             with open(workdir / f"runs_{name}.pkl", "wb") as f:
@@ -298,7 +300,7 @@ def main(argv):
     ]
     print(
         f"\n== simulator vs real engine: mean and P90 TTFT / TPOT; measured = the mean of "
-        f"up to {config.repeats} real runs per trace"
+        f"up to {most_runs} real runs per trace"
     )
     print(calibrate.error_table(results))
     print(f"\nheld-out targets met: {len(held) - len(missed)}/{len(held)}")
