@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import statistics
 import time
@@ -80,7 +81,6 @@ print(json.dumps(dict(walls=walls, steps=engine._steps, simulated_s=simulated,
 
 def baseline_walls(tree: str, n: int, rate: float, S: int, max_seqs: int, runs: int) -> dict:
     """The baseline checkout's wall times (and what it simulated) on the same trace."""
-    import os
     import subprocess
     import sys
 
@@ -143,8 +143,13 @@ def main(argv):
         "| requests / s |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    others = []
     for S in map(int, _SLICES.value):
-        runs = [simulate_once(trace, S, _MAX_SEQS.value, _COST.value) for _ in range(_RUNS.value)]
+        with common.CpuMeter() as cpu:
+            runs = [
+                simulate_once(trace, S, _MAX_SEQS.value, _COST.value) for _ in range(_RUNS.value)
+            ]
+        others.append(cpu.other_cores)
         walls = [r["wall_s"] for r in runs]
         r = runs[0]
         if any((x["steps"], x["batches"]) != (r["steps"], r["batches"]) for x in runs):
@@ -169,7 +174,10 @@ def main(argv):
             )
             + f" | {row['requests_per_s'][0]:.0f} / {row['requests_per_s'][1]:.0f} |"
         )
-    print()
+    print(
+        f"other processes used {max(others):.2f} CPU cores at most while it ran (of "
+        f"{os.cpu_count()}); the simulation itself runs on one\n"
+    )
     lo, hi = VIDUR_US_PER_BATCH
     need_one = TARGET_REQUESTS / TARGET_S
     need_each = need_one / TARGET_INSTANCES

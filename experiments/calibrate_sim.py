@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import pathlib
 import pickle
-import time
 import types
 
 from absl import flags
@@ -73,31 +71,6 @@ def make_trace(spec, model_cfg):
     )
 
 
-class CpuMeter:
-    """CPU seconds this process and every other one used while it was open (Linux
-    /proc/stat): a measurement taken while other work ran is slower than the fit expects."""
-
-    def __enter__(self):
-        self._start = self._read()
-        return self
-
-    def __exit__(self, *exc):
-        busy, own, wall = (b - a for a, b in zip(self._start, self._read(), strict=True))
-        self.wall_s = wall
-        self.other_cores = max(0.0, busy - own) / max(wall, 1e-9)
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError):
-            busy = 0.0
-        t = os.times()
-        return busy, t.user + t.system, time.perf_counter()
-
-
 def serve_real(model, serve_cfg, trace, runner):
     """(summary, step records, absolute arrival times, other processes' CPU cores, times the
     requests were added at) of the real engine on `trace`: a fresh engine on the model's
@@ -114,7 +87,7 @@ def serve_real(model, serve_cfg, trace, runner):
 
     engine.add_request = add_timed
     gc.collect()  # not the previous run's garbage, collected during this one
-    with CpuMeter() as cpu:
+    with common.CpuMeter() as cpu:
         wall = replay(engine, trace)
     arrivals = [r.arrival for r in engine.requests.values()]
     return engine.summary(wall), engine.step_records, arrivals, cpu.other_cores, added
