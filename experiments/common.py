@@ -7,6 +7,7 @@ import logging as logging_std
 import os
 import pathlib
 import sys
+import time
 from collections.abc import Callable
 
 from absl import app, flags, logging
@@ -20,6 +21,7 @@ from sharding.mesh import MeshError
 __all__ = [
     "USER_ERRORS",
     "ConfigError",
+    "CpuMeter",
     "WorkdirBusy",
     "config_path",
     "claim_workdir",
@@ -221,3 +223,28 @@ def missing_config_message(argv: list[str]) -> str:
         f"--config={spec}: config file '{path}' does not exist; configs in "
         f"{CONFIGS.relative_to(CONFIGS.parent.parent)}/: {known}"
     )
+
+
+class CpuMeter:
+    """CPU seconds this process and every other one used while it was open (Linux
+    /proc/stat): a measurement taken while other work ran is slower than the fit expects."""
+
+    def __enter__(self):
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        busy, own, wall = (b - a for a, b in zip(self._start, self._read(), strict=True))
+        self.wall_s = wall
+        self.other_cores = max(0.0, busy - own) / max(wall, 1e-9)
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            busy = 0.0
+        t = os.times()
+        return busy, t.user + t.system, time.perf_counter()

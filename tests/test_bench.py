@@ -127,3 +127,29 @@ def test_benchmarks_never_write_into_docs():
 
     for flag in (bench_attention._PLOT, bench_attention._OUT):
         assert flag.default.startswith("runs/") and "docs" not in flag.default
+
+
+def test_bench_simulator_reports_batches_steps_and_requests(tmp_path):
+    out = _run(
+        "experiments.bench_simulator", "--requests=100", "--slice_lens=1,8", "--runs=2",
+        f"--workdir={tmp_path}",
+    )  # fmt: skip
+    assert "| slice_len | steps | batches | mean batch | us / batch |" in out
+    assert "slice_len=8:" in out and "Vidur's speed" in out and "requests/s (median run)" in out
+    data = json.loads((tmp_path / "bench_simulator.json").read_text())
+    assert set(data) == {"1", "8"}
+    one, eight = data["1"], data["8"]
+    assert one["requests"] == eight["requests"] == 100
+    assert one["steps"] == one["batches"]  # S = 1: a batch per step
+    assert eight["steps"] < eight["batches"]  # slices: several batches per step
+    assert one["output_tokens"] == eight["output_tokens"]
+
+
+@pytest.mark.slow
+def test_bench_simulator_times_a_baseline_checkout_on_the_same_trace():
+    out = _run(
+        "experiments.bench_simulator", "--requests=50", "--slice_lens=4", "--runs=1",
+        f"--baseline={ROOT}",
+    )  # fmt: skip
+    assert "slice_len=4: baseline" in out
+    assert "the same simulation (steps, simulated seconds, tokens): yes" in out

@@ -27,7 +27,10 @@ def replay(
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     t0 = engine.clock()
     nxt, done_steps = 0, 0
+    settle = getattr(engine.clock, "settle", None)  # simulated time: the step's host work ends
     while nxt < len(order) or engine.has_work():
+        if settle is not None:
+            settle()
         now = engine.clock() - t0
         while nxt < len(order) and (not online or trace[order[nxt]].arrival * time_scale <= now):
             r = trace[order[nxt]]

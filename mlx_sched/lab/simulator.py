@@ -1,19 +1,26 @@
 """Discrete-event simulation of the engine: the same scheduler and policies, a modelled device.
 
 `SimRunner` stands in for `Runner`: it builds no model and runs nothing; each
-step takes the time a `StepTimeModel` predicts (calibrated from a real run,
-or its prior) on a `SimClock` that the engine reads. Sampled tokens are
-pseudo-random ids that never hit a stop token, so requests run to their
-length, as serving benchmarks do. Policy code runs unchanged, so a policy's
-behaviour under a long overloaded trace can be studied in seconds.
+step takes the time a cost model predicts on a `SimClock` that the engine
+reads. The cost model is a `StepTimeModel` (device time only: its prior, or
+fitted online) or a `lab.calibrate.CalibratedCost` fitted per compiled shape
+from a real engine's step records, with the host's time around each step.
+Sampled tokens are pseudo-random ids that never hit a stop token, so requests
+run to their length, as serving benchmarks do. Policy code runs unchanged, so
+a policy's behaviour under a long overloaded trace can be studied in seconds.
 
     clock = SimClock()
     engine = Engine(SimModel(model_cfg), cfg, runner=SimRunner(model_cfg, cfg, clock), clock=clock)
+
+A simulated step, as the real engine's: the host schedules and builds the batch
+(`before`), the device runs, the tokens are stamped, the host postprocesses
+(`after`, held as the clock's `pending` until the next step or `settle`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -23,12 +30,23 @@ from mlx_sched.serve.interface import StepResult
 from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.shapes import shape_for
 
+TOKEN_POOL = 1 << 16  # pseudo-random ids drawn once; steps take consecutive windows
+
 
 class SimClock:
-    """Virtual seconds; the simulated device advances it, idle replays jump it."""
+    """Virtual seconds; the simulated device advances it, idle replays jump it.
+
+    `pending` is host time the engine still spends after the current instant (a step's
+    postprocess): the next simulated step, `settle()` or `advance_to()` adds it. An idle
+    engine notices an arrival `wake()` seconds late (the runner sets it from its cost: a
+    real loop sleeps and wakes up), so arrivals within that time join the same step; `woke`
+    says that the last `advance_to` jumped over idle time."""
 
     def __init__(self, start: float = 0.0):
         self.now = start
+        self.pending = 0.0
+        self.woke = False
+        self.wake: Callable[[], float] | None = None
 
     def __call__(self) -> float:
         return self.now
@@ -36,8 +54,15 @@ class SimClock:
     def advance(self, dt: float) -> None:
         self.now += dt
 
+    def settle(self) -> None:
+        """Finish the host work in flight (a driver's loop runs after the step's postprocess)."""
+        self.now += self.pending
+        self.pending = 0.0
+
     def advance_to(self, t: float) -> None:
-        self.now = max(self.now, t)
+        self.settle()
+        if t > self.now:
+            self.now, self.woke = t + (self.wake() if self.wake is not None else 0.0), True
 
 
 @dataclasses.dataclass
@@ -48,7 +73,10 @@ class SimModel:
 
 
 class SimRunner:
-    """A `StepRunner` whose device is a cost model: same buckets (`shape_for`), no compute."""
+    """A `StepRunner` whose device is a cost model: same buckets (`shape_for`), no compute.
+
+    `cost` is a `StepTimeModel` (the default: its prior) or anything with its `simulate`
+    method, e.g. a calibrated `lab.calibrate.CalibratedCost`."""
 
     def __init__(
         self,
@@ -60,8 +88,14 @@ class SimRunner:
     ):
         self.cfg, self.model_cfg, self.clock = cfg, model_cfg, clock
         self.cost = cost or StepTimeModel()
+        clock.wake = getattr(self.cost, "wake_time", None)
         self.max_len = cfg.max_len(model_cfg.max_seq_len)
         self.rng = np.random.default_rng(seed)
+        # ids from the upper half of the vocabulary: never a byte-level stop token
+        lo = model_cfg.vocab_size // 2
+        self._pool = self.rng.integers(lo, model_cfg.vocab_size, TOKEN_POOL).tolist()
+        self._next = 0
+        self.steps = self.batches = 0  # steps simulated; batches: iterations (mixed steps: 1)
 
     @property
     def compiles_since_warmup(self) -> int:
@@ -71,31 +105,53 @@ class SimRunner:
         return 0
 
     def _tokens(self, n: int) -> list[int]:
-        # ids from the upper half of the vocabulary: never a byte-level stop token
-        lo = self.model_cfg.vocab_size // 2
-        return self.rng.integers(lo, self.model_cfg.vocab_size, n).tolist()
+        i = self._next
+        if i + n > TOKEN_POOL:
+            i = 0
+        self._next = i + n
+        return self._pool[i : i + n]
 
     def run(self, plan: StepPlan) -> StepResult:
         shape = shape_for(plan, self.cfg)
-        decodes, prefills = plan.decodes, plan.prefills
+        work = plan.work
+        prefill_tokens = prefill_pairs = decode_tokens = decode_ctx = 0
         if shape.kind == "mixed":
-            dt = self.cost.step_time(
-                prefill_tokens=sum(n for _, n in prefills),
-                prefill_pairs=sum(n * (s.num_computed + n) for s, n in prefills),
-                decode_tokens=sum(n for _, n in decodes),
-                decode_ctx=sum(s.num_computed for s, _ in decodes),
-            )
-            iters = 1
-            counts = [n if s.remaining == 1 else 1 for s, n in plan.work]
-        else:
-            iters = max(n for _, n in plan.work)
-            ctx = sum(s.num_computed for s, _ in plan.work)
-            B = len(plan.work)
-            dt = sum(self.cost.decode_time(B, ctx + i * B) for i in range(iters))
-            counts = [n for _, n in plan.work]
-        self.clock.advance(dt)
-        samples = [self._tokens(c) for c in counts]
-        return StepResult(shape.kind, shape.dims, samples, None, iters, dt)
+            iters, new, counts = 1, 0, []
+            for s, n in work:
+                c, L = s.num_computed, len(s.tokens)
+                if L - c == 1:  # a decode (with drafts: n positions, n samples)
+                    decode_tokens += n
+                    decode_ctx += c
+                    new += n
+                    counts.append(n)
+                else:  # a prefill chunk: one sample, new if the chunk reaches the end
+                    prefill_tokens += n
+                    prefill_pairs += n * (c + n)
+                    new += c + n >= L
+                    counts.append(1)
+        else:  # a slice: every entry decodes, n iterations each, the step runs the longest
+            counts = [n for _, n in work]
+            iters, new = max(counts), sum(counts)
+            decode_tokens = len(work)
+            decode_ctx = sum(s.num_computed for s, _ in work)
+        clock = self.clock
+        before, device, after = self.cost.simulate(
+            shape,
+            len(work),
+            new,
+            prefill_tokens,
+            prefill_pairs,
+            decode_tokens,
+            decode_ctx,
+            iters,
+            clock.woke,
+        )
+        clock.now += clock.pending + before + device
+        clock.pending, clock.woke = after, False
+        self.steps += 1
+        self.batches += iters
+        tokens = self._tokens
+        return StepResult(shape.kind, shape.dims, [tokens(c) for c in counts], None, iters, device)
 
     def read_pages(self, pages):
         n = len(pages)
@@ -103,3 +159,12 @@ class SimRunner:
 
     def write_pages(self, pages, k, v) -> None:
         return None
+
+
+def sim_engine(model_cfg, cfg: ServeConfig, cost=None, seed: int = 0):
+    """An engine on a simulated device: `SimRunner` with `cost`, a fresh `SimClock`."""
+    from mlx_sched.serve.engine import Engine
+
+    clock = SimClock()
+    runner = SimRunner(model_cfg, cfg, clock, cost, seed)
+    return Engine(SimModel(model_cfg), cfg, runner=runner, clock=clock)

@@ -59,6 +59,36 @@ class StepTimeModel:
         """Seconds of one decode iteration for `batch` sequences holding `ctx` tokens in all."""
         return self.step_time(decode_tokens=batch, decode_ctx=ctx)
 
+    def slice_time(self, batch: int, ctx: int, iters: int) -> float:
+        """Seconds of `iters` decode iterations from `ctx` tokens in all, each adding `batch`:
+        the sum of `decode_time(batch, ctx + i * batch)` in closed form."""
+        first = self.base_decode + self.per_decode_token * batch + self.per_decode_ctx * ctx
+        if first < 1e-6 or self.per_decode_ctx < 0:  # the floor of step_time may bind: add up
+            return sum(self.decode_time(batch, ctx + i * batch) for i in range(iters))
+        return iters * first + self.per_decode_ctx * batch * (iters * (iters - 1) // 2)
+
+    def simulate(
+        self,
+        shape,
+        entries: int,
+        new_tokens: int,
+        prefill_tokens: int,
+        prefill_pairs: int,
+        decode_tokens: int,
+        decode_ctx: int,
+        iters: int,
+        woke: bool = False,
+    ) -> tuple[float, float, float]:
+        """The simulator's step (`lab.simulator.SimRunner`): host seconds before the device,
+        device seconds, host seconds after. This model knows device time only. A mixed step's
+        features are as in `step_time`; a slice's are its `decode_tokens` sequences holding
+        `decode_ctx` tokens at the start, running `iters` iterations."""
+        if shape.kind == "mixed":
+            t = self.step_time(prefill_tokens, prefill_pairs, decode_tokens, decode_ctx)
+        else:
+            t = self.slice_time(decode_tokens, decode_ctx, iters)
+        return 0.0, t, 0.0
+
     # -- fitting --------------------------------------------------------------------
 
     def observe(self, rec) -> None:

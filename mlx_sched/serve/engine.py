@@ -201,11 +201,13 @@ class Engine(Handoff):
         result = self.runner.run(plan)
         self.sched.release(plan)
         t2 = time.perf_counter()
-        decodes, prefills = plan.decodes, plan.prefills  # as they were when the step ran
+        decodes, prefills = plan.split()  # as they were when the step ran
         outputs = self._postprocess(plan, result, spec)
         new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
-        host_s = (t1 - t0) + result.build_s + (time.perf_counter() - t2)
-        self._record(decodes, prefills, result, host_s, new_tokens, spec)
+        post_s = time.perf_counter() - t2
+        self._record(
+            decodes, prefills, result, (t1 - t0) + result.build_s, post_s, new_tokens, spec
+        )
         return outputs
 
     def _move_kv(self, plan: StepPlan) -> None:
@@ -217,7 +219,7 @@ class Engine(Handoff):
 
     def _postprocess(self, plan: StepPlan, result: StepResult, spec=None) -> list[RequestOutput]:
         now = self.clock()
-        new: dict[str, list[int]] = {}
+        new: dict[Seq, list[int]] = {}  # this step's new tokens per sequence
         logps = result.logprobs or [None] * len(plan.work)
         for (seq, n), samples, lp in zip(plan.work, result.samples, logps, strict=True):
             self._commit(seq, n, samples, lp, plan.as_slice, new, now)
@@ -227,9 +229,9 @@ class Engine(Handoff):
         for req in plan.requests():
             if req.status is not Status.RUNNING:
                 continue
-            if self.sched.needs_fork(req):
+            if req.sampling.n > 1 and self.sched.needs_fork(req):
                 self.sched.fork(req)
-            if all(s.done for s in req.seqs):
+            if all([s.done for s in req.seqs]):  # a list: cheaper than a generator here
                 self._finish(req, now)
             out = self._output(req, new)
             if out is not None:
@@ -252,29 +254,30 @@ class Engine(Handoff):
         """
         req = seq.request
         p0, L0 = seq.num_computed, len(seq.tokens)
-        if sequential:
-            taken, picked = list(samples), list(range(len(samples)))
-        else:
-            first = p0 + n - len(samples)
-            # a decode keeps all its samples: the accepted drafts (chain or tree path) and the
-            # token after them; a prefill chunk's sample is new only after the last token
-            picked = [j for j in range(len(samples)) if first + j + 1 - L0 >= 0]
-            taken = [samples[j] for j in picked]
-        stops = self._stop_set(seq)
+        # samples j0, j0 + 1, ... are new tokens: in a slice all of them; otherwise a decode
+        # keeps all its samples (the accepted drafts, chain or tree path, and the token after
+        # them) and a prefill chunk's sample is new only after the last token
+        j0 = 0 if sequential else max(0, L0 - 1 - (p0 + n - len(samples)))
+        taken = samples[j0:]
+        # keep tokens up to the length limit (the first one always) or a stop token, checked
+        # in that order on each token: a stop token at the limit stops
         limit = req.prompt_len + req.sampling.max_tokens
-        appended = new.setdefault(seq.id, [])
-        for tok, j in zip(taken, picked, strict=True):
-            seq.tokens.append(tok)
-            seq.token_times.append(now)
+        k, reason = len(taken), None
+        if k >= max(1, limit - L0):
+            k, reason = max(1, limit - L0), "length"
+        stops = self._stop_set(seq)
+        if stops and not stops.isdisjoint(taken[:k]):
+            k, reason = next(i for i, t in enumerate(taken) if t in stops) + 1, "stop"
+        appended = new.setdefault(seq, [])
+        if k:
+            kept = taken[:k]
+            seq.tokens.extend(kept)
+            seq.token_times.extend([now] * k)
             if logps is not None and req.sampling.logprobs:
-                seq.logprobs.append(logps[j])
-            appended.append(tok)
-            if tok in stops:
-                seq.done, seq.finish_reason = True, "stop"
-            elif len(seq.tokens) >= limit:
-                seq.done, seq.finish_reason = True, "length"
-            if seq.done:
-                break
+                seq.logprobs.extend(logps[j0 : j0 + k])
+            appended.extend(kept)
+            if reason is not None:
+                seq.done, seq.finish_reason = True, reason
         computed = len(samples) if sequential else n
         seq.num_computed = min(p0 + computed, len(seq.tokens) - 1 if taken else p0 + computed)
         seq.draft = []
@@ -299,10 +302,11 @@ class Engine(Handoff):
         self.policy.on_finish(req, now)
 
     def _output(self, req: Request, new) -> RequestOutput | None:
-        toks = [new.get(s.id, []) for s in req.seqs]
-        if not any(toks) and not req.is_finished:
+        toks = [new.get(s, []) for s in req.seqs]
+        finished = req.is_finished
+        if not finished and not any(toks):
             return None
-        out = RequestOutput(req.id, toks, req.is_finished, req)
+        out = RequestOutput(req.id, toks, finished, req)
         cb = self._callbacks.get(req.id)
         if cb is not None:
             cb(out)  # may abort this request or others: abort drops their callbacks
@@ -318,8 +322,10 @@ class Engine(Handoff):
         self.abort(req.id)
 
     def _record(
-        self, decodes, prefills, result: StepResult, host_s: float, new_tokens: int, spec=None
+        self, decodes, prefills, result: StepResult, pre_s, post_s, new_tokens: int, spec=None
     ):
+        """`pre_s`: host seconds before the tokens are stamped (schedule, batch building);
+        `post_s`: after (postprocess)."""
         self._steps += 1
         if self._steps % self.KV_STATS_EVERY == 1 or self.KV_STATS_EVERY == 1:
             self._kv = self.sched.kv_occupancy()
@@ -338,9 +344,10 @@ class Engine(Handoff):
             waiting=len(self.sched.waiting),
             pages_in_use=self._kv[0],
             live_tokens=self._kv[1],
-            host_s=host_s,
+            host_s=pre_s + post_s,
             device_s=result.device_s,
             page_size=self.cfg.page_size,
+            post_s=post_s,
             **(spec.fields() if spec is not None else {}),
         )
         self._steps_kept.append(rec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import json
 import pathlib
 
@@ -43,6 +44,7 @@ class StepRecord:
     spec_proposed: int = 0  # speculative decoding: draft tokens verified this step
     spec_accepted: int = 0  # of which the target kept
     draft_s: float = 0.0  # seconds the drafter took (within host_s)
+    post_s: float = 0.0  # of host_s, the postprocess after the step's tokens were stamped
 
     @property
     def kv_live_fraction(self) -> float:
@@ -76,7 +78,7 @@ def request_metrics(req: Request) -> dict:
     out["e2e"] = last - req.arrival
     t0 = times[0]
     out["tpot"] = (t0[-1] - t0[0]) / (len(t0) - 1) if len(t0) > 1 else 0.0
-    out["itl"] = [b - a for t in times for a, b in zip(t[:-1], t[1:], strict=True)]
+    out["itl"] = [b - a for t in times for a, b in itertools.pairwise(t)]
     out["normalized_latency"] = out["e2e"] / max(1, n_out)
     if req.first_scheduled is not None:
         out["scheduling_delay"] = req.first_scheduled - req.arrival

@@ -115,13 +115,15 @@ class PagePool:
 
     def free(self, pages: Sequence[int]) -> None:
         """Drop one reference to each page, tail first (so a prefix's head stays cached longest)."""
+        refcount = self.refcount
         for page in reversed(list(pages)):
             if page == NULL_PAGE:
                 continue
-            if self.refcount[page] <= 0:
+            count = refcount[page]
+            if count <= 0:
                 raise ValueError(f"double free of page {page}")
-            self.refcount[page] -= 1
-            if self.refcount[page] == 0:
+            refcount[page] = count - 1
+            if count == 1:
                 if page in self._hash_of:
                     self._cached[page] = None  # most recently used at the end
                 else:

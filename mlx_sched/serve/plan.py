@@ -72,6 +72,14 @@ class StepPlan:
     def prefills(self) -> list[tuple[Seq, int]]:
         return [(s, n) for s, n in self.work if s.remaining != 1]
 
+    def split(self) -> tuple[list[tuple[Seq, int]], list[tuple[Seq, int]]]:
+        """(decodes, prefills) in one pass."""
+        decodes, prefills = [], []
+        for entry in self.work:
+            seq = entry[0]
+            (decodes if len(seq.tokens) - seq.num_computed == 1 else prefills).append(entry)
+        return decodes, prefills
+
     @property
     def tokens(self) -> int:
         """Positions computed this step (a slice counts its iterations)."""
@@ -96,11 +104,12 @@ class StepPlan:
     def add(self, seq: Seq, n: int) -> None:
         if n < 1:
             raise ValueError(f"a plan entry computes at least one position, got {n}")
-        if self.has(seq):
-            raise ValueError(f"sequence {seq.id} is already in the plan")
+        sid = seq.id
+        if sid in self._ids:
+            raise ValueError(f"sequence {sid} is already in the plan")
         self.work.append((seq, n))
-        self._ids.add(seq.id)
-        self.num_decodes += seq.remaining == 1
+        self._ids.add(sid)
+        self.num_decodes += len(seq.tokens) - seq.num_computed == 1  # remaining == 1
 
     def drop_request(self, req: Request) -> None:
         """Forget the work of `req` (it was preempted while the plan was being built)."""

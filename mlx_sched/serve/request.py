@@ -167,7 +167,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status in (Status.FINISHED, Status.ABORTED)
+        return self.status is Status.FINISHED or self.status is Status.ABORTED
 
     @property
     def fcfs_key(self) -> tuple[float, int]:
@@ -197,6 +197,8 @@ def validate_prompt(
             f"prompt must be a sequence of token ids, got {type(prompt).__name__}"
             + ("; tokenize text first" if isinstance(prompt, str | bytes) else "")
         )
+    elif all(type(t) is int for t in prompt):  # the common case, checked fast (not bools)
+        tokens = list(prompt)
     else:
         bad = [t for t in prompt if not _is_int(t)]
         if bad:
@@ -207,8 +209,8 @@ def validate_prompt(
         tokens = [int(t) for t in prompt]
     if not tokens:
         raise RequestError("empty prompt: a request needs at least one prompt token")
-    bad = [t for t in tokens if not 0 <= t < vocab_size]
-    if bad:
+    if min(tokens) < 0 or max(tokens) >= vocab_size:
+        bad = [t for t in tokens if not 0 <= t < vocab_size]
         raise RequestError(f"token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     if len(tokens) + max_tokens > max_len:
         raise RequestError(

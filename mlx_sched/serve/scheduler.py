@@ -45,8 +45,11 @@ class Scheduler:
         Z, filled = self.cfg.page_size, {}
         for req in self.running:
             for s in req.live_seqs:
-                for i, p in enumerate(s.pages):
-                    filled[p] = max(filled.get(p, 0), min(Z, max(0, s.num_computed - i * Z)))
+                pages, c = s.pages, s.num_computed
+                full = min(len(pages), c // Z)
+                filled.update(dict.fromkeys(pages[:full], Z))  # full pages: as full as can be
+                if full < len(pages) and c - full * Z > filled.get(pages[full], 0):
+                    filled[pages[full]] = c - full * Z  # the partly filled page; later ones: 0
         return self.pool.num_in_use, sum(filled.values())
 
     def check_fits(self, num_tokens: int, sampling) -> None:
@@ -77,17 +80,17 @@ class Scheduler:
         All-or-nothing: returns False and changes nothing if the pool cannot cover
         it; `cow_limited` tells whether the step's copy allowance was the reason.
         """
-        Z = self.pool.page_size
-        start, end = seq.num_computed, seq.num_computed + num_tokens
-        first, last = start // Z, (end - 1) // Z
-        new = max(0, last + 1 - len(seq.pages))
-        shared = [
-            i
-            for i in range(first, min(last + 1, len(seq.pages)))
-            if self.pool.refcount[seq.pages[i]] > 1
-        ]
+        pool, pages = self.pool, seq.pages
+        Z, start = pool.page_size, seq.num_computed
+        first, last = start // Z, (start + num_tokens - 1) // Z
+        new = max(0, last + 1 - len(pages))
+        refcount = pool.refcount
+        if first == last < len(pages):  # one page (a decode, mostly): no list to build
+            shared = [first] if refcount[pages[first]] > 1 else []
+        else:
+            shared = [i for i in range(first, min(last + 1, len(pages))) if refcount[pages[i]] > 1]
         self.cow_limited = False
-        if new + len(shared) > self.pool.num_available:
+        if new + len(shared) > pool.num_available:
             return False
         if len(plan.copies) + len(shared) > self.cfg.max_copies:
             self.cow_limited = True

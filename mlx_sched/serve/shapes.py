@@ -41,7 +41,7 @@ class Shape:
 
 def shape_for(plan: StepPlan, cfg: ServeConfig) -> Shape:
     """The bucket `plan` runs in; a ValueError if it fits none of the declared ones."""
-    decodes, prefills = plan.decodes, plan.prefills
+    decodes, prefills = plan.split()
     if len(prefills) > cfg.max_prefill_rows:
         raise ValueError(f"{len(prefills)} prefill rows exceed max_prefill_rows")
     too_long = [n for _, n in prefills if n > cfg.chunk_tokens]

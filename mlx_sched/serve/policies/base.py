@@ -11,6 +11,7 @@ of this package is imported by `make_policy`, so a new policy is one new file.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 from mlx_sched.serve.config import ServeConfig
@@ -88,13 +89,15 @@ class Policy:
         """A decode for every decoding sequence of `order` (up to max_seqs in all); preempt
         from the tail of `order` when KV runs short. A sequence whose copy-on-write copy does
         not fit this step's copy allowance waits for the next step."""
+        running = set(sched.running)  # kept as sched.running: only preempt() below leaves it
+        max_seqs = self.cfg.max_seqs
         for req in list(order):
-            if req not in sched.running:
+            if req not in running:
                 continue  # preempted below while making room
             for seq in req.live_seqs:
-                if seq.remaining != 1 or plan.has(seq):
-                    continue
-                if plan.num_decodes >= self.cfg.max_seqs:
+                if len(seq.tokens) - seq.num_computed != 1 or plan.has(seq):
+                    continue  # not decoding (remaining != 1), or already planned
+                if plan.num_decodes >= max_seqs:
                     return
                 n = self.decode_positions(seq)
                 while not sched.reserve(seq, n, plan):
@@ -104,13 +107,14 @@ class Policy:
                         seq.draft.clear()
                         n = 1
                         continue
-                    victim = next(r for r in reversed(order) if r in sched.running)
+                    victim = next(r for r in reversed(order) if r in running)
                     sched.preempt(victim, plan)
+                    running.discard(victim)
                     if victim is req:
                         break
                 else:
                     plan.add(seq, n)
-                if req not in sched.running:
+                if req not in running:
                     break
 
     def schedule_prefill(self, sched: Scheduler, plan: StepPlan, seq: Seq, budget: int) -> int:
@@ -127,11 +131,12 @@ class Policy:
         self, sched: Scheduler, plan: StepPlan, order: list[Request], budget: int
     ) -> int:
         """Continue in-flight prefills (recomputes too) of `order`; returns the budget left."""
+        running = set(sched.running)  # nothing is preempted here
         for req in order:
-            if req not in sched.running:
+            if req not in running:
                 continue
             for seq in req.live_seqs:
-                if seq.remaining > 1:
+                if len(seq.tokens) - seq.num_computed > 1:  # remaining > 1
                     budget -= self.schedule_prefill(sched, plan, seq, budget)
         return budget
 
@@ -175,6 +180,12 @@ class Policy:
         if used == 0 and req in sched.running:
             sched.unadmit(req)
         return used
+
+    def waiting_head(self, sched: Scheduler, plan: StepPlan) -> list[Request]:
+        """The waiting requests `admit_in_order` can reach this step, in arrival order: each
+        admission adds an entry, so at most one past the free slots is looked at (a long
+        queue is not copied every step)."""
+        return list(itertools.islice(sched.waiting, max(0, self.cfg.max_seqs - len(plan.work)) + 1))
 
     def admit_in_order(self, sched, plan, order: list[Request], budget: int, now) -> int:
         """Admit waiting requests in `order` until one does not fit; returns the budget left."""

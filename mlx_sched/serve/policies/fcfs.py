@@ -24,5 +24,5 @@ class FCFS(Policy):
         running = list(sched.running)
         budget = self.serve_running(sched, plan, running)
         if not sched.swapped:
-            self.admit_in_order(sched, plan, list(sched.waiting), budget, now)
+            self.admit_in_order(sched, plan, self.waiting_head(sched, plan), budget, now)
         return self.finish_plan(sched, plan)

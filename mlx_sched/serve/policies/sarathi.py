@@ -65,7 +65,7 @@ class Sarathi(Policy):
         else:
             budget = self.schedule_partial_prefills(sched, plan, running, self.budget)
         if not sched.swapped:
-            self.admit_in_order(sched, plan, list(sched.waiting), budget, now)
+            self.admit_in_order(sched, plan, self.waiting_head(sched, plan), budget, now)
         if self.args.variant == "prefill_first" and not plan.num_prefills and prefill_pending:
             self.schedule_decodes(sched, plan, running)  # nothing admissible: don't idle
         return self.finish_plan(sched, plan)
