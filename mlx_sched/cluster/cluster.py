@@ -46,9 +46,11 @@ class Cluster:
         max_len: int,
         clock: Callable[[], float] = time.time,
         replace: Callable[[int], object] | None = None,
+        link_bytes_per_s: float | None = None,
     ):
         """`instances`: `LocalInstance`s or `RayInstance`s (see `build`); `replace(i)` makes
-        a new instance for a dead one (cfg.on_death == "replace")."""
+        a new instance for a dead one (cfg.on_death == "replace"); `link_bytes_per_s` models
+        the KV link's speed instead of timing copies (a simulated cluster, `cluster.sim`)."""
         if len(instances) != cfg.num_instances:
             raise ClusterError(f"{len(instances)} instances for num_instances={cfg.num_instances}")
         self.instances, self.cfg, self.serve = list(instances), cfg, serve
@@ -62,13 +64,18 @@ class Cluster:
             if cfg.migration
             else None
         )
-        self.mover = Mover(self.instances)
+        self.mover = Mover(self.instances, link_bytes_per_s, clock)
         self.requests: dict[str, ClusterRequest] = {}
         self.loads: list[Load | None] = [None] * len(instances)
         self.busy = [False] * len(instances)  # has work, as of its last report
         self.dead: set[int] = set()
         self._pending_revival: set[int] = set()  # replacements still starting
         self.moves: dict[str, Move] = {}
+        self._due: dict[str, ClusterRequest] = {}  # prefilled: to hand over to decode
+        # instances whose step is under way (a simulated cluster's event loop, `sim`):
+        # hand-overs and moves touch a source only between its steps
+        self.in_flight: set[int] = set()
+        self._has_decode = "decode" in self.roles
         self.move_log: list[dict] = []
         self.events: list[str] = []  # deaths, replacements, recoveries (logged too)
         self.compiles = [0] * len(instances)
@@ -210,21 +217,32 @@ class Cluster:
         reports = gather([self.instances[i].call("step") for i in stepping])
         new: dict[str, list[list[int]]] = {}
         for i, rep in zip(stepping, reports, strict=True):
-            if isinstance(rep, InstanceDead):
-                self._on_death(i, rep)
-                continue
-            if isinstance(rep, BaseException):
-                raise rep
-            self.loads[i], self.busy[i], self.compiles[i] = rep.load, rep.has_work, rep.compiles
-            for out in rep.outputs:
-                self._take(i, out, rep.now, new)
-        self._handovers()
-        self._advance_moves()
-        self._maybe_migrate()
+            self.absorb(i, rep, new)
+        self.coordinate()
         return [
             ClusterOutput(rid, toks, self.requests[rid].finished, self.requests[rid])
             for rid, toks in new.items()
         ]
+
+    def absorb(self, i: int, rep, new: dict[str, list[list[int]]] | None = None) -> None:
+        """Take instance i's step report (or the exception its step raised): its load, and
+        its requests' new tokens (gathered per request into `new`)."""
+        if isinstance(rep, InstanceDead):
+            self._on_death(i, rep)
+            return
+        if isinstance(rep, BaseException):
+            raise rep
+        self.loads[i], self.busy[i], self.compiles[i] = rep.load, rep.has_work, rep.compiles
+        new = {} if new is None else new
+        for out in rep.outputs:
+            self._take(i, out, rep.now, new)
+
+    def coordinate(self) -> None:
+        """What the global scheduler does between steps: hand prefilled requests over to
+        decode instances, advance the KV moves, and maybe start a migration."""
+        self._handovers()
+        self._advance_moves()
+        self._maybe_migrate()
 
     def _take(self, i: int, out: Output, now: float, new) -> None:
         req = self.requests.get(out.request_id)
@@ -239,6 +257,8 @@ class Cluster:
             req.times[j] += [now] * len(kept)
             got[j] += kept
         req.preemptions = max(req.preemptions, out.preemptions)
+        if self._has_decode and req.phase == "prefill" and req.outputs[0]:
+            self._due[req.id] = req
         if out.finished:
             req.finished = True
             req.status = "aborted" if out.error else "finished"
@@ -252,18 +272,20 @@ class Cluster:
     # -- disaggregation: prefill -> decode ------------------------------------------------
 
     def _handovers(self) -> None:
-        decode = [i for i in range(len(self.instances)) if self.roles[i] == "decode"]
-        if not decode:
-            return
-        for req in self.requests.values():
+        due, self._due = self._due, {}
+        for req in due.values():
             if req.finished or req.phase != "prefill" or not req.outputs[0]:
+                continue
+            if req.instance in self.in_flight:
+                self._due[req.id] = req
                 continue
             if req.sampling.n != 1 or self.roles[req.instance] == "decode":
                 req.phase = "decode"  # n > 1 requests decode where they were prefilled
                 continue
             (err,) = gather([self.instances[req.instance].call("pause", req.id)])
             if isinstance(err, BaseException):
-                continue  # finished or moved meanwhile; the next report tells
+                self._due[req.id] = req  # not running now (preempted): try again later
+                continue
             req.phase = "handover"
             self._start_move(req, req.instance, None, "handover")
 
@@ -304,6 +326,8 @@ class Cluster:
             req = self.requests[rid]
             if move.src in self.dead or move.dst in self.dead:
                 why = "the source died" if move.src in self.dead else "the destination died"
+            elif move.src in self.in_flight:
+                continue
             else:
                 why = self.mover.advance(move)
             if why is None and move.outcome != "done":
@@ -322,6 +346,7 @@ class Cluster:
                     move.outcome = f"aborted: {why}"
                 if move.kind == "handover" and move.src not in self.dead and not req.finished:
                     req.phase = "prefill"  # paused on the source: hand over again next step
+                    self._due[rid] = req
                     (paused,) = gather([self.instances[move.src].call("progress", rid)])
                     if not isinstance(paused, BaseException) and paused and paused[0] == "paused":
                         gather([self.instances[move.src].call("resume", rid)])
@@ -335,14 +360,17 @@ class Cluster:
         now = self.clock()
         if now - self._last_migration < self.migration.interval_s:
             return
-        self._last_migration = now
         if sum(m.kind == "migration" for m in self.moves.values()) >= self.migration.max_moves:
+            self._last_migration = now
             return
         busy = {m.src for m in self.moves.values()} | {m.dst for m in self.moves.values()}
         loads = [None if i in self.dead else ld for i, ld in enumerate(self.loads)]
         loads = [
             ld if self.roles[i] != "prefill" else None for i, ld in enumerate(loads)
         ]  # prefill instances hand over instead
+        if self.migration.source(loads, busy) in self.in_flight:
+            return  # it gives a request between its steps: at its next report
+        self._last_migration = now
 
         def candidates(i):
             (out,) = gather([self.instances[i].call("running_requests")])

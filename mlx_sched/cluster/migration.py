@@ -57,6 +57,10 @@ class Move:
     seconds: float = 0.0  # spent in KV reads and writes
     downtime: float = 0.0
     outcome: str = ""  # "" while moving, then "done" or "aborted: <why>"
+    # a modelled link (simulation): copies in flight until this time; the last stage's
+    # copy is in flight (request paused on the source) when `finishing`
+    ready_at: float = 0.0
+    finishing: tuple[int, float] | None = None  # (computed, last stage start)
 
     def record(self) -> dict:
         return {
@@ -74,11 +78,18 @@ class Move:
 
 
 class Mover:
-    """Advances moves; `cluster` gives the instances, the clock and the hooks to settle a
-    finished or aborted move."""
+    """Advances moves over `instances`.
 
-    def __init__(self, instances):
+    Copies take the time they take (measured) unless `link_bytes_per_s` models the link (a
+    simulated cluster): then a chunk of b bytes is in flight for b / link_bytes_per_s
+    seconds of `clock` and the move waits for it, and a migration's last stage pauses the
+    request on the source while its copy is in flight (its downtime)."""
+
+    def __init__(self, instances, link_bytes_per_s: float | None = None, clock=None):
+        if link_bytes_per_s is not None and (link_bytes_per_s <= 0 or clock is None):
+            raise ValueError("a modelled link needs link_bytes_per_s > 0 and a clock")
         self.instances = instances
+        self.link, self.clock = link_bytes_per_s, clock
 
     def _pages(self, move: Move, tokens: int) -> int:
         return -(-tokens // move.page_size)
@@ -95,7 +106,7 @@ class Mover:
             return status, 0  # not on the device: it moves without KV
         if preemptions != move.preemptions:
             return "the request was preempted on the source"
-        want = "paused" if move.kind == "handover" else "running"
+        want = "paused" if move.kind == "handover" or move.finishing else "running"
         if status != want:
             return f"the request is {status} on the source"
         return status, computed
@@ -108,9 +119,14 @@ class Mover:
             t0 = time.perf_counter()
             kv = src.call("read_kv", move.request_id, a, b)
             (n,) = gather([dst.call("write_kv", move.request_id, a, kv)])
-            move.seconds += time.perf_counter() - t0
             if isinstance(n, BaseException):
                 return f"copying pages [{a}, {b}) failed: {n}"
+            if self.link is None:
+                move.seconds += time.perf_counter() - t0
+            else:
+                dt = n / self.link
+                move.seconds += dt
+                move.ready_at = max(move.ready_at, self.clock()) + dt
             move.bytes += n
         return None
 
@@ -123,10 +139,14 @@ class Mover:
     def advance(self, move: Move) -> str | None:
         """One cluster step of a move: a chunk of a stage, or the last stage. Returns an
         abort reason, or None (still moving, or done: `move.outcome == "done"`)."""
+        if self.link is not None and move.ready_at > self.clock():
+            return None  # a modelled copy still in flight
         prog = self._progress(move)
         if isinstance(prog, str):
             return prog
         status, computed = prog
+        if move.finishing is not None:  # the modelled last stage has arrived
+            return self._resume(move, *move.finishing)
         if status in ("waiting", "swapped"):  # recomputed on the destination
             if move.stage_end is not None or move.copied_tokens:
                 return "the request was preempted on the source"
@@ -161,10 +181,21 @@ class Mover:
     def _finish(self, move: Move, computed: int, first: int, need: int) -> str | None:
         """The last stage: copy the rest, resume on the destination, leave the source. Runs
         between two steps of the source, so the request computes nowhere meanwhile."""
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if self.link is None else self.clock()
         why = self._reserve(move, need) or self._copy(move, first, need)
         if why:
             return why
+        if self.link is not None and move.ready_at > self.clock():
+            if move.kind == "migration":
+                (err,) = gather([self.instances[move.src].call("pause", move.request_id)])
+                if isinstance(err, BaseException):
+                    return f"the source failed: {err}"
+            move.finishing = (computed, t0)
+            return None
+        return self._resume(move, computed, t0)
+
+    def _resume(self, move: Move, computed: int, t0: float) -> str | None:
+        """Hand the request to the destination and leave the source."""
         src, dst = self.instances[move.src], self.instances[move.dst]
         (state,) = gather([src.call("export_request", move.request_id)])
         if isinstance(state, BaseException):
@@ -175,7 +206,7 @@ class Mover:
         gather([src.call("detach", move.request_id)])  # a dead source: it lives on dst
         move.copied_tokens = computed
         move.stage += move.kind == "migration"
-        move.downtime = time.perf_counter() - t0
+        move.downtime = (time.perf_counter() if self.link is None else self.clock()) - t0
         move.outcome = "done"
         return None
 
@@ -183,6 +214,8 @@ class Mover:
         """Free the destination's reservation; a paused request resumes on the source."""
         move.outcome = f"aborted: {why}"
         gather([self.instances[move.dst].call("cancel_import", move.request_id)])
+        if move.finishing is not None and move.kind == "migration":
+            gather([self.instances[move.src].call("resume", move.request_id)])
 
 
 @dataclasses.dataclass
@@ -194,6 +227,13 @@ class MigrationPolicy:
     headroom_pages: int = 0  # kept per high-priority request (priority > 0)
     max_moves: int = 1  # migrations in flight at once
 
+    def source(self, loads: list[Load | None], busy: set[int]) -> int | None:
+        """The least free instance not in `busy`: the one that would give a request."""
+        live = [i for i, ld in enumerate(loads) if ld is not None and i not in busy]
+        if not live:
+            return None
+        return min(live, key=lambda i: (loads[i].freeness(self.headroom_pages), i))
+
     def pick(
         self, loads: list[Load | None], busy: set[int], candidates
     ) -> tuple[int, int, str] | None:
@@ -203,7 +243,7 @@ class MigrationPolicy:
         if len(live) < 2:
             return None
         free = {i: loads[i].freeness(self.headroom_pages) for i in live}
-        src = min(live, key=lambda i: (free[i], i))
+        src = self.source(loads, busy)
         dst = max(live, key=lambda i: (free[i], loads[i].free_pages, -i))
         s = loads[src]
         pressed = s.waiting > 0 or free[src] < self.low

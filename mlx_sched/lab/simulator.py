@@ -154,8 +154,13 @@ class SimRunner:
         return StepResult(shape.kind, shape.dims, [tokens(c) for c in counts], None, iters, device)
 
     def read_pages(self, pages):
-        n = len(pages)
-        return np.zeros((1, n)), np.zeros((1, n))
+        """Zero K and V of the real shape [N, pages, Z, K, X] and dtype, allocating nothing
+        (a broadcast scalar), so moves and swaps count the bytes a real engine would."""
+        m, z = self.model_cfg, self.cfg.page_size
+        kv = self.cfg.kv_dtype or m.dtype
+        shape = (m.n_layers, len(pages), z, m.n_kv_heads, m.head_dim)
+        x = np.broadcast_to(np.zeros((), np.float16 if kv == "bfloat16" else np.float32), shape)
+        return x, x
 
     def write_pages(self, pages, k, v) -> None:
         return None

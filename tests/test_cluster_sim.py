@@ -1,0 +1,239 @@
+"""The cluster over simulated instances (cluster.sim) and DistServe's placement search
+(cluster.placement): the same global-scheduler code, event-driven in simulated time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mlx_sched.cluster import dispatch as dispatch_lib
+from mlx_sched.cluster import migration as migration_lib
+from mlx_sched.cluster import placement as pl
+from mlx_sched.cluster.config import ClusterConfig
+from mlx_sched.cluster.sim import Scaled, SimCluster
+from mlx_sched.lab.workload import synthetic_trace
+from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.cost_model import StepTimeModel
+from mlx_sched.serve.request import SamplingParams
+from models import ModelConfig
+from models.errors import ConfigError
+
+MC = ModelConfig(
+    vocab_size=256, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=128, max_seq_len=512
+)
+SERVE = ServeConfig(page_size=8, num_pages=160, max_seqs=16, token_budget=128, slice_len=4)
+
+
+def trace(n=60, rate=40.0, seed=0, cv=None):
+    return synthetic_trace(n, rate, "sharegpt", 256, 1.0, cv, MC.vocab_size, seed=seed)
+
+
+def run(cfg, tr=None, **kw):
+    sim = SimCluster(MC, SERVE, cfg, **kw)
+    out = sim.run(tr or trace())
+    return sim, out
+
+
+def assert_complete(sim, tr):
+    """Every request finished with exactly its length, and every pool is consistent."""
+    reqs = sim.cluster.requests
+    assert len(reqs) == len(tr)
+    for i, r in enumerate(tr):
+        req = reqs[f"r{i}"]
+        assert req.status == "finished", (req.id, req.status, req.error)
+        assert len(req.outputs[0]) == r.max_tokens
+        assert len(req.times[0]) == r.max_tokens
+        assert req.times[0] == sorted(req.times[0])
+        assert req.times[0][0] >= r.arrival
+    sim.cluster.check()
+    assert not sim.cluster.moves
+
+
+@pytest.mark.parametrize("dispatch", ["round_robin", "least_loaded", "llumnix"])
+def test_colocated_cluster_serves_every_request(dispatch):
+    tr = trace()
+    sim, out = run(ClusterConfig(num_instances=3, dispatch=dispatch), tr)
+    assert_complete(sim, tr)
+    assert out["sim"]["batches"] >= out["sim"]["steps"] > 0
+    per = [e.runner.steps for e in sim.engines]
+    assert all(per), per  # the load spreads over every instance
+
+
+def test_disaggregated_hands_every_request_over():
+    tr = trace()
+    sim, out = run(ClusterConfig(num_instances=3, roles=("prefill", "decode", "decode")), tr)
+    assert_complete(sim, tr)
+    assert out["handovers"] == len(tr)
+    assert {r.instance for r in sim.cluster.requests.values()} <= {1, 2}
+    # the decode instances decode, the prefill one only prefills (one token each)
+    prefill = sim.engines[0]
+    assert (
+        sum(len(s.tokens) - len(r.prompt) for r in prefill.requests.values() for s in r.seqs) == 0
+    )
+    kv_bytes = out["kv_bytes_moved"]
+    assert kv_bytes > 0
+    assert out["kv_seconds"] == pytest.approx(kv_bytes / sim.cluster.mover.link)
+
+
+def test_slow_link_delays_decoding_not_the_first_token():
+    tr = trace(n=20, rate=5.0)
+    cfg = ClusterConfig(num_instances=2, roles=("prefill", "decode"))
+    _, fast = run(cfg, tr)
+    _, slow = run(cfg, tr, link_bytes_per_s=2e5)
+    assert slow["ttft"]["mean"] == pytest.approx(fast["ttft"]["mean"], rel=1e-6)
+    assert slow["e2e"]["mean"] > fast["e2e"]["mean"]
+
+
+def test_the_simulation_is_deterministic():
+    cfg = ClusterConfig(num_instances=3, migration=True)
+    tr = trace(n=80, rate=200.0, cv=3.0)
+    _, a = run(cfg, tr)
+    _, b = run(cfg, tr)
+    for key in ("ttft", "tpot", "e2e", "migrations", "kv_bytes_moved"):
+        assert a[key] == b[key], key
+
+
+def test_the_same_policy_objects_run(monkeypatch):
+    """The simulated cluster calls the real dispatch and migration policies and mover."""
+    calls = {"choose": 0, "pick": 0, "advance": 0}
+
+    def counting(cls, name):
+        orig = getattr(cls, name)
+
+        def wrapped(self, *a, **k):
+            calls[name] += 1
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    counting(dispatch_lib.Llumnix, "choose")
+    counting(migration_lib.MigrationPolicy, "pick")
+    counting(migration_lib.Mover, "advance")
+    tr = trace(n=80, rate=400.0, cv=3.0)
+    sim, out = run(ClusterConfig(num_instances=3, migration=True), tr)
+    assert_complete(sim, tr)
+    assert calls["choose"] == len(tr)
+    assert calls["pick"] > 0
+    assert out["migrations"] > 0 and calls["advance"] > 0
+    assert isinstance(sim.cluster.dispatch, dispatch_lib.Llumnix)
+
+
+def test_migration_downtime_is_the_last_stage_over_the_link():
+    tr = trace(n=80, rate=400.0, cv=3.0)
+    link = 1e6
+    sim, out = run(ClusterConfig(num_instances=3, migration=True), tr, link_bytes_per_s=link)
+    assert_complete(sim, tr)
+    done = [m for m in sim.cluster.move_log if m["kind"] == "migration" and m["outcome"] == "done"]
+    assert done
+    for m in done:
+        assert 0 <= m["downtime"] <= m["seconds"] + 1e-12
+        assert m["seconds"] == pytest.approx(m["bytes"] / link)
+
+
+def test_shared_host_steps_one_instance_at_a_time():
+    tr = trace(n=40, rate=1000.0)
+    cfg = ClusterConfig(num_instances=2)
+    par, a = run(cfg, tr)
+    ser, b = run(cfg, tr, shared_host=True)
+    assert b["wall_s"] > a["wall_s"]
+
+    def busy(sim):
+        return sum(r.device_s for e in sim.engines for r in e.step_records)  # modelled
+
+    assert busy(ser) <= b["wall_s"] + 1e-9  # one host: the steps never overlap
+    assert busy(par) > a["wall_s"]  # two: they do
+
+
+def test_speedups_divide_device_time():
+    base = StepTimeModel()
+    fast = Scaled(base, 2.0)
+    from mlx_sched.serve.shapes import Shape
+
+    shape = Shape("mixed", 8, 1, 64)
+    args = (shape, 2, 2, 64, 2048, 1, 40, 1)
+    b0, d0, a0 = base.simulate(*args)
+    b1, d1, a1 = fast.simulate(*args)
+    assert (b1, a1) == (b0, a0) and d1 == pytest.approx(d0 / 2)
+    with pytest.raises(ValueError, match="speedups"):
+        SimCluster(MC, SERVE, ClusterConfig(num_instances=2), speedups=[1.0])
+    tr = trace(n=30, rate=30.0)
+    _, slow = run(ClusterConfig(num_instances=1), tr)
+    _, quick = run(ClusterConfig(num_instances=1), tr, speedups=[4.0])
+    assert quick["tpot"]["mean"] < slow["tpot"]["mean"]
+
+
+# -- placement ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf, "1"])
+def test_slo_must_be_positive(bad):
+    with pytest.raises(ConfigError, match="positive"):
+        pl.SLO(ttft_s=bad, tpot_s=0.1)
+    with pytest.raises(ConfigError, match="positive"):
+        pl.SLO(ttft_s=0.1, tpot_s=bad)
+    with pytest.raises(ConfigError, match="attainment"):
+        pl.SLO(0.1, 0.1, attainment=1.5)
+
+
+def test_layouts_fit_the_devices():
+    got = pl.layouts(4, parallel=(1, 2))
+    assert all(lay.devices <= 4 for lay in got)
+    assert pl.Layout(0, 4) in got and pl.Layout(1, 3) in got and pl.Layout(1, 1, 2, 2) in got
+    assert pl.Layout(0, 2, 1, 2) in got and pl.Layout(2, 2) in got
+    assert len(set(got)) == len(got)
+    assert pl.layouts(1) == [pl.Layout(0, 1)]  # one device: no room to disaggregate
+    assert pl.Layout(1, 2).roles == ("prefill", "decode", "decode")
+    assert pl.Layout(0, 2).roles == ("both", "both")
+    with pytest.raises(ConfigError):
+        pl.layouts(0)
+
+
+def test_goodput_finds_the_threshold():
+    slo = pl.SLO(1.0, 1.0)
+
+    def fake(rate):  # attainment falls below 0.9 past 7.3 requests/s
+        return pl.Point(rate, 1.0 if rate <= 7.3 else 0.5, 0.0, 0.0)
+
+    g, points = pl.goodput(fake, slo, start=1.0, iters=10)
+    assert 7.3 - 8 / 2**10 <= g <= 7.3
+    assert [p.rate for p in points[:4]] == [1.0, 2.0, 4.0, 8.0]
+    never, _ = pl.goodput(lambda r: pl.Point(r, 0.0, 0, 0), slo, start=1.0)
+    assert never == 0.0
+
+
+def test_search_picks_the_most_goodput_per_device():
+    wl = pl.Workload(max_total=256, num_requests=40)
+    best, table = pl.search(MC, SERVE, wl, pl.SLO(0.2, 0.02), 3, start_rate=4.0, iters=2)
+    assert len(table) == len(pl.layouts(3))
+    assert best.per_device == max(c.per_device for c in table)
+    for c in table:
+        ok = [p for p in c.points if p.attainment >= 0.9]
+        assert c.goodput == (max(p.rate for p in ok) if ok else 0.0)
+    # a looser SLO never lowers a layout's goodput
+    _, loose = pl.search(MC, SERVE, wl, pl.SLO(2.0, 0.2), 3, start_rate=4.0, iters=2)
+    for a, b in zip(table, loose, strict=True):
+        assert b.goodput >= a.goodput
+
+
+@pytest.mark.slow
+def test_validate_on_real_engines():
+    from tests.tests_cluster_common import MC as TINY
+    from tests.tests_cluster_common import SERVE as TINY_SERVE
+    from tests.tests_cluster_common import model_for_tests
+
+    model = model_for_tests()
+    wl = pl.Workload(max_total=64, num_requests=8)
+    out = pl.validate(model, TINY_SERVE, pl.Layout(1, 1), wl, 4.0, pl.SLO(10.0, 1.0))
+    assert out["attainment"] == 1.0
+    assert out["compiles_after_warmup"] == [0, 0]
+    assert TINY.vocab_size == model.cfg.vocab_size
+
+
+def test_sampling_params_reach_the_simulated_engines():
+    tr = trace(n=10, rate=10.0)
+    sim = SimCluster(MC, SERVE, ClusterConfig(num_instances=2))
+    sim.run(tr, sampling=SamplingParams(temperature=0.7, seed=3))
+    for i in range(len(tr)):
+        req = sim.cluster.requests[f"r{i}"]
+        assert req.sampling.temperature == 0.7 and req.sampling.seed == 3 + i
