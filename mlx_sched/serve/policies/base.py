@@ -85,10 +85,17 @@ class Policy:
         del seq.draft[self.cfg.max_width - 1 :]
         return 1 + len(seq.draft)
 
-    def schedule_decodes(self, sched: Scheduler, plan: StepPlan, order: list[Request]) -> None:
-        """A decode for every decoding sequence of `order` (up to max_seqs in all); preempt
-        from the tail of `order` when KV runs short. A sequence whose copy-on-write copy does
-        not fit this step's copy allowance waits for the next step."""
+    def schedule_decodes(
+        self,
+        sched: Scheduler,
+        plan: StepPlan,
+        order: list[Request],
+        wants: Callable[[Seq], bool] | None = None,
+    ) -> None:
+        """A decode for every decoding sequence of `order` (up to max_seqs in all; only those
+        `wants` accepts, if given); preempt from the tail of `order` when KV runs short. A
+        sequence whose copy-on-write copy does not fit this step's copy allowance waits for
+        the next step."""
         running = set(sched.running)  # kept as sched.running: only preempt() below leaves it
         max_seqs = self.cfg.max_seqs
         for req in list(order):
@@ -97,6 +104,8 @@ class Policy:
             for seq in req.live_seqs:
                 if len(seq.tokens) - seq.num_computed != 1 or plan.has(seq):
                     continue  # not decoding (remaining != 1), or already planned
+                if wants is not None and not wants(seq):
+                    continue
                 if plan.num_decodes >= max_seqs:
                     return
                 n = self.decode_positions(seq)
