@@ -45,7 +45,10 @@ class SLO:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """Requests of a length preset arriving as a Poisson stream (or Gamma with `cv`)."""
+    """Requests of a length preset arriving as a Poisson stream (or Gamma with `cv`):
+    `num_requests`, or as many as arrive in `min_duration_s` at the rate if more (a fixed
+    count at a high rate is a short burst that any layout absorbs: a sustained overload
+    needs arrivals over a while)."""
 
     preset: str = "sharegpt"
     max_total: int = 1024
@@ -53,10 +56,14 @@ class Workload:
     num_requests: int = 400
     cv: float | None = None
     seed: int = 0
+    min_duration_s: float = 0.0
+
+    def count(self, rate: float) -> int:
+        return max(self.num_requests, math.ceil(rate * self.min_duration_s))
 
     def trace(self, rate: float, vocab: int):
         return synthetic_trace(
-            self.num_requests,
+            self.count(rate),
             rate,
             self.preset,
             self.max_total,
@@ -247,9 +254,10 @@ def search(
     return best, table
 
 
-def serve_trace(cluster, trace, clock=None) -> float:
-    """Serve `trace` on a real `Cluster`, each request added when the wall clock passes its
-    arrival; returns the seconds from the start to the last token."""
+def serve_trace(cluster, trace, clock=None, prefix: str = "r") -> float:
+    """Serve `trace` on a real `Cluster`, each request added (as `prefix` + its index) when
+    the wall clock passes its arrival; returns the seconds from the start to the last
+    token."""
     import dataclasses as dc
     import time
 
@@ -264,7 +272,7 @@ def serve_trace(cluster, trace, clock=None) -> float:
             r = trace[order[nxt]]
             sp = dc.replace(SamplingParams(), max_tokens=r.max_tokens, ignore_eos=True)
             cluster.add_request(
-                r.prompt, sp, f"r{order[nxt]}", r.client, r.priority, t0 + r.arrival
+                r.prompt, sp, f"{prefix}{order[nxt]}", r.client, r.priority, t0 + r.arrival
             )
             nxt += 1
         if cluster.has_work():
