@@ -237,3 +237,18 @@ def test_sampling_params_reach_the_simulated_engines():
     for i in range(len(tr)):
         req = sim.cluster.requests[f"r{i}"]
         assert req.sampling.temperature == 0.7 and req.sampling.seed == 3 + i
+
+
+def test_one_instance_cluster_equals_the_single_engine_simulator():
+    """A request arriving while the instance's step is under way is served at its next
+    step (a report taken after the arrival does not mark the instance idle)."""
+    from mlx_sched.lab.replay import replay
+    from mlx_sched.lab.simulator import sim_engine
+
+    tr = trace(n=40, rate=8.0, seed=3)
+    sim, _ = run(ClusterConfig(num_instances=1), tr)
+    one = sim_engine(MC, SERVE, seed=0)
+    replay(one, tr)
+    for rid, r in one.requests.items():
+        got = sim.cluster.requests[rid]
+        assert got.times[0] == pytest.approx(r.seqs[0].token_times, abs=1e-12), rid

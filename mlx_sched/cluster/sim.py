@@ -148,6 +148,8 @@ class SimCluster:
                 stepping[i] = False
                 c.in_flight.discard(i)
                 c.absorb(i, rep)
+                if i not in c.dead:  # requests may have arrived there during the step
+                    c.busy[i] = c.busy[i] or engines[i].has_work()
                 c.coordinate()
                 parked = [False] * len(engines)
             elif t_arr <= t:
