@@ -252,3 +252,18 @@ def test_one_instance_cluster_equals_the_single_engine_simulator():
     for rid, r in one.requests.items():
         got = sim.cluster.requests[rid]
         assert got.times[0] == pytest.approx(r.seqs[0].token_times, abs=1e-12), rid
+
+
+def test_a_shared_host_starves_no_instance():
+    """On one host, an instance that gets work steps before a busy one steps again (ties go
+    to the instance that waited longest), not once the busy one runs out of work."""
+    from mlx_sched.lab.workload import TraceRequest
+
+    tr = [TraceRequest(0.0, list(range(1, 30)), 200), TraceRequest(0.05, list(range(1, 9)), 4)]
+    sim, _ = run(ClusterConfig(num_instances=2, dispatch="round_robin"), tr, shared_host=True)
+    assert_complete(sim, tr)
+    long, short = sim.cluster.requests["r0"], sim.cluster.requests["r1"]
+    assert (long.instance, short.instance) == (0, 1)
+    longest = max(r.device_s for e in sim.engines for r in e.step_records)
+    assert short.times[0][0] - short.arrival <= 3 * longest
+    assert short.times[0][-1] < long.times[0][-1] / 2

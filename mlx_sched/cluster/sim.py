@@ -132,12 +132,15 @@ class SimCluster:
                 (m.ready_at for m in c.moves.values() if m.ready_at > self.now),
                 default=math.inf,
             )
-            t_step, who = math.inf, -1
+            # the next instance to step: the earliest ready, then (ties on a shared host)
+            # the one that has waited longest
+            t_step, who, key = math.inf, -1, None
             for i, e in enumerate(engines):
                 if c.busy[i] and not stepping[i] and not parked[i] and i not in c.dead:
                     t = max(e.clock.now, self.now, host_free)
-                    if t < t_step:
-                        t_step, who = t, i
+                    k = (t, e.clock.now)
+                    if key is None or k < key:
+                        t_step, who, key = t, i, k
             t = min(t_rep, t_arr, t_move, t_step)
             if t == math.inf:
                 break
