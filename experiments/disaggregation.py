@@ -37,14 +37,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", "runs/disaggregation", "where the results go")
 
 
-def served_goodput(rates, metrics_per_rate, slo) -> float:
-    """The highest served rate whose attainment reaches the SLO's (0 if none)."""
-    ok = [
-        r for r, m in zip(rates, metrics_per_rate, strict=True) if slo.attained(m) >= slo.attainment
-    ]
-    return max(ok) if ok else 0.0
-
-
 def latency(summary: dict) -> dict:
     return {
         k: {q: summary.get(k, {}).get(q, math.nan) for q in ("mean", "p50", "p90")}
@@ -145,7 +137,7 @@ def real_study(config, scales) -> dict:
         for layout in layouts:
             rr = runs[layout.name()]
             for side in ("real", "sim"):
-                g = served_goodput(rates, [r[f"{side}_metrics"] for r in rr], slo)
+                g = pl.served_goodput(rates, [r[f"{side}_metrics"] for r in rr], slo)
                 row[f"{layout.name()} {side}"] = g / layout.devices
         table.append(row)
     # the placement search on this machine's shape (2 devices, one shared host), validated

@@ -1,5 +1,6 @@
 """The DistServe experiment: goodput read off served rates, its config, and the runlocal
-variant end to end (real engines, the simulator, the speed study)."""
+variant end to end (real engines, the simulator, the speed study). The experiment's module
+defines absl flags: it runs in a subprocess, never imported here."""
 
 import json
 import os
@@ -9,9 +10,8 @@ import sys
 
 import pytest
 
-from experiments import disaggregation as exp
 from experiments.configs import disaggregation as cfg
-from mlx_sched.cluster.placement import SLO
+from mlx_sched.cluster.placement import SLO, served_goodput
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,8 @@ def test_served_goodput_is_the_highest_attaining_rate():
     late = {"status": "finished", "ttft": 5.0, "tpot": 0.01}
     slo = SLO(1.0, 0.1)
     per_rate = [[ok] * 10, [ok] * 9 + [late], [ok] * 5 + [late] * 5]
-    assert exp.served_goodput([1.0, 2.0, 4.0], per_rate, slo) == 2.0
-    assert exp.served_goodput([1.0], [[late]], slo) == 0.0
+    assert served_goodput([1.0, 2.0, 4.0], per_rate, slo) == 2.0
+    assert served_goodput([1.0], [[late]], slo) == 0.0
 
 
 def test_config_variants():

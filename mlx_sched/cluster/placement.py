@@ -202,6 +202,17 @@ def goodput(
     return lo, points
 
 
+def served_goodput(
+    rates: Sequence[float], metrics_per_rate: Sequence[Sequence[dict]], slo
+) -> float:
+    """Goodput read off rates actually served: the highest rate whose requests' attainment
+    reaches `slo.attainment` (0 if none)."""
+    ok = [
+        r for r, m in zip(rates, metrics_per_rate, strict=True) if slo.attained(m) >= slo.attainment
+    ]
+    return max(ok) if ok else 0.0
+
+
 @dataclasses.dataclass
 class Candidate:
     layout: Layout
