@@ -19,9 +19,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
+import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import pathlib  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -29,13 +31,12 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import common  # noqa: E402
+from experiments import migration_report as report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", common.config_path("migration"), "migration config", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "docs/results", "where the JSON and plots go")
-
-LATENCIES = ("ttft", "tpot", "e2e")
 
 
 def main(argv):
@@ -56,7 +57,7 @@ def main(argv):
         results[name] = STUDIES[name](config, workdir)
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     metrics.write_json(workdir / "migration.json", results)
-    print(tables(results))
+    print(report.tables(results))
     print(f"results: {workdir / 'migration.json'}, plots: {workdir}/migration_*.png")
 
 
@@ -133,7 +134,7 @@ def latency(request_metrics: list[dict]) -> dict:
         "preempted_requests": sum(m["preemptions"] > 0 for m in request_metrics),
         "migrated_requests": sum(m["migrations"] > 0 for m in request_metrics),
     }
-    return out | {k: percentiles([m[k] for m in done if k in m]) for k in LATENCIES}
+    return out | {k: percentiles([m[k] for m in done if k in m]) for k in report.LATENCIES}
 
 
 def serve_point(model, config, trace, serve=None, **cluster) -> tuple[dict, list[dict]]:
@@ -150,6 +151,9 @@ def serve_point(model, config, trace, serve=None, **cluster) -> tuple[dict, list
         "other_cores": cpu.other_cores,  # other processes' CPU use while it ran
         "migrations": s["migrations"],
         "moves_aborted": s["moves_aborted"],
+        "move_outcomes": dict(
+            collections.Counter(re.sub(r"\d+", "N", m["outcome"]) for m in c.move_log)
+        ),
         "kv_bytes_moved": s["kv_bytes_moved"],
         "compiles": sum(s["compiles_after_warmup"]),  # 0: every shape compiled at warm-up
         "migration_downtime": s["migration_downtime"],
@@ -158,6 +162,32 @@ def serve_point(model, config, trace, serve=None, **cluster) -> tuple[dict, list
     del c
     gc.collect()
     return row, ms
+
+
+PAIRED = {  # per-run figures compared per trace (seed) between two arms
+    "ttft_p99": lambda r: r["ttft"]["p99"],
+    "e2e_p99": lambda r: r["e2e"]["p99"],
+    "tpot_p99": lambda r: r["tpot"]["p99"],
+    "e2e_p50": lambda r: r["e2e"]["p50"],
+    "preemptions": lambda r: r["preemptions"],
+}
+
+
+def paired(base: dict, other: dict) -> dict:
+    """Per metric of PAIRED, over seeds run in both arms ({seed: row}): the median of
+    other / base, and in how many seeds `other` was lower and higher."""
+    seeds = sorted(set(base) & set(other))
+    out = {}
+    for name, f in PAIRED.items():
+        a, b = np.array([f(base[s]) for s in seeds]), np.array([f(other[s]) for s in seeds])
+        ok = a > 0
+        out[name] = {
+            "median_ratio": float(np.median(b[ok] / a[ok])) if ok.any() else float("nan"),
+            "lower": int((b < a).sum()),
+            "higher": int((b > a).sum()),
+            "seeds": len(seeds),
+        }
+    return out
 
 
 def progress(tag: str, row: dict) -> None:
@@ -206,10 +236,13 @@ def load_balance(config, workdir: pathlib.Path) -> dict:
                 "rate": rate,
                 "runs": runs,
                 "pooled": {"off": latency(pooled[False]), "on": latency(pooled[True])},
+                "paired": paired(
+                    *({r["seed"]: r for r in runs if r["migration"] == on} for on in (False, True))
+                ),
                 "requests": pooled,  # for the plot; dropped from the JSON
             }
         )
-    plot_latency(points, workdir / "migration_latency.png")
+    report.plot_latency(points, workdir / "migration_latency.png")
     return {"points": [{k: v for k, v in p.items() if k != "requests"} for p in points]}
 
 
@@ -295,7 +328,7 @@ def downtime(config, workdir: pathlib.Path) -> dict:
         )
     c.shutdown()
     out["by_length"] = [downtime_row(L, out) for L in d.lengths]
-    plot_downtime(out["by_length"], workdir / "migration_downtime.png")
+    report.plot_downtime(out["by_length"], workdir / "migration_downtime.png")
     return out
 
 
@@ -335,7 +368,12 @@ def priority(config, workdir: pathlib.Path) -> dict:
         trace = make_trace(config.load, config.model.vocab_size, seed, p.high_share)
         for arm in list(arms) if i % 2 == 0 else list(arms)[::-1]:
             row, ms = serve_point(
-                model, config, trace, {"policy": p.policy}, migration=True, headroom_pages=arms[arm]
+                model,
+                config,
+                trace,
+                {"policy": p.policy, "policy_args": p.policy_args.to_dict()},
+                migration=True,
+                headroom_pages=arms[arm],
             )
             high = latency([m for m in ms if m["priority"] > 0])
             normal = latency([m for m in ms if m["priority"] <= 0])
@@ -343,10 +381,12 @@ def priority(config, workdir: pathlib.Path) -> dict:
             pooled[arm] += ms
             tag = f"priority {len(runs)}/{2 * len(p.seeds)} seed={seed} {arm}, high class"
             progress(tag, {**row, **high})
-    plot_priority(pooled, workdir / "migration_priority.png")
+    report.plot_priority(pooled, workdir / "migration_priority.png")
+    by_arm = {a: {r["seed"]: r["high"] for r in runs if r["arm"] == a} for a in arms}
     return {
         "headroom_pages": p.headroom_pages,
         "runs": runs,
+        "paired_high": paired(by_arm["no_headroom"], by_arm["headroom"]),
         "pooled": {
             arm: {
                 "high": latency([m for m in ms if m["priority"] > 0]),
@@ -358,129 +398,6 @@ def priority(config, workdir: pathlib.Path) -> dict:
 
 
 STUDIES = {"load_balance": load_balance, "downtime": downtime, "priority": priority}
-
-
-# -- plots and tables -------------------------------------------------------------------------
-
-
-def _cdfs(axes, curves: dict[str, list[dict]]) -> None:
-    """TTFT, TPOT and E2E CDFs (ms, log x) on three axes, a line per labelled request list."""
-    for ax, key in zip(axes, LATENCIES, strict=True):
-        for (label, ms), style in zip(curves.items(), ("-", "-", "--", "--"), strict=False):
-            v = np.sort([max(1e-2, 1e3 * m[key]) for m in ms if key in m])
-            if len(v):
-                ax.plot(v, np.arange(1, len(v) + 1) / len(v), style, label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"{key.upper()} (ms)")
-        ax.set_ylabel("fraction of requests")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-
-
-def _save(fig, out_png: pathlib.Path) -> None:
-    from mlx_sched.plotting import plt
-
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-
-
-def plot_latency(points: list[dict], out_png: pathlib.Path) -> None:
-    """Per rate (a row each): TTFT, TPOT and E2E CDFs with migration off and on."""
-    from mlx_sched.plotting import plt
-
-    fig, axes = plt.subplots(len(points), 3, figsize=(12, 3.2 * len(points)), squeeze=False)
-    for row, point in zip(axes, points, strict=True):
-        curves = {
-            f"migration {'on' if on else 'off'} ({sum(m['preemptions'] for m in ms)} "
-            "preemptions)": ms
-            for on, ms in sorted(point["requests"].items())
-        }
-        _cdfs(row, curves)
-        row[0].set_title(f"{point['rate']:g} req/s", fontsize=9, loc="left")
-    fig.suptitle("Llumnix dispatch, 4 instances, bursty heavy-tailed traces", fontsize=10)
-    _save(fig, out_png)
-
-
-def plot_priority(pooled: dict[str, list[dict]], out_png: pathlib.Path) -> None:
-    from mlx_sched.plotting import plt
-
-    curves = {}
-    for cls, high in (("high", True), ("normal", False)):
-        for arm, ms in pooled.items():
-            curves[f"{cls}, {arm.replace('_', ' ')}"] = [
-                m for m in ms if (m["priority"] > 0) == high
-            ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    _cdfs(axes, curves)
-    fig.suptitle("Llumnix with and without headroom for high-priority requests", fontsize=10)
-    _save(fig, out_png)
-
-
-def plot_downtime(rows: list[dict], out_png: pathlib.Path) -> None:
-    from mlx_sched.plotting import plt
-
-    L = [r["length"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    dt = np.array([r["downtime_ms"] for r in rows])
-    err = [dt - [r["downtime_min_ms"] for r in rows], [r["downtime_max_ms"] for r in rows] - dt]
-    ax.errorbar(L, dt, yerr=err, marker="o", capsize=3, label="live migration: downtime")
-    ax.plot(L, [r["copy_ms"] for r in rows], "s:", label="live migration: all stages' copies")
-    ax.plot(L, [r["stop_and_copy_ms"] for r in rows], "^-", label="stop-and-copy: stopped")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("ms")
-    ax.set_title("migration downtime vs context length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, out_png)
-
-
-def _latency_cells(s: dict) -> list[str]:
-    return [f"{1e3 * s[k][p]:.0f}" for k in LATENCIES for p in ("p50", "p99")]
-
-
-LATENCY_HEAD = "TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | E2E p50 | E2E p99 (ms)"
-
-
-def tables(results: dict) -> str:
-    """The results as markdown tables."""
-    md = []
-    if "load_balance" in results:
-        head = f"| rate (req/s) | migration | {LATENCY_HEAD} | preemptions | migrations |"
-        md += [head, "|" + "---|" * 10]
-        for point in results["load_balance"]["points"]:
-            for arm, on in (("off", False), ("on", True)):
-                s = point["pooled"][arm]
-                moved = sum(r["migrations"] for r in point["runs"] if r["migration"] == on)
-                cells = " | ".join(_latency_cells(s))
-                md.append(f"| {point['rate']:g} | {arm} | {cells} | {s['preemptions']} | {moved} |")
-        md.append("")
-    if "downtime" in results:
-        md += [
-            "| context (tokens) | KV (MiB) | stages | copies (ms) | downtime (ms) "
-            "| stop-and-copy (ms) |",
-            "|" + "---|" * 6,
-        ]
-        for r in results["downtime"]["by_length"]:
-            md.append(
-                f"| {r['length']} | {r['stop_and_copy_mib']:.2f} | {r['stages']:.1f} "
-                f"| {r['copy_ms']:.2f} | {r['downtime_ms']:.2f} ({r['downtime_min_ms']:.2f}-"
-                f"{r['downtime_max_ms']:.2f}) | {r['stop_and_copy_ms']:.2f} |"
-            )
-        md.append("")
-    if "priority" in results:
-        md += [f"| arm | class | {LATENCY_HEAD} | preemptions |", "|" + "---|" * 9]
-        for arm, classes in results["priority"]["pooled"].items():
-            for cls, s in classes.items():
-                md.append(
-                    f"| {arm} | {cls} | "
-                    + " | ".join(_latency_cells(s))
-                    + f" | {s['preemptions']} |"
-                )
-        md.append("")
-    return "\n".join(md)
 
 
 if __name__ == "__main__":

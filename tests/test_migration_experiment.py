@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import migration as exp
+from experiments import migration_report as report
 from experiments.configs import migration as configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,6 +70,18 @@ def test_downtime_rows_average_done_moves_and_count_aborted_ones():
     assert nothing["done"] == 0 and np.isnan(nothing["downtime_ms"])
 
 
+def test_paired_comparison_counts_seeds_where_the_other_arm_is_lower():
+    row = lambda ttft, pre: {"ttft": {"p99": ttft}, "e2e": {"p99": 1.0, "p50": 1.0},
+                             "tpot": {"p99": 1.0}, "preemptions": pre}  # fmt: skip
+    base = {0: row(2.0, 10), 1: row(1.0, 0), 2: row(4.0, 5)}
+    other = {0: row(1.0, 5), 1: row(2.0, 3), 2: row(2.0, 5), 9: row(0.1, 0)}  # 9: one arm only
+    p = exp.paired(base, other)
+    assert p["ttft_p99"] == {"median_ratio": 0.5, "lower": 2, "higher": 1, "seeds": 3}
+    assert p["preemptions"]["median_ratio"] == pytest.approx(0.75)  # seed 1 (base 0) left out
+    assert (p["preemptions"]["lower"], p["preemptions"]["higher"]) == (1, 1)
+    assert p["e2e_p99"]["lower"] == p["e2e_p99"]["higher"] == 0
+
+
 def _check_load_balance(res, config):
     assert [p["rate"] for p in res["points"]] == list(config.load_balance.rates)
     for point in res["points"]:
@@ -80,6 +93,7 @@ def _check_load_balance(res, config):
         runs = point["runs"]
         assert len(runs) == 2 * len(config.load.seeds) and all(r["compiles"] == 0 for r in runs)
         assert sum(r["migrations"] for r in runs if r["migration"]) >= 1  # the policy moved some
+        assert point["paired"]["preemptions"]["seeds"] == len(config.load.seeds)
         assert all(r["migrations"] == 0 for r in runs if not r["migration"])
 
 
@@ -102,13 +116,14 @@ def _check_priority(res):
         assert arm["high"]["finished"] == arm["high"]["requests"]
     assert {r["arm"] for r in res["runs"]} == {"no_headroom", "headroom"}
     assert sum(r["migrations"] for r in res["runs"]) >= 1  # migration is on in both arms
+    assert set(res["paired_high"]) == set(exp.PAIRED)
 
 
 @pytest.mark.slow  # 3 clusters of 4 engines, compiled on 4 devices (~40 s on a cold cache)
 def test_load_balance_study_migrates_and_plots(config, tmp_path):
     res = exp.load_balance(config, tmp_path)
     _check_load_balance(res, config)
-    text = exp.tables({"load_balance": res})
+    text = report.tables({"load_balance": res})
     assert text.count("| on |") == len(config.load_balance.rates)
     assert (tmp_path / "migration_latency.png").stat().st_size > 1000
 
@@ -116,14 +131,14 @@ def test_load_balance_study_migrates_and_plots(config, tmp_path):
 def test_downtime_study_records_every_move(config, tmp_path):
     res = exp.downtime(config, tmp_path)
     _check_downtime(res, config)
-    assert "| 96 |" in exp.tables({"downtime": res})
+    assert "| 96 |" in report.tables({"downtime": res})
     assert (tmp_path / "migration_downtime.png").stat().st_size > 1000
 
 
 def test_priority_study_reports_both_classes_and_arms(config, tmp_path):
     res = exp.priority(config, tmp_path)
     _check_priority(res)
-    assert "| headroom | high |" in exp.tables({"priority": res})
+    assert "| headroom | high |" in report.tables({"priority": res})
     assert (tmp_path / "migration_priority.png").stat().st_size > 1000
 
 

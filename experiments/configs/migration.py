@@ -72,9 +72,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         preset="heavy_tail",
         length_scale=1.0,
         max_total=512,
-        seeds=(0, 1, 2, 3),
+        seeds=(0, 1, 2, 3, 4, 5),  # traces: each is served in both arms (a paired comparison)
     )
-    c.load_balance = dict(rates=(16.0, 24.0))  # the load study runs at each rate
+    c.load_balance = dict(rates=(24.0, 32.0))  # the load study runs at each rate
     c.warmup_requests = 40  # served once, not measured: the process's first steps are slower
     c.downtime = dict(
         # a wider KV (8 KiB per token) so that copying a long context costs measurable time
@@ -104,9 +104,14 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     )
     c.priority = dict(
         high_share=0.1,  # share of the trace's requests with priority 1
-        headroom_pages=24,  # the "with headroom" arm's ClusterConfig.headroom_pages
-        policy="fcfs",  # each instance's own policy (the same in both arms)
-        seeds=(0, 1, 2, 3),
+        # the "with headroom" arm's ClusterConfig.headroom_pages: room for a high-priority
+        # request of half the longest length (max_total / 2 tokens)
+        headroom_pages=16,
+        # each instance's own policy, the same in both arms: high-priority requests are
+        # admitted first and preempted last (Llumnix's queueing priority), never preempting
+        policy="priority",
+        policy_args=dict(mode="class", preempt=False),
+        seeds=(0, 1, 2, 3, 4, 5),
     )
     if arg == "runlocal":
         c.model.update(vocab_size=128, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
