@@ -14,7 +14,8 @@ devices, all stepped one after another in this process:
   priority      latency of high-priority requests (a share `high_share` of the trace) with
                 Llumnix's headroom (`headroom_pages` per high-priority request) and without
 
-Variants: default (about 10 minutes on 2 CPU cores, compilations cached), runlocal (tests).
+Variants: default (8-10 minutes on 2 CPU cores with compilations cached; a few more cold),
+runlocal (about 30 s: tests).
 
   python -m experiments.migration                        # docs/results/migration.json + plots
   python -m experiments.migration --config=experiments/configs/migration.py:runlocal \
