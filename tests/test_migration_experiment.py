@@ -1,5 +1,7 @@
 """The Llumnix experiment (experiments/migration.py): its trace, its downtime summary and
-tables on hand-made records, and each study run at the runlocal size on real engines."""
+tables on hand-made records, and each study run at the runlocal size on real engines. The
+studies come from experiments.migration_studies: importing the entry point would define its
+absl flags a second time beside another experiment's (a collection error)."""
 
 import json
 import os
@@ -10,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import migration as exp
 from experiments import migration_report as report
+from experiments import migration_studies as exp
 from experiments.configs import migration as configs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
