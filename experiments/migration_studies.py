@@ -1,0 +1,353 @@
+"""The studies of experiments/migration.py, without its flags (tests import this module)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import pathlib
+import re
+import time
+
+import numpy as np
+
+from experiments import common
+from experiments import migration_report as report
+
+# -- serving a trace through a cluster --------------------------------------------------------
+
+
+def make_model(model_cfg: dict):
+    from flax import nnx
+
+    from models import ModelConfig, Transformer
+
+    return Transformer(ModelConfig.from_dict(model_cfg), nnx.Rngs(0))
+
+
+def make_cluster(model, serve: dict, cluster: dict):
+    from mlx_sched.cluster import Cluster, ClusterConfig
+    from mlx_sched.serve.config import ServeConfig
+
+    return Cluster.build(model, ServeConfig.from_dict(serve), ClusterConfig.from_dict(cluster))
+
+
+def make_trace(load, vocab: int, seed: int, high_share: float = 0.0):
+    """The load's Gamma / heavy-tailed trace; a `high_share` of it (seeded) is priority 1."""
+    from mlx_sched.lab import workload
+
+    trace = workload.synthetic_trace(
+        n=load.num_requests,
+        rate=load.rate,
+        preset=load.preset,
+        max_total=load.max_total,
+        length_scale=load.length_scale,
+        cv=load.cv,
+        vocab=vocab,
+        seed=seed,
+    )
+    high = np.random.default_rng([seed, 1]).random(len(trace)) < high_share
+    return [
+        dataclasses.replace(r, priority=1, client="high") if h else r
+        for r, h in zip(trace, high, strict=True)
+    ]
+
+
+def replay(cluster, trace) -> float:
+    """Serve `trace` online: a request is added once the wall clock passes its arrival (which
+    it keeps as its arrival time); returns the seconds until the last token."""
+    from mlx_sched.serve.request import SamplingParams
+
+    t0, k = time.time(), 0
+    while k < len(trace) or cluster.has_work():
+        now = time.time() - t0
+        while k < len(trace) and trace[k].arrival <= now:
+            r = trace[k]
+            sampling = SamplingParams(max_tokens=r.max_tokens, ignore_eos=True)
+            cluster.add_request(
+                r.prompt, sampling, f"r{k}", r.client, r.priority, arrival=t0 + r.arrival
+            )
+            k += 1
+        if cluster.has_work():
+            cluster.step()
+        elif k < len(trace):
+            time.sleep(min(0.01, max(0.0, trace[k].arrival - now)))
+    return time.time() - t0
+
+
+def latency(request_metrics: list[dict]) -> dict:
+    """Percentiles of TTFT, TPOT, E2E over finished requests; preemption and migration counts."""
+    from mlx_sched.serve.metrics import percentiles
+
+    done = [m for m in request_metrics if m["status"] == "finished"]
+    out = {
+        "requests": len(request_metrics),
+        "finished": len(done),
+        "preemptions": sum(m["preemptions"] for m in request_metrics),
+        "preempted_requests": sum(m["preemptions"] > 0 for m in request_metrics),
+        "migrated_requests": sum(m["migrations"] > 0 for m in request_metrics),
+    }
+    return out | {k: percentiles([m[k] for m in done if k in m]) for k in report.LATENCIES}
+
+
+def serve_point(model, config, trace, serve=None, **cluster) -> tuple[dict, list[dict]]:
+    """One cluster (config.serve and config.cluster, with overrides) serving `trace`: its
+    summary row and every request's metrics."""
+    serve = {**config.serve.to_dict(), **(serve or {})}
+    c = make_cluster(model, serve, {**config.cluster.to_dict(), **cluster})
+    with common.CpuMeter() as cpu:
+        wall = replay(c, trace)
+    s = c.summary(wall)
+    ms = [{k: v for k, v in r.metrics().items() if k != "itl"} for r in c.requests.values()]
+    row = {
+        "wall_s": wall,
+        "other_cores": cpu.other_cores,  # other processes' CPU use while it ran
+        "migrations": s["migrations"],
+        "moves_aborted": s["moves_aborted"],
+        "move_outcomes": dict(
+            collections.Counter(re.sub(r"\d+", "N", m["outcome"]) for m in c.move_log)
+        ),
+        "kv_bytes_moved": s["kv_bytes_moved"],
+        "compiles": sum(s["compiles_after_warmup"]),  # 0: every shape compiled at warm-up
+        "migration_downtime": s["migration_downtime"],
+    } | latency(ms)
+    c.shutdown()
+    del c
+    gc.collect()
+    return row, ms
+
+
+PAIRED = {  # per-run figures compared per trace (seed) between two arms
+    "ttft_p99": lambda r: r["ttft"]["p99"],
+    "e2e_p99": lambda r: r["e2e"]["p99"],
+    "tpot_p99": lambda r: r["tpot"]["p99"],
+    "e2e_p50": lambda r: r["e2e"]["p50"],
+    "preemptions": lambda r: r["preemptions"],
+}
+
+
+def paired(base: dict, other: dict) -> dict:
+    """Per metric of PAIRED, over seeds run in both arms ({seed: row}): the median of
+    other / base, and in how many seeds `other` was lower and higher."""
+    seeds = sorted(set(base) & set(other))
+    out = {}
+    for name, f in PAIRED.items():
+        a, b = np.array([f(base[s]) for s in seeds]), np.array([f(other[s]) for s in seeds])
+        ok = a > 0
+        out[name] = {
+            "median_ratio": float(np.median(b[ok] / a[ok])) if ok.any() else float("nan"),
+            "lower": int((b < a).sum()),
+            "higher": int((b > a).sum()),
+            "seeds": len(seeds),
+        }
+    return out
+
+
+def progress(tag: str, row: dict) -> None:
+    ms = lambda key, p: f"{1e3 * row[key][p]:.0f}"
+    print(
+        f"[{tag}] {row['finished']}/{row['requests']} in {row['wall_s']:.1f} s: "
+        f"TTFT p50/p99 {ms('ttft', 'p50')}/{ms('ttft', 'p99')} ms, "
+        f"E2E p50/p99 {ms('e2e', 'p50')}/{ms('e2e', 'p99')} ms, "
+        f"preemptions {row['preemptions']}, migrations {row['migrations']} "
+        f"(other processes: {row['other_cores']:.2f} cores)",
+        flush=True,
+    )
+
+
+def warm_up(model, config) -> None:
+    """Serve a few requests once: a process's first steps are slower than its later ones."""
+    trace = make_trace(config.load, config.model.vocab_size, seed=1000)
+    serve_point(model, config, trace[: config.warmup_requests], migration=True)
+
+
+# -- study a: load balancing ------------------------------------------------------------------
+
+
+def load_balance(config, workdir: pathlib.Path) -> dict:
+    """Llumnix dispatch with and without migration on the same traces (order alternated), at
+    each arrival rate of `load_balance.rates`."""
+    model = make_model(config.model.to_dict())
+    warm_up(model, config)
+    points = []
+    seeds, rates = list(config.load.seeds), list(config.load_balance.rates)
+    for rate in rates:
+        load = config.load.copy_and_resolve_references()
+        load.rate = rate
+        runs, pooled = [], {False: [], True: []}
+        for i, seed in enumerate(seeds):
+            trace = make_trace(load, config.model.vocab_size, seed)
+            for migration in (False, True) if i % 2 == 0 else (True, False):
+                row, ms = serve_point(model, config, trace, migration=migration)
+                runs.append({"seed": seed, "migration": migration, **row})
+                pooled[migration] += ms
+                n = len(points) * 2 * len(seeds) + len(runs)
+                tag = f"load {n}/{2 * len(seeds) * len(rates)} rate={rate:g} seed={seed}"
+                progress(f"{tag} migration={'on' if migration else 'off'}", row)
+        points.append(
+            {
+                "rate": rate,
+                "runs": runs,
+                "pooled": {"off": latency(pooled[False]), "on": latency(pooled[True])},
+                "paired": paired(
+                    *({r["seed"]: r for r in runs if r["migration"] == on} for on in (False, True))
+                ),
+                "requests": pooled,  # for the plot; dropped from the JSON
+            }
+        )
+    report.plot_latency(points, workdir / "migration_latency.png")
+    return {"points": [{k: v for k, v in p.items() if k != "requests"} for p in points]}
+
+
+# -- study b: downtime vs context length --------------------------------------------------------
+
+
+def migrate_once(cluster, prompt, d, dst_of) -> dict:
+    """Serve `prompt`, migrate it after `d.decode_before` tokens, step until the move ends."""
+    from mlx_sched.serve.request import SamplingParams
+
+    rid = cluster.add_request(prompt, SamplingParams(max_tokens=d.max_tokens, ignore_eos=True))
+    req = cluster.requests[rid]
+    while len(req.outputs[0]) < d.decode_before:
+        cluster.step()
+    computed = len(req.prompt) + len(req.outputs[0]) - 1  # the last token has no KV yet
+    logged = len(cluster.move_log)
+    cluster.migrate(rid, dst_of(req.instance))
+    steps = 0
+    while len(cluster.move_log) == logged:
+        cluster.step()
+        steps += 1
+    record = cluster.move_log[logged]
+    if not req.finished:
+        cluster.abort(rid)
+    return {
+        **record,
+        "computed_at_start": computed,
+        "decoded_while_moving": record["tokens"] - computed,
+        "cluster_steps": steps,
+    }
+
+
+def stop_and_copy_once(cluster, prompt) -> dict:
+    """A hand-over of `prompt`'s KV after its prefill: the request is paused while every page
+    is copied, so it is stopped for the copy and the resume (`seconds` + `downtime`)."""
+    from mlx_sched.serve.request import SamplingParams
+
+    logged = len(cluster.move_log)
+    rid = cluster.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    while len(cluster.move_log) == logged:
+        cluster.step()
+    record = cluster.move_log[logged]
+    while not cluster.requests[rid].finished:
+        cluster.step()
+    return {**record, "stopped": record["seconds"] + record["downtime"]}
+
+
+def downtime(config, workdir: pathlib.Path) -> dict:
+    """Forced migrations at each context length, and stop-and-copy moves of the same prompts."""
+    d = config.downtime
+    model = make_model(d.model.to_dict())
+    n = d.num_instances
+    base = {**config.cluster.to_dict(), "num_instances": n, "migration": False}
+    rng = np.random.default_rng(0)
+    vocab = d.model.vocab_size
+    prompts = [(L, rng.integers(0, vocab, L).tolist()) for L in d.lengths for _ in range(d.repeats)]
+    warm = rng.integers(0, vocab, d.lengths[0]).tolist()
+    out = {"migrations": [], "stop_and_copy": []}
+
+    c = make_cluster(model, d.serve.to_dict(), base)
+    migrate_once(c, warm, d, lambda i: (i + 1) % n)  # first moves of a process are slower
+    for k, (L, prompt) in enumerate(prompts):
+        rec = {"length": L, **migrate_once(c, prompt, d, lambda i: (i + 1) % n)}
+        out["migrations"].append(rec)
+        print(
+            f"[downtime {k + 1}/{len(prompts)}] migrate L={L}: {rec['outcome']}, "
+            f"{rec['stages']} stages, {rec['bytes'] / 2**20:.2f} MiB, copies "
+            f"{1e3 * rec['seconds']:.1f} ms, downtime {1e3 * rec['downtime']:.2f} ms",
+            flush=True,
+        )
+    c.shutdown()
+
+    roles = ("prefill",) + ("decode",) * (n - 1)
+    c = make_cluster(model, d.serve.to_dict(), {**base, "roles": roles})
+    stop_and_copy_once(c, warm)
+    for k, (L, prompt) in enumerate(prompts):
+        rec = {"length": L, **stop_and_copy_once(c, prompt)}
+        out["stop_and_copy"].append(rec)
+        print(
+            f"[downtime {k + 1}/{len(prompts)}] stop-and-copy L={L}: {rec['outcome']}, "
+            f"{rec['bytes'] / 2**20:.2f} MiB, stopped {1e3 * rec['stopped']:.1f} ms",
+            flush=True,
+        )
+    c.shutdown()
+    out["by_length"] = [downtime_row(L, out) for L in d.lengths]
+    report.plot_downtime(out["by_length"], workdir / "migration_downtime.png")
+    return out
+
+
+def downtime_row(L: int, out: dict) -> dict:
+    done = lambda key: [r for r in out[key] if r["length"] == L and r["outcome"] == "done"]
+    mig, sc = done("migrations"), done("stop_and_copy")
+    mean = lambda rows, k: float(np.mean([r[k] for r in rows])) if rows else float("nan")
+    dts = [r["downtime"] for r in mig] or [float("nan")]
+    return {
+        "length": L,
+        "done": len(mig),
+        "aborted": sum(r["length"] == L for r in out["migrations"]) - len(mig),
+        "stages": mean(mig, "stages"),
+        "mib_copied": mean(mig, "bytes") / 2**20,
+        "copy_ms": 1e3 * mean(mig, "seconds"),
+        "downtime_ms": 1e3 * float(np.mean(dts)),
+        "downtime_min_ms": 1e3 * float(np.min(dts)),
+        "downtime_max_ms": 1e3 * float(np.max(dts)),
+        "decoded_while_moving": mean(mig, "decoded_while_moving"),
+        "stop_and_copy_mib": mean(sc, "bytes") / 2**20,
+        "stop_and_copy_ms": 1e3 * mean(sc, "stopped"),
+    }
+
+
+# -- study c: priority headroom ---------------------------------------------------------------
+
+
+def priority(config, workdir: pathlib.Path) -> dict:
+    """Llumnix (migration on) with `headroom_pages` per high-priority request, and without."""
+    p = config.priority
+    model = make_model(config.model.to_dict())
+    if "load_balance" not in config.studies:
+        warm_up(model, config)
+    arms = {"no_headroom": 0, "headroom": p.headroom_pages}
+    runs, pooled = [], {a: [] for a in arms}
+    for i, seed in enumerate(p.seeds):
+        trace = make_trace(config.load, config.model.vocab_size, seed, p.high_share)
+        for arm in list(arms) if i % 2 == 0 else list(arms)[::-1]:
+            row, ms = serve_point(
+                model,
+                config,
+                trace,
+                {"policy": p.policy, "policy_args": p.policy_args.to_dict()},
+                migration=True,
+                headroom_pages=arms[arm],
+            )
+            high = latency([m for m in ms if m["priority"] > 0])
+            normal = latency([m for m in ms if m["priority"] <= 0])
+            runs.append({"seed": seed, "arm": arm, **row, "high": high, "normal": normal})
+            pooled[arm] += ms
+            tag = f"priority {len(runs)}/{2 * len(p.seeds)} seed={seed} {arm}, high class"
+            progress(tag, {**row, **high})
+    report.plot_priority(pooled, workdir / "migration_priority.png")
+    by_arm = {a: {r["seed"]: r["high"] for r in runs if r["arm"] == a} for a in arms}
+    return {
+        "headroom_pages": p.headroom_pages,
+        "runs": runs,
+        "paired_high": paired(by_arm["no_headroom"], by_arm["headroom"]),
+        "pooled": {
+            arm: {
+                "high": latency([m for m in ms if m["priority"] > 0]),
+                "normal": latency([m for m in ms if m["priority"] <= 0]),
+            }
+            for arm, ms in pooled.items()
+        },
+    }
+
+
+STUDIES = {"load_balance": load_balance, "downtime": downtime, "priority": priority}
