@@ -345,6 +345,8 @@ def test_bad_cluster_configs_are_clear_errors(model):
         ClusterConfig(num_instances=2, roles=("prefill",))
     with pytest.raises(ConfigError, match="roles: nothing can prefill"):
         ClusterConfig(num_instances=2, roles=("decode", "decode"))
+    with pytest.raises(ConfigError, match="migration_max_moves must be >= 1"):
+        ClusterConfig(migration_max_moves=0)
     with pytest.raises(ConfigError, match="backend must be one of"):
         ClusterConfig(backend="mpi")
     with pytest.raises(ConfigError, match="did you mean .num_instances."):

@@ -267,3 +267,29 @@ def test_a_shared_host_starves_no_instance():
     longest = max(r.device_s for e in sim.engines for r in e.step_records)
     assert short.times[0][0] - short.arrival <= 3 * longest
     assert short.times[0][-1] < long.times[0][-1] / 2
+
+
+def test_several_migrations_in_flight():
+    """`migration_max_moves` migrations run at once (Llumnix moves between several pairs);
+    never more, and everything still completes."""
+    from mlx_sched.cluster import cluster as cluster_lib
+
+    peak = {"moves": 0}
+    orig = cluster_lib.Cluster._maybe_migrate
+
+    def spy(self):
+        orig(self)
+        peak["moves"] = max(peak["moves"], sum(m.kind == "migration" for m in self.moves.values()))
+
+    tr = trace(n=120, rate=600.0, cv=3.0, seed=2)
+    for k in (1, 3):
+        peak["moves"] = 0
+        cfg = ClusterConfig(num_instances=4, migration=True, migration_max_moves=k)
+        cluster_lib.Cluster._maybe_migrate = spy
+        try:
+            sim, out = run(cfg, tr, link_bytes_per_s=5e5)  # slow copies: moves overlap
+        finally:
+            cluster_lib.Cluster._maybe_migrate = orig
+        assert_complete(sim, tr)
+        assert 1 <= peak["moves"] <= k
+    assert peak["moves"] > 1

@@ -60,7 +60,12 @@ class Cluster:
         self.roles = cfg.instance_roles
         self.dispatch = make_dispatch(cfg.dispatch, headroom_pages=cfg.headroom_pages)
         self.migration = (
-            MigrationPolicy(cfg.migration_interval_s, cfg.migration_low, cfg.headroom_pages)
+            MigrationPolicy(
+                cfg.migration_interval_s,
+                cfg.migration_low,
+                cfg.headroom_pages,
+                cfg.migration_max_moves,
+            )
             if cfg.migration
             else None
         )

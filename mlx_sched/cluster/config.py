@@ -24,7 +24,10 @@ class ClusterConfig:
     migration: bool = False  # Llumnix's load-balancing live migration
     migration_interval_s: float = 0.05
     migration_low: float = 4.0  # freeness (pages per running sequence) that sheds load
-    max_stages: int = 3  # a migration stops after this many stages...
+    migration_max_moves: int = 1  # migrations in flight at once (each between its own pair)
+    # a migration stops copying in the background after this many stages (a move's log
+    # counts the final stop-and-copy stage as one more)...
+    max_stages: int = 3
     last_stage_pages: int = 4  # ...or after a stage of at most this many pages
     chunk_pages: int = 16  # pages per KV read/write of a move (per cluster step)
     backend: str = "local"
@@ -50,6 +53,7 @@ class ClusterConfig:
         need(self.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {self.backend!r}")
         need(self.on_death in ("remove", "replace"), "on_death must be 'remove' or 'replace'")
         need(self.migration_interval_s > 0, "migration_interval_s must be > 0")
+        need(self.migration_max_moves >= 1, "migration_max_moves must be >= 1")
         need(self.max_stages >= 1 and self.last_stage_pages >= 1, "max_stages, last_stage_pages")
         need(self.chunk_pages >= 1, "chunk_pages must be >= 1")
         need(self.ray_timeout_s > 0, "ray_timeout_s must be > 0")
