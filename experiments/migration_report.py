@@ -107,6 +107,19 @@ def tables(results: dict) -> str:
         md += _paired_table(
             [(f"{p['rate']:g} req/s", p["paired"]) for p in results["load_balance"]["points"]]
         )
+    if "load_balance_sim" in results:
+        head = f"| rate (req/s) | migration | {LATENCY_HEAD} | preemptions | migrations |"
+        md += ["Simulated (instances side by side):", "", head, "|" + "---|" * 10]
+        rates = results["load_balance_sim"]["rates"]
+        for rate, arms in rates.items():
+            for arm in ("off", "on"):
+                s = arms[arm]["pooled"]
+                moved = sum(r["migrations"] for r in arms[arm]["per_seed"].values())
+                cells = " | ".join(_latency_cells(s))
+                md.append(f"| {float(rate):g} | {arm} | {cells} | {s['preemptions']} | {moved} |")
+        md += ["", "Per trace (seed), migration on vs off, simulated:", ""]
+        md += _paired_table([(f"{float(r):g} req/s", a["paired"]) for r, a in rates.items()])
+        md.append("")
     if "downtime" in results:
         md += [
             "| context (tokens) | KV (MiB) | stages | copies (ms) | downtime (ms) "

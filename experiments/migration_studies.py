@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gc
+import logging
 import pathlib
 import re
 import time
@@ -351,3 +352,64 @@ def priority(config, workdir: pathlib.Path) -> dict:
 
 
 STUDIES = {"load_balance": load_balance, "downtime": downtime, "priority": priority}
+
+
+def load_balance_sim(config, workdir: pathlib.Path) -> dict:
+    """The load study in the simulator (`cluster.sim`): the same cluster, dispatch, migration
+    and engine code, but the 4 instances run side by side as on devices of their own (the
+    real study steps them one after another on one host), with many more traces."""
+    del workdir
+    from mlx_sched.cluster import ClusterConfig
+    from mlx_sched.cluster.sim import SimCluster
+    from mlx_sched.serve.config import ServeConfig
+    from models import ModelConfig
+
+    s = config.load_balance_sim
+    model_cfg = ModelConfig.from_dict(config.model.to_dict())
+    serve = ServeConfig.from_dict(config.serve.to_dict())
+    out = {"rates": {}}
+    for rate in s.rates:
+        load = dataclasses.replace(_Load(**config.load.to_dict()), rate=rate)
+        arms = {}
+        for arm, migrate in (("off", False), ("on", True)):
+            per_seed, pooled = {}, []
+            for seed in s.seeds:
+                cfg = ClusterConfig.from_dict({**config.cluster.to_dict(), "migration": migrate})
+                sim = SimCluster(model_cfg, serve, cfg, seed=seed)
+                sim.run(make_trace(load, model_cfg.vocab_size, seed))
+                ms = [
+                    {k: v for k, v in r.metrics().items() if k != "itl"}
+                    for r in sim.cluster.requests.values()
+                ]
+                pooled += ms
+                per_seed[seed] = latency(ms) | {
+                    "migrations": sum(m["migrations"] for m in ms),
+                }
+            arms[arm] = {"pooled": latency(pooled), "per_seed": per_seed}
+            logging.info(
+                "sim load %.0f req/s, migration %s: E2E p99 %.0f ms, preemptions %d",
+                rate,
+                arm,
+                1e3 * arms[arm]["pooled"]["e2e"]["p99"],
+                arms[arm]["pooled"]["preemptions"],
+            )
+        out["rates"][str(rate)] = arms | {
+            "paired": paired(arms["off"]["per_seed"], arms["on"]["per_seed"])
+        }
+    return out
+
+
+@dataclasses.dataclass
+class _Load:
+    """`config.load` as attributes (for `make_trace`)."""
+
+    num_requests: int
+    rate: float
+    cv: float
+    preset: str
+    length_scale: float
+    max_total: int
+    seeds: tuple = ()
+
+
+STUDIES["load_balance_sim"] = load_balance_sim

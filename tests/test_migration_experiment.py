@@ -159,3 +159,16 @@ def test_entry_point_writes_the_json(tmp_path):
     assert {"config", "devices", "downtime"} <= set(results) and "8 x" in results["devices"]
     assert "load_balance" not in results
     _check_downtime(results["downtime"], configs.get_config("runlocal"))
+
+
+def test_load_balance_in_the_simulator(config, tmp_path):
+    """The load study over simulated instances: both arms serve every request of every
+    trace; migration on migrates, off never does."""
+    out = exp.load_balance_sim(config, tmp_path)
+    for arms in out["rates"].values():
+        for arm in ("off", "on"):
+            for row in arms[arm]["per_seed"].values():
+                assert row["finished"] == row["requests"] == config.load.num_requests
+        assert all(r["migrations"] == 0 for r in arms["off"]["per_seed"].values())
+        assert sum(r["migrations"] for r in arms["on"]["per_seed"].values()) > 0
+        assert set(arms["paired"]) and all(v["seeds"] == 2 for v in arms["paired"].values())

@@ -25,7 +25,9 @@ runlocal (about 30 s: tests).
 
 import ml_collections
 
-STUDIES = "load_balance,downtime,priority"  # comma-separated: --config.studies=downtime
+STUDIES = (
+    "load_balance,downtime,priority,load_balance_sim"  # comma-separated: --config.studies=downtime
+)
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -76,6 +78,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         seeds=(0, 1, 2, 3, 4, 5),  # traces: each is served in both arms (a paired comparison)
     )
     c.load_balance = dict(rates=(24.0, 32.0))  # the load study runs at each rate
+    # the load study in the simulator: instances side by side, 20 traces per arm
+    c.load_balance_sim = dict(rates=(48.0, 96.0), seeds=tuple(range(20)))
     c.warmup_requests = 40  # served once, not measured: the process's first steps are slower
     c.downtime = dict(
         # a wider KV (8 KiB per token) so that copying a long context costs measurable time
@@ -121,6 +125,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         c.serve.update(decode_buckets=(8,), prefill_buckets=(32,))
         c.load.update(num_requests=24, rate=60.0, max_total=128, seeds=(0,))
         c.load_balance.rates = (60.0,)
+        c.load_balance_sim.update(rates=(60.0,), seeds=(0, 1))
         c.warmup_requests = 4
         c.downtime.model = dict(c.model)
         c.downtime.serve.update(num_pages=48, token_budget=32, prefill_buckets=(32,))
