@@ -89,6 +89,8 @@ def real_study(config, scales) -> dict:
     runs = {}
     for layout in layouts:
         cluster = Cluster.build(model, serve, layout.cluster_config())
+        # not measured: a cluster's first steps and first KV moves are slower
+        pl.serve_trace(cluster, wl.trace(rates[-1], model.cfg.vocab_size), prefix="warm-")
         rows = []
         for k, rate in enumerate(rates):
             trace = wl.trace(rate, model.cfg.vocab_size)

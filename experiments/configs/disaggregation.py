@@ -40,8 +40,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
             page_size=16, num_pages=512, max_seqs=16, token_budget=128, slice_len=4, history=-1
         ),
         fit=dict(preset="sharegpt", rate=20.0, num_requests=80, length_scale=0.25, seed=1),
-        workload=dict(preset="sharegpt", max_total=512, length_scale=0.25, num_requests=60),
-        rates=(4.0, 8.0, 16.0, 32.0),
+        workload=dict(
+            preset="sharegpt", max_total=512, length_scale=0.25, num_requests=60, min_duration_s=4.0
+        ),
+        rates=(4.0, 8.0, 16.0, 32.0, 64.0),
         # base SLO: these multiples of the colocated pair's P50 TTFT / TPOT at the lowest rate
         base_ttft_x=4.0,
         base_tpot_x=1.5,
