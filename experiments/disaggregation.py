@@ -168,34 +168,41 @@ def sim_study(config, scales) -> dict:
     serve = ServeConfig.from_dict(c.serve.to_dict())
     cost = StepTimeModel(**{k: v / 1e3 for k, v in c.cost_ms.items()})
     wl = pl.Workload(**c.workload.to_dict())
-    out = []
-    for s in scales:
-        slo = pl.SLO(c.base_slo[0] * s, c.base_slo[1] * s)
-        best, table = pl.search(
-            mc, serve, wl, slo, c.num_devices, cost=cost, start_rate=c.start_rate, iters=c.iters
+    slos = [pl.SLO(c.base_slo[0] * s, c.base_slo[1] * s) for s in scales]
+    curves = {}
+    for layout in pl.layouts(c.num_devices):
+
+        def run(rate, layout=layout):
+            return pl.simulated_metrics(mc, serve, layout, wl, rate, cost)
+
+        goodputs, rows = pl.grid_goodputs(run, slos, c.start_rate, c.rate_factor)
+        curves[layout] = goodputs
+        logging.info(
+            "sim: %s: goodput per device %s (req/s, per SLO scale)",
+            layout.name(),
+            [round(g / layout.devices, 2) for g in goodputs],
         )
-        colo = max((x for x in table if not x.layout.disaggregated), key=lambda x: x.per_device)
-        dis = max((x for x in table if x.layout.disaggregated), key=lambda x: x.per_device)
+    out = []
+    for k, (s, slo) in enumerate(zip(scales, slos, strict=True)):
+        per = {lay: g[k] / lay.devices for lay, g in curves.items()}
+        colo = max((x for x in per if not x.disaggregated), key=lambda x: (per[x], -x.devices))
+        dis = max((x for x in per if x.disaggregated), key=lambda x: (per[x], -x.devices))
+        best = colo if per[colo] >= per[dis] else dis
         out.append(
             {
                 "scale": s,
                 "ttft_slo": slo.ttft_s,
                 "tpot_slo": slo.tpot_s,
-                "best": best.layout.name(),
-                "colocated": colo.layout.name(),
-                "colocated_per_device": colo.per_device,
-                "disaggregated": dis.layout.name(),
-                "disaggregated_per_device": dis.per_device,
-                "candidates": [x.row() for x in table],
+                "best": best.name(),
+                "colocated": colo.name(),
+                "colocated_per_device": per[colo],
+                "disaggregated": dis.name(),
+                "disaggregated_per_device": per[dis],
+                "candidates": [
+                    {"layout": x.name(), "devices": x.devices, "goodput_per_device": per[x]}
+                    for x in per
+                ],
             }
-        )
-        logging.info(
-            "sim: SLO x%.2f: colocated %s %.2f/device, disaggregated %s %.2f/device",
-            s,
-            colo.layout.name(),
-            colo.per_device,
-            dis.layout.name(),
-            dis.per_device,
         )
     return {"base_slo": list(c.base_slo), "by_scale": out}
 

@@ -293,3 +293,26 @@ def test_several_migrations_in_flight():
         assert_complete(sim, tr)
         assert 1 <= peak["moves"] <= k
     assert peak["moves"] > 1
+
+
+def test_grid_goodputs_serve_each_rate_once_for_every_slo():
+    served = []
+
+    def fake(rate):  # every request's TTFT grows with the rate
+        served.append(rate)
+        return [{"status": "finished", "ttft": rate / 10, "tpot": 0.01}] * 10
+
+    loose, tight = pl.SLO(1.0, 1.0), pl.SLO(0.3, 1.0)
+    best, rows = pl.grid_goodputs(fake, [loose, tight], start=1.0, factor=2.0)
+    assert served == [1.0, 2.0, 4.0, 8.0, 16.0]  # until both fail
+    assert best == [8.0, 2.0]
+    assert [r["rate"] for r in rows] == served
+    with pytest.raises(ConfigError):
+        pl.grid_goodputs(fake, [loose], start=1.0, factor=1.0)
+
+
+def test_simulated_metrics_cover_every_request():
+    wl = pl.Workload(max_total=256, num_requests=20, min_duration_s=2.0)
+    assert wl.count(5.0) == 20 and wl.count(50.0) == 100
+    ms = pl.simulated_metrics(MC, SERVE, pl.Layout(1, 1), wl, 50.0)
+    assert len(ms) == 100 and all(m["status"] == "finished" for m in ms)

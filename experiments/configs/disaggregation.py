@@ -69,11 +69,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
             per_decode_ctx=6.27e-4,
             per_decode_token=0.0385,
         ),
-        workload=dict(preset="sharegpt", max_total=2048, num_requests=200, min_duration_s=20.0),
+        workload=dict(preset="sharegpt", max_total=2048, num_requests=100, min_duration_s=10.0),
         base_slo=(2.5, 0.15),  # DistServe's chatbot SLOs for OPT-13B (TTFT s, TPOT s)
         num_devices=4,
-        start_rate=2.0,
-        iters=3,
+        start_rate=1.0,
+        rate_factor=1.25,  # goodput read off a grid of rates growing by this factor
     )
     c.speed = dict(instances=16, num_requests=20000, rate=400.0, preset="sharegpt")
     if arg == "runlocal":
@@ -85,6 +85,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         c.real.rates = (4.0, 16.0)
         c.sim.workload.num_requests = 30
         c.sim.num_devices = 2
-        c.sim.iters = 1
+        c.sim.rate_factor = 2.0
         c.speed.update(instances=4, num_requests=200)
     return c

@@ -177,6 +177,51 @@ def simulate(
     )
 
 
+def grid_goodputs(
+    run: Callable[[float], list[dict]],
+    slos: Sequence[SLO],
+    start: float,
+    factor: float = 1.25,
+    max_steps: int = 40,
+) -> tuple[list[float], list[dict]]:
+    """Goodput under each of `slos` from one sweep of rates: `run(rate)` serves a rate and
+    returns its request metrics; rates grow by `factor` from `start` until every SLO fails
+    (attainment falls as the rate grows), each served once for all SLOs. A goodput is the
+    highest grid rate that attains (a resolution of `factor`)."""
+    if factor <= 1 or start <= 0:
+        raise ConfigError(f"grid_goodputs: start > 0 and factor > 1, got {start}, {factor}")
+    best = [0.0] * len(slos)
+    rows, rate = [], start
+    for _ in range(max_steps):
+        metrics = run(rate)
+        att = [slo.attained(metrics) for slo in slos]
+        rows.append({"rate": rate, "attainment": att})
+        ok = [a >= slo.attainment for a, slo in zip(att, slos, strict=True)]
+        best = [rate if k else b for k, b in zip(ok, best, strict=True)]
+        if not any(ok):
+            break
+        rate *= factor
+    return best, rows
+
+
+def simulated_metrics(
+    model_cfg, serve, layout: Layout, workload: Workload, rate: float, cost=None, **kw
+) -> list[dict]:
+    """The request metrics of `layout` serving `workload` at `rate` in the simulator (`kw`:
+    tp_scaling, shared_host)."""
+    sim = SimCluster(
+        model_cfg,
+        serve,
+        layout.cluster_config(),
+        cost=cost,
+        speedups=[tp_speedup(d, kw.get("tp_scaling", 0.9)) for d in layout.per_instance_devices],
+        shared_host=kw.get("shared_host", False),
+        seed=workload.seed,
+    )
+    sim.run(workload.trace(rate, model_cfg.vocab_size))
+    return sim.cluster.request_metrics()
+
+
 def goodput(
     run: Callable[[float], Point], slo: SLO, start: float, iters: int = 6, max_doublings: int = 12
 ) -> tuple[float, list[Point]]:
