@@ -66,6 +66,7 @@ class Cluster:
         )
         self.mover = Mover(self.instances, link_bytes_per_s, clock)
         self.requests: dict[str, ClusterRequest] = {}
+        self._open: dict[str, ClusterRequest] = {}  # unfinished, oldest first (or finished since)
         self.loads: list[Load | None] = [None] * len(instances)
         self.busy = [False] * len(instances)  # has work, as of its last report
         self.dead: set[int] = set()
@@ -141,6 +142,7 @@ class Cluster:
         )
         self._dispatch(req)
         self.requests[request_id] = req
+        self._open[request_id] = req
         return request_id
 
     def _entry(self) -> list[int]:
@@ -207,7 +209,14 @@ class Cluster:
         req.finish_reasons = [r or "abort" for r in req.finish_reasons]
 
     def has_work(self) -> bool:
-        return any(not r.finished for r in self.requests.values())
+        """Whether a request is unfinished (amortised O(1): finished ones leave `_open`)."""
+        open_ = self._open
+        while open_:
+            req = open_[next(iter(open_))]
+            if not req.finished:
+                return True
+            del open_[req.id]
+        return False
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -233,9 +242,9 @@ class Cluster:
         if isinstance(rep, BaseException):
             raise rep
         self.loads[i], self.busy[i], self.compiles[i] = rep.load, rep.has_work, rep.compiles
-        new = {} if new is None else new
+        now = rep.now
         for out in rep.outputs:
-            self._take(i, out, rep.now, new)
+            self._take(i, out, now, new)
 
     def coordinate(self) -> None:
         """What the global scheduler does between steps: hand prefilled requests over to
@@ -248,14 +257,19 @@ class Cluster:
         req = self.requests.get(out.request_id)
         if req is None or req.finished or req.instance != i:
             return  # aborted here, or a stale report of a request that moved
-        got = new.setdefault(req.id, [[] for _ in req.outputs])
+        got = None if new is None else new.setdefault(req.id, [[] for _ in req.outputs])
+        skip = req.skip
         for j, toks in enumerate(out.new_tokens):
-            drop = min(req.skip[j], len(toks))
-            req.skip[j] -= drop
-            kept = toks[drop:]
-            req.outputs[j] += kept
-            req.times[j] += [now] * len(kept)
-            got[j] += kept
+            if not toks:
+                continue
+            if skip[j]:
+                drop = min(skip[j], len(toks))
+                skip[j] -= drop
+                toks = toks[drop:]
+            req.outputs[j] += toks
+            req.times[j] += [now] * len(toks)
+            if got is not None:
+                got[j] += toks
         req.preemptions = max(req.preemptions, out.preemptions)
         if self._has_decode and req.phase == "prefill" and req.outputs[0]:
             self._due[req.id] = req

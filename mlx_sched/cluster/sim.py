@@ -118,40 +118,55 @@ class SimCluster:
         base = sampling or SamplingParams()
         c, engines = self.cluster, self.engines
         insts = c.instances
+        clocks = [e.clock for e in engines]
+        busy, dead, moves = c.busy, c.dead, c.moves  # the cluster's own, updated in place
         order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
-        nxt = 0
+        nxt, n_arr = 0, len(order)
         inflight: list[tuple[float, int, int, object]] = []  # (end, seq, instance, report)
+        # not ready to step: stepping (its report not taken yet), or parked (stepped without
+        # progress: it waits for another event)
         stepping = [False] * len(engines)
-        parked = [False] * len(engines)  # stepped without progress: wait for another event
+        parked: set[int] = set()
         seq = 0
         host_free = 0.0  # shared_host: when the one host can step the next instance
+        inf = math.inf
         while True:
-            t_arr = trace[order[nxt]].arrival if nxt < len(order) else math.inf
-            t_rep = inflight[0][0] if inflight else math.inf
-            t_move = min(
-                (m.ready_at for m in c.moves.values() if m.ready_at > self.now),
-                default=math.inf,
+            now = self.now
+            t_arr = trace[order[nxt]].arrival if nxt < n_arr else inf
+            t_rep = inflight[0][0] if inflight else inf
+            t_move = (
+                min((m.ready_at for m in moves.values() if m.ready_at > now), default=inf)
+                if moves
+                else inf
             )
-            t_step, who = math.inf, -1
-            for i, e in enumerate(engines):
-                if c.busy[i] and not stepping[i] and not parked[i] and i not in c.dead:
-                    t = max(e.clock.now, self.now, host_free)
+            # the instance that can step first (the lowest index among ties): none starts
+            # before `floor`, so the first one ready by then wins
+            floor = now if now > host_free else host_free
+            t_step, who = inf, -1
+            for i, ready in enumerate(busy):
+                if ready and not stepping[i] and i not in parked and i not in dead:
+                    t = clocks[i].now
+                    if t < floor:
+                        t = floor
                     if t < t_step:
                         t_step, who = t, i
+                        if t == floor:
+                            break
             t = min(t_rep, t_arr, t_move, t_step)
-            if t == math.inf:
+            if t == inf:
                 break
             self.events += 1
-            self.now = max(self.now, t)
+            if t > now:
+                self.now = t
             if t_rep <= t:  # a step's report reaches the global scheduler
                 _, _, i, rep = heapq.heappop(inflight)
                 stepping[i] = False
                 c.in_flight.discard(i)
                 c.absorb(i, rep)
-                if i not in c.dead:  # requests may have arrived there during the step
-                    c.busy[i] = c.busy[i] or engines[i].has_work()
+                if i not in dead:  # requests may have arrived there during the step
+                    busy[i] = busy[i] or engines[i].has_work()
                 c.coordinate()
-                parked = [False] * len(engines)
+                parked.clear()
             elif t_arr <= t:
                 r = trace[order[nxt]]
                 sp = dataclasses.replace(
@@ -161,14 +176,14 @@ class SimCluster:
                     r.prompt, sp, f"r{order[nxt]}", r.client, r.priority, r.arrival, r.deadline
                 )
                 nxt += 1
-                parked = [False] * len(engines)
+                parked.clear()
                 if progress is not None and nxt % 10_000 == 0:
-                    progress(nxt, len(order))
+                    progress(nxt, n_arr)
             elif t_move <= t:
                 c.coordinate()
-                parked = [False] * len(engines)
+                parked.clear()
             else:
-                i, clock = who, engines[who].clock
+                i, clock = who, clocks[who]
                 if clock.now < t:  # idle until now: it wakes up for the work
                     clock.advance_to(t)
                 before = clock.now
@@ -178,7 +193,7 @@ class SimCluster:
                 if self.shared_host:
                     host_free = clock.now
                 if getattr(rep, "has_work", False) and not rep.outputs and clock.now == before:
-                    parked[i] = True  # nothing schedulable here until something changes
+                    parked.add(i)  # nothing schedulable here until something changes
                     continue
                 stepping[i] = True
                 c.in_flight.add(i)
