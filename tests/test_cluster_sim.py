@@ -3,16 +3,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 
 from mlx_sched.cluster import dispatch as dispatch_lib
 from mlx_sched.cluster import migration as migration_lib
 from mlx_sched.cluster import placement as pl
 from mlx_sched.cluster.config import ClusterConfig
+from mlx_sched.cluster.records import ClusterRequest, pooled_itl
 from mlx_sched.cluster.sim import Scaled, SimCluster
 from mlx_sched.lab.workload import synthetic_trace
+from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.cost_model import StepTimeModel
 from mlx_sched.serve.request import SamplingParams
@@ -252,3 +256,29 @@ def test_one_instance_cluster_equals_the_single_engine_simulator():
     for rid, r in one.requests.items():
         got = sim.cluster.requests[rid]
         assert got.times[0] == pytest.approx(r.seqs[0].token_times, abs=1e-12), rid
+
+
+def test_pooled_itl_lists_the_gaps_metrics_lists():
+    rng = np.random.default_rng(0)
+    reqs = []
+    for i in range(40):
+        n = int(rng.integers(1, 4))  # sequences, some with no token or one token
+        times = [np.cumsum(rng.random(int(rng.integers(0, 6)))).tolist() for _ in range(n)]
+        outputs = [[5] * len(t) for t in times]
+        sp = SamplingParams(n=n)
+        reqs.append(ClusterRequest(f"r{i}", [1], sp, "c", 0, 0.0, None, -1, outputs, times))
+    want = [x for r in reqs for x in r.metrics().get("itl", [])]
+    for chunk in (1, 7, 4096):
+        got = pooled_itl(reqs, chunk)
+        assert got.dtype == np.float64 and got.tolist() == want  # the same floats, in order
+    assert pooled_itl([]).shape == (0,)
+    assert all("itl" not in r.metrics(itl=False) for r in reqs)
+
+
+def test_cluster_summary_equals_the_summary_of_its_request_metrics():
+    tr = trace(n=60, rate=200.0, cv=3.0)
+    sim, out = run(ClusterConfig(num_instances=3, migration=True), tr)
+    wall = sim.now - min(r.arrival for r in tr)
+    want = metrics_lib.summarize(sim.cluster.request_metrics(), [], wall)
+    got = {k: out[k] for k in want}
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)  # NaNs too

@@ -30,7 +30,7 @@ from mlx_sched.cluster.config import ClusterConfig
 from mlx_sched.cluster.dispatch import make_dispatch
 from mlx_sched.cluster.instance import Load, Output
 from mlx_sched.cluster.migration import MigrationPolicy, Move, Mover
-from mlx_sched.cluster.records import ClusterOutput, ClusterRequest
+from mlx_sched.cluster.records import ClusterOutput, ClusterRequest, pooled_itl
 from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.request import RequestError, SamplingParams, validate_prompt
@@ -491,7 +491,12 @@ class Cluster:
         return [r.metrics() for r in self.requests.values()]
 
     def summary(self, wall_s: float) -> dict:
-        out = metrics_lib.summarize(self.request_metrics(), [], wall_s)
+        reqs = list(self.requests.values())
+        metrics = [r.metrics(itl=False) for r in reqs]
+        itl = pooled_itl(
+            [r for r, m in zip(reqs, metrics, strict=True) if m["status"] == "finished"]
+        )
+        out = metrics_lib.summarize(metrics, [], wall_s, itl)
         moves = [m for m in self.move_log if m["outcome"] == "done"]
         migrations = [m for m in moves if m["kind"] == "migration"]
         out |= {

@@ -78,7 +78,9 @@ class Engine(Handoff):
         self._retired: collections.deque[str] = collections.deque()
         keep = None if self.cfg.history < 0 else self.cfg.history
         self._steps_kept: collections.deque[metrics_lib.StepRecord] = collections.deque(maxlen=keep)
-        self._records: collections.deque[dict] = collections.deque(maxlen=keep)
+        # the retired requests whose metrics `request_metrics` reports (computed on demand:
+        # a retired request does not change)
+        self._records: collections.deque[Request] = collections.deque(maxlen=keep)
         self.totals = metrics_lib.Totals()
         self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
         self._ids = itertools.count()
@@ -163,11 +165,11 @@ class Engine(Handoff):
     def _retire(self, req: Request) -> None:
         """A finished or aborted request leaves the engine's state; its metrics go into the
         totals and the bounded history."""
-        m = metrics_lib.request_metrics(req)
+        m = metrics_lib.request_metrics(req, itl=False)  # what the totals read
         if self.spec is not None:
             self.spec.forget(req)
         self.totals.observe(m)
-        self._records.append(m)
+        self._records.append(req)
         if self.cfg.history >= 0:
             self._retired.append(req.id)
             while len(self._retired) > self.cfg.history:
@@ -388,7 +390,7 @@ class Engine(Handoff):
     def request_metrics(self) -> list[dict]:
         """Metrics of the retired requests in the history, then of the live ones."""
         live = [r for r in self.requests.values() if not r.is_finished]
-        return [*self._records, *map(metrics_lib.request_metrics, live)]
+        return [*map(metrics_lib.request_metrics, [*self._records, *live])]
 
     def summary(self, wall_s: float) -> dict:
         return metrics_lib.summarize(self.request_metrics(), list(self.step_records), wall_s)
