@@ -133,7 +133,8 @@ class Seq:
     def id(self) -> str:
         """Unique within an engine; the key of everything kept per sequence (host KV, policy
         state), so it survives copies, pickling and migration to another engine."""
-        return f"{self.request.id}/{self.index}" if self.request.sampling.n > 1 else self.request.id
+        req = self.request
+        return req.id if req.sampling.n == 1 else f"{req.id}/{self.index}"
 
 
 @dataclasses.dataclass(eq=False)
@@ -163,7 +164,10 @@ class Request:
 
     @property
     def live_seqs(self) -> list[Seq]:
-        return [s for s in self.seqs if not s.done]
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, without a comprehension
+            return [] if seqs[0].done else [seqs[0]]
+        return [s for s in seqs if not s.done]
 
     @property
     def is_finished(self) -> bool:
