@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 
@@ -14,7 +15,7 @@ from mlx_sched.cluster import migration as migration_lib
 from mlx_sched.cluster import placement as pl
 from mlx_sched.cluster.config import ClusterConfig
 from mlx_sched.cluster.records import ClusterRequest, pooled_itl
-from mlx_sched.cluster.sim import Scaled, SimCluster
+from mlx_sched.cluster.sim import GC_THRESHOLD, Scaled, SimCluster, gc_tuned
 from mlx_sched.lab.workload import synthetic_trace
 from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
@@ -282,3 +283,15 @@ def test_cluster_summary_equals_the_summary_of_its_request_metrics():
     want = metrics_lib.summarize(sim.cluster.request_metrics(), [], wall)
     got = {k: out[k] for k in want}
     assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)  # NaNs too
+
+
+def test_gc_tuned_sets_the_threshold_and_restores_it():
+    before = gc.get_threshold()
+    with pytest.raises(KeyError), gc_tuned((1234, 5, 6)):
+        assert gc.get_threshold() == (1234, 5, 6)
+        raise KeyError
+    assert gc.get_threshold() == before
+    with gc_tuned():
+        assert gc.get_threshold() == GC_THRESHOLD
+    run(ClusterConfig(num_instances=1), trace(n=3))
+    assert gc.get_threshold() == before  # a simulation leaves the process as it found it
