@@ -207,7 +207,10 @@ class Engine(Handoff):
         t2 = time.perf_counter()
         decodes, prefills = plan.split()  # as they were when the step ran
         outputs = self._postprocess(plan, result, spec)
-        new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
+        new_tokens = 0
+        for o in outputs:
+            for t in o.new_tokens:
+                new_tokens += len(t)
         post_s = time.perf_counter() - t2
         self._record(
             decodes, prefills, result, (t1 - t0) + result.build_s, post_s, new_tokens, spec
