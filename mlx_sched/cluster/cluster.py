@@ -286,6 +286,8 @@ class Cluster:
     # -- disaggregation: prefill -> decode ------------------------------------------------
 
     def _handovers(self) -> None:
+        if not self._due:
+            return
         due, self._due = self._due, {}
         for req in due.values():
             if req.finished or req.phase != "prefill" or not req.outputs[0]:
@@ -336,6 +338,8 @@ class Cluster:
         self.busy[dst] = True
 
     def _advance_moves(self) -> None:
+        if not self.moves:
+            return
         for rid, move in list(self.moves.items()):
             req = self.requests[rid]
             if move.src in self.dead or move.dst in self.dead:

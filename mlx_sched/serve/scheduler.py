@@ -119,8 +119,9 @@ class Scheduler:
 
     def release(self, plan: StepPlan) -> None:
         """After the step ran: drop the plan's pins on copy sources."""
-        self.pool.free(plan.pinned)
-        plan.pinned.clear()
+        if plan.pinned:
+            self.pool.free(plan.pinned)
+            plan.pinned.clear()
 
     def register_full_pages(self, seq: Seq) -> None:
         """Offer every full, computed page of `seq` to the prefix cache."""
