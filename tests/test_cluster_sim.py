@@ -295,3 +295,19 @@ def test_gc_tuned_sets_the_threshold_and_restores_it():
         assert gc.get_threshold() == GC_THRESHOLD
     run(ClusterConfig(num_instances=1), trace(n=3))
     assert gc.get_threshold() == before  # a simulation leaves the process as it found it
+
+
+def test_has_work_follows_the_unfinished_requests():
+    sim = SimCluster(MC, SERVE, ClusterConfig(num_instances=2))
+    c = sim.cluster
+    assert not c.has_work()
+    a = c.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    b = c.add_request([4, 5, 6], SamplingParams(max_tokens=2))
+    assert c.has_work()
+    c.abort(a)
+    assert c.has_work()
+    c.requests[b].finished = True  # marked from outside: noticed too
+    assert not c.has_work()
+    sim = SimCluster(MC, SERVE, ClusterConfig(num_instances=2))
+    sim.run(trace(n=8))
+    assert not sim.cluster.has_work() and not sim.cluster._open

@@ -66,7 +66,7 @@ class Cluster:
         )
         self.mover = Mover(self.instances, link_bytes_per_s, clock)
         self.requests: dict[str, ClusterRequest] = {}
-        self._open: dict[str, ClusterRequest] = {}  # unfinished, oldest first (or finished since)
+        self._open: dict[str, ClusterRequest] = {}  # the unfinished ones
         self.loads: list[Load | None] = [None] * len(instances)
         self.busy = [False] * len(instances)  # has work, as of its last report
         self.dead: set[int] = set()
@@ -206,10 +206,12 @@ class Cluster:
             self.move_log.append(move.record())
         gather([self.instances[req.instance].call("abort", request_id)])
         req.finished, req.status = True, "aborted"
+        self._open.pop(request_id, None)
         req.finish_reasons = [r or "abort" for r in req.finish_reasons]
 
     def has_work(self) -> bool:
-        """Whether a request is unfinished (amortised O(1): finished ones leave `_open`)."""
+        """Whether a request is unfinished (O(1): a request leaves `_open` as it finishes;
+        one marked finished from outside leaves it here)."""
         open_ = self._open
         while open_:
             req = open_[next(iter(open_))]
@@ -275,6 +277,7 @@ class Cluster:
             self._due[req.id] = req
         if out.finished:
             req.finished = True
+            self._open.pop(req.id, None)
             req.status = "aborted" if out.error else "finished"
             req.error = out.error
             req.finish_reasons = list(out.finish_reasons)
