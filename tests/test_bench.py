@@ -153,3 +153,28 @@ def test_bench_simulator_times_a_baseline_checkout_on_the_same_trace():
     )  # fmt: skip
     assert "slice_len=4: baseline" in out
     assert "the same simulation (steps, simulated seconds, tokens): yes" in out
+
+
+def test_bench_cluster_sim_reports_its_budgets(tmp_path):
+    out = _run(
+        "experiments.bench_cluster_sim", "--num_requests=120", "--instances=3", "--repeats=2",
+        f"--workdir={tmp_path}",
+    )  # fmt: skip
+    assert "| requests | instances | steps | batches | wall s | us / batch |" in out
+    assert "| 120 | 3 |" in out
+    assert "1,000,000 requests over 3 instances:" in out and "projected from 120" in out
+    assert "Vidur's speed" in out and "target >= 10x:" in out
+    row = json.loads((tmp_path / "bench_cluster_sim.json").read_text())
+    assert row["requests"] == 120 and row["instances"] == 3
+    assert row["batches"] >= row["steps"] > 0 and row["events"] > row["steps"]
+    assert len(row["wall_s"]) == 2 and row["wall_s"][0] <= row["wall_s"][1]
+    assert row["peak_rss_gb"] > 0 and row["seconds_for_1m"] > 0
+
+
+def test_bench_cluster_sim_refuses_bad_settings():
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_cluster_sim", "--num_requests=0"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2 and "must be > 0" in out.stderr

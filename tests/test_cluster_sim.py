@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 
+import numpy as np
 import pytest
 
 from mlx_sched.cluster import dispatch as dispatch_lib
 from mlx_sched.cluster import migration as migration_lib
 from mlx_sched.cluster import placement as pl
 from mlx_sched.cluster.config import ClusterConfig
-from mlx_sched.cluster.sim import Scaled, SimCluster
+from mlx_sched.cluster.records import ClusterRequest, pooled_itl
+from mlx_sched.cluster.sim import GC_THRESHOLD, Scaled, SimCluster, gc_tuned
 from mlx_sched.lab.workload import synthetic_trace
+from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.cost_model import StepTimeModel
 from mlx_sched.serve.request import SamplingParams
@@ -316,3 +321,57 @@ def test_simulated_metrics_cover_every_request():
     assert wl.count(5.0) == 20 and wl.count(50.0) == 100
     ms = pl.simulated_metrics(MC, SERVE, pl.Layout(1, 1), wl, 50.0)
     assert len(ms) == 100 and all(m["status"] == "finished" for m in ms)
+
+
+def test_pooled_itl_lists_the_gaps_metrics_lists():
+    rng = np.random.default_rng(0)
+    reqs = []
+    for i in range(40):
+        n = int(rng.integers(1, 4))  # sequences, some with no token or one token
+        times = [np.cumsum(rng.random(int(rng.integers(0, 6)))).tolist() for _ in range(n)]
+        outputs = [[5] * len(t) for t in times]
+        sp = SamplingParams(n=n)
+        reqs.append(ClusterRequest(f"r{i}", [1], sp, "c", 0, 0.0, None, -1, outputs, times))
+    want = [x for r in reqs for x in r.metrics().get("itl", [])]
+    for chunk in (1, 7, 4096):
+        got = pooled_itl(reqs, chunk)
+        assert got.dtype == np.float64 and got.tolist() == want  # the same floats, in order
+    assert pooled_itl([]).shape == (0,)
+    assert all("itl" not in r.metrics(itl=False) for r in reqs)
+
+
+def test_cluster_summary_equals_the_summary_of_its_request_metrics():
+    tr = trace(n=60, rate=200.0, cv=3.0)
+    sim, out = run(ClusterConfig(num_instances=3, migration=True), tr)
+    wall = sim.now - min(r.arrival for r in tr)
+    want = metrics_lib.summarize(sim.cluster.request_metrics(), [], wall)
+    got = {k: out[k] for k in want}
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)  # NaNs too
+
+
+def test_gc_tuned_sets_the_threshold_and_restores_it():
+    before = gc.get_threshold()
+    with pytest.raises(KeyError), gc_tuned((1234, 5, 6)):
+        assert gc.get_threshold() == (1234, 5, 6)
+        raise KeyError
+    assert gc.get_threshold() == before
+    with gc_tuned():
+        assert gc.get_threshold() == GC_THRESHOLD
+    run(ClusterConfig(num_instances=1), trace(n=3))
+    assert gc.get_threshold() == before  # a simulation leaves the process as it found it
+
+
+def test_has_work_follows_the_unfinished_requests():
+    sim = SimCluster(MC, SERVE, ClusterConfig(num_instances=2))
+    c = sim.cluster
+    assert not c.has_work()
+    a = c.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    b = c.add_request([4, 5, 6], SamplingParams(max_tokens=2))
+    assert c.has_work()
+    c.abort(a)
+    assert c.has_work()
+    c.requests[b].finished = True  # marked from outside: noticed too
+    assert not c.has_work()
+    sim = SimCluster(MC, SERVE, ClusterConfig(num_instances=2))
+    sim.run(trace(n=8))
+    assert not sim.cluster.has_work() and not sim.cluster._open

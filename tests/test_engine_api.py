@@ -1,5 +1,7 @@
 """Engine API: bad input never disturbs other requests, abort, streaming, callbacks, HF models."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -95,11 +97,34 @@ def test_integer_numpy_prompts_and_values_are_accepted(engine):
         (dict(stop_tokens="ab"), "stop_tokens"),
         (dict(stop_tokens=(1.5,)), "stop_tokens"),
         (dict(ignore_eos=1), "ignore_eos"),
+        (dict(stop_tokens=(True,)), "stop_tokens"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(seed=2**31), "seed"),
     ],
 )
 def test_invalid_sampling_params(kwargs, message):
     with pytest.raises(RequestError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(temperature=0.7, top_k=5, top_p=0.9, stop_tokens=(3, 4), n=2, seed=7, logprobs=True),
+        dict(temperature=1, max_tokens=np.int64(5), stop_tokens=[np.int32(3)], seed=np.int32(2)),
+    ],
+)
+def test_valid_sampling_params_are_normalised_on_both_paths(kwargs):
+    """Plain values take a fast path, others are converted: the same params either way."""
+    sp = SamplingParams(**kwargs)
+    for name in ("max_tokens", "top_k", "n", "seed"):
+        assert type(getattr(sp, name)) is int
+    assert type(sp.temperature) is float and type(sp.top_p) is float
+    assert type(sp.stop_tokens) is tuple and all(type(t) is int for t in sp.stop_tokens)
+    assert sp._plain()  # what the conversions leave is plain
+    again = dataclasses.replace(sp, seed=sp.seed + 1)
+    assert dataclasses.replace(again, seed=sp.seed) == sp
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """Workloads: arrival processes, length presets, trace round trip; metric definitions."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,11 @@ def test_request_metrics_definitions():
     s = metrics.summarize([m], [], wall_s=5.0)
     assert s["output_tok_s"] == pytest.approx(3 / 5.0)
     assert s["ttft"]["p50"] == pytest.approx(1.0)
+    # without the gaps (what aggregates read), and the gaps pooled apart: the same summary
+    short = metrics.request_metrics(req, itl=False)
+    assert short == {k: v for k, v in m.items() if k != "itl"}
+    again = metrics.summarize([short], [], 5.0, itl=np.asarray(m["itl"]))
+    assert json.dumps(again, sort_keys=True) == json.dumps(s, sort_keys=True)  # NaNs too
 
 
 def test_step_summary_host_share_kv_live_and_peak():

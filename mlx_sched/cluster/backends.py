@@ -44,9 +44,10 @@ class LocalInstance:
     def call(self, method: str, *args) -> Done:
         if self.dead:
             return Done(error=InstanceDead(f"{self.name} is dead"))
-        args = tuple(a.value if isinstance(a, Done) else a for a in args)
-        if any(isinstance(a, Done) and a.error for a in args):
-            return Done(error=next(a.error for a in args if isinstance(a, Done) and a.error))
+        if args:
+            args = tuple(a.value if isinstance(a, Done) else a for a in args)
+            if any(isinstance(a, Done) and a.error for a in args):
+                return Done(error=next(a.error for a in args if isinstance(a, Done) and a.error))
         try:
             return Done(getattr(self.server, method)(*args))
         except Exception as e:  # delivered by gather, as a remote call's would be

@@ -30,7 +30,7 @@ from mlx_sched.cluster.config import ClusterConfig
 from mlx_sched.cluster.dispatch import make_dispatch
 from mlx_sched.cluster.instance import Load, Output
 from mlx_sched.cluster.migration import MigrationPolicy, Move, Mover
-from mlx_sched.cluster.records import ClusterOutput, ClusterRequest
+from mlx_sched.cluster.records import ClusterOutput, ClusterRequest, pooled_itl
 from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.request import RequestError, SamplingParams, validate_prompt
@@ -71,6 +71,7 @@ class Cluster:
         )
         self.mover = Mover(self.instances, link_bytes_per_s, clock)
         self.requests: dict[str, ClusterRequest] = {}
+        self._open: dict[str, ClusterRequest] = {}  # the unfinished ones
         self.loads: list[Load | None] = [None] * len(instances)
         self.busy = [False] * len(instances)  # has work, as of its last report
         self.dead: set[int] = set()
@@ -146,6 +147,7 @@ class Cluster:
         )
         self._dispatch(req)
         self.requests[request_id] = req
+        self._open[request_id] = req
         return request_id
 
     def _entry(self) -> list[int]:
@@ -209,10 +211,19 @@ class Cluster:
             self.move_log.append(move.record())
         gather([self.instances[req.instance].call("abort", request_id)])
         req.finished, req.status = True, "aborted"
+        self._open.pop(request_id, None)
         req.finish_reasons = [r or "abort" for r in req.finish_reasons]
 
     def has_work(self) -> bool:
-        return any(not r.finished for r in self.requests.values())
+        """Whether a request is unfinished (O(1): a request leaves `_open` as it finishes;
+        one marked finished from outside leaves it here)."""
+        open_ = self._open
+        while open_:
+            req = open_[next(iter(open_))]
+            if not req.finished:
+                return True
+            del open_[req.id]
+        return False
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -238,9 +249,9 @@ class Cluster:
         if isinstance(rep, BaseException):
             raise rep
         self.loads[i], self.busy[i], self.compiles[i] = rep.load, rep.has_work, rep.compiles
-        new = {} if new is None else new
+        now = rep.now
         for out in rep.outputs:
-            self._take(i, out, rep.now, new)
+            self._take(i, out, now, new)
 
     def coordinate(self) -> None:
         """What the global scheduler does between steps: hand prefilled requests over to
@@ -253,19 +264,25 @@ class Cluster:
         req = self.requests.get(out.request_id)
         if req is None or req.finished or req.instance != i:
             return  # aborted here, or a stale report of a request that moved
-        got = new.setdefault(req.id, [[] for _ in req.outputs])
+        got = None if new is None else new.setdefault(req.id, [[] for _ in req.outputs])
+        skip = req.skip
         for j, toks in enumerate(out.new_tokens):
-            drop = min(req.skip[j], len(toks))
-            req.skip[j] -= drop
-            kept = toks[drop:]
-            req.outputs[j] += kept
-            req.times[j] += [now] * len(kept)
-            got[j] += kept
+            if not toks:
+                continue
+            if skip[j]:
+                drop = min(skip[j], len(toks))
+                skip[j] -= drop
+                toks = toks[drop:]
+            req.outputs[j] += toks
+            req.times[j] += [now] * len(toks)
+            if got is not None:
+                got[j] += toks
         req.preemptions = max(req.preemptions, out.preemptions)
         if self._has_decode and req.phase == "prefill" and req.outputs[0]:
             self._due[req.id] = req
         if out.finished:
             req.finished = True
+            self._open.pop(req.id, None)
             req.status = "aborted" if out.error else "finished"
             req.error = out.error
             req.finish_reasons = list(out.finish_reasons)
@@ -277,6 +294,8 @@ class Cluster:
     # -- disaggregation: prefill -> decode ------------------------------------------------
 
     def _handovers(self) -> None:
+        if not self._due:
+            return
         due, self._due = self._due, {}
         for req in due.values():
             if req.finished or req.phase != "prefill" or not req.outputs[0]:
@@ -327,6 +346,8 @@ class Cluster:
         self.busy[dst] = True
 
     def _advance_moves(self) -> None:
+        if not self.moves:
+            return
         for rid, move in list(self.moves.items()):
             req = self.requests[rid]
             if move.src in self.dead or move.dst in self.dead:
@@ -482,7 +503,12 @@ class Cluster:
         return [r.metrics() for r in self.requests.values()]
 
     def summary(self, wall_s: float) -> dict:
-        out = metrics_lib.summarize(self.request_metrics(), [], wall_s)
+        reqs = list(self.requests.values())
+        metrics = [r.metrics(itl=False) for r in reqs]
+        itl = pooled_itl(
+            [r for r, m in zip(reqs, metrics, strict=True) if m["status"] == "finished"]
+        )
+        out = metrics_lib.summarize(metrics, [], wall_s, itl)
         moves = [m for m in self.move_log if m["outcome"] == "done"]
         migrations = [m for m in moves if m["kind"] == "migration"]
         out |= {

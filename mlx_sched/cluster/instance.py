@@ -73,6 +73,7 @@ class InstanceServer:
     def __init__(self, engine, name: str = "instance"):
         self.engine, self.name = engine, name
         self._live: set[str] = set()  # requests here that have not reported finishing
+        self._aborted_seen = -1  # the engine's abort count at the last look for failures
 
     # -- requests -------------------------------------------------------------------------
 
@@ -97,26 +98,32 @@ class InstanceServer:
             self.engine.abort(request_id)
 
     def step(self) -> StepReport:
+        engine = self.engine
         outputs = []
-        if self.engine.has_work():
-            for out in self.engine.step():
-                req = out.request
+        if engine.has_work():
+            # the engine's per-step token lists are not touched after the step: no copies
+            for out in engine.step():
+                finished = out.finished
                 outputs.append(
                     Output(
                         out.request_id,
-                        [list(t) for t in out.new_tokens],
-                        out.finished,
+                        out.new_tokens,
+                        finished,
                         out.finish_reasons,
-                        req.preemptions,
+                        out.request.preemptions,
                     )
                 )
-                if out.finished:
+                if finished:
                     self._live.discard(out.request_id)
-        outputs += self._failed()
+        if engine.totals.aborted != self._aborted_seen:
+            outputs += self._failed()
         return self.report(outputs)
 
     def _failed(self) -> list[Output]:
-        """Requests the engine aborted on its own (unschedulable), reported once."""
+        """Requests the engine aborted on its own (unschedulable), reported once. Only an
+        abort (counted in the engine's totals) can leave one here: step() looks when the
+        count has moved."""
+        self._aborted_seen = self.engine.totals.aborted
         out = []
         for rid in list(self._live):
             req = self.engine.requests.get(rid)
@@ -137,22 +144,26 @@ class InstanceServer:
 
     def load(self) -> Load:
         e = self.engine
-        sched, pool = e.sched, e.pool
+        sched, pool, cfg = e.sched, e.pool, e.cfg
         head = sched.waiting[0] if sched.waiting else (sched.swapped[0] if sched.swapped else None)
         hol = 0
         if head is not None:
             hol = sum(pool.pages_for(len(s.tokens)) for s in head.live_seqs) * (
                 head.sampling.n if len(head.seqs) == 1 else 1
             )
+        high = 0
+        for r in sched.running:
+            if r.priority > 0:
+                high += 1
         return Load(
-            num_pages=e.cfg.num_pages - 1,
-            free_pages=pool.num_available,
-            running=sched.num_running_seqs,
-            waiting=len(sched.waiting) + len(sched.swapped),
-            hol_pages=hol,
-            max_seqs=e.cfg.max_seqs,
-            high_priority=sum(r.priority > 0 for r in sched.running),
-            page_size=e.cfg.page_size,
+            cfg.num_pages - 1,
+            pool.num_available,
+            sched.num_running_seqs,
+            len(sched.waiting) + len(sched.swapped),
+            hol,
+            cfg.max_seqs,
+            high,
+            cfg.page_size,
         )
 
     def compiles(self) -> int:

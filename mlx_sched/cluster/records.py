@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+
+import numpy as np
 
 from mlx_sched.serve.request import SamplingParams
 
@@ -29,7 +32,8 @@ class ClusterRequest:
     error: str | None = None
     phase: str = "prefill"  # disaggregated: "prefill" -> "handover" -> "decode"
 
-    def metrics(self) -> dict:
+    def metrics(self, itl: bool = True) -> dict:
+        """Latency metrics (ITLs pooled over the sequences; `itl=False` leaves them out)."""
         out = {
             "id": self.id,
             "client": self.client,
@@ -49,10 +53,29 @@ class ClusterRequest:
                 "ttft": first - self.arrival,
                 "e2e": last - self.arrival,
                 "tpot": (t0[-1] - t0[0]) / (len(t0) - 1) if len(t0) > 1 else 0.0,
-                "itl": [b - a for t in times for a, b in zip(t[:-1], t[1:], strict=True)],
                 "normalized_latency": (last - self.arrival) / max(1, out["output_len"]),
             }
+            if itl:
+                out["itl"] = [b - a for t in times for a, b in zip(t[:-1], t[1:], strict=True)]
         return out
+
+
+def pooled_itl(requests: list[ClusterRequest], chunk: int = 4096) -> np.ndarray:
+    """Every inter-token gap of `requests`, in the order `metrics()["itl"]` lists them, one
+    request after another: the same float64 differences, in one array (filled a chunk of
+    requests at a time) instead of a list per request."""
+    out = np.empty(sum(len(t) - 1 for r in requests for t in r.times if t), np.float64)
+    at = 0
+    for k in range(0, len(requests), chunk):
+        seqs = [t for r in requests[k : k + chunk] for t in r.times if len(t) > 1]
+        if not seqs:
+            continue
+        lens = np.fromiter(map(len, seqs), np.int64, len(seqs))
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), np.float64, int(lens.sum()))
+        gaps = np.delete(np.diff(flat), np.cumsum(lens)[:-1] - 1)  # not across sequences
+        out[at : at + len(gaps)] = gaps
+        at += len(gaps)
+    return out
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ from mlx_sched.serve.interface import StepResult, StepRunner
 from mlx_sched.serve.kv_store import HostKVStore
 from mlx_sched.serve.paging import PagePool
 from mlx_sched.serve.plan import StepPlan
-from mlx_sched.serve.policies import make_policy
+from mlx_sched.serve.policies import Policy, make_policy
 from mlx_sched.serve.request import (
     NUM_STOP_IDS,
     Request,
@@ -41,6 +41,8 @@ from mlx_sched.serve.request import (
     validate_prompt,
 )
 from mlx_sched.serve.scheduler import Scheduler
+
+_ALL = object()  # `_commit`'s default hook: the policy's own
 
 
 class Engine(Handoff):
@@ -78,7 +80,9 @@ class Engine(Handoff):
         self._retired: collections.deque[str] = collections.deque()
         keep = None if self.cfg.history < 0 else self.cfg.history
         self._steps_kept: collections.deque[metrics_lib.StepRecord] = collections.deque(maxlen=keep)
-        self._records: collections.deque[dict] = collections.deque(maxlen=keep)
+        # the retired requests whose metrics `request_metrics` reports (computed on demand:
+        # a retired request does not change)
+        self._records: collections.deque[Request] = collections.deque(maxlen=keep)
         self.totals = metrics_lib.Totals()
         self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
         self._ids = itertools.count()
@@ -163,11 +167,11 @@ class Engine(Handoff):
     def _retire(self, req: Request) -> None:
         """A finished or aborted request leaves the engine's state; its metrics go into the
         totals and the bounded history."""
-        m = metrics_lib.request_metrics(req)
+        m = metrics_lib.request_metrics(req, itl=False)  # what the totals read
         if self.spec is not None:
             self.spec.forget(req)
         self.totals.observe(m)
-        self._records.append(m)
+        self._records.append(req)
         if self.cfg.history >= 0:
             self._retired.append(req.id)
             while len(self._retired) > self.cfg.history:
@@ -203,7 +207,10 @@ class Engine(Handoff):
         t2 = time.perf_counter()
         decodes, prefills = plan.split()  # as they were when the step ran
         outputs = self._postprocess(plan, result, spec)
-        new_tokens = sum(len(t) for o in outputs for t in o.new_tokens)
+        new_tokens = 0
+        for o in outputs:
+            for t in o.new_tokens:
+                new_tokens += len(t)
         post_s = time.perf_counter() - t2
         self._record(
             decodes, prefills, result, (t1 - t0) + result.build_s, post_s, new_tokens, spec
@@ -221,8 +228,12 @@ class Engine(Handoff):
         now = self.clock()
         new: dict[Seq, list[int]] = {}  # this step's new tokens per sequence
         logps = result.logprobs or [None] * len(plan.work)
+        commit, sequential = self._commit, plan.as_slice
+        on_tokens = self.policy.on_tokens
+        if getattr(on_tokens, "__func__", None) is Policy.on_tokens:
+            on_tokens = None  # the base hook does nothing: skip the call per sequence
         for (seq, n), samples, lp in zip(plan.work, result.samples, logps, strict=True):
-            self._commit(seq, n, samples, lp, plan.as_slice, new, now)
+            commit(seq, n, samples, lp, sequential, new, now, on_tokens)
         if spec is not None:  # acceptance counts, before finished requests are retired
             self.spec.observe(spec)
         outputs = []
@@ -231,7 +242,8 @@ class Engine(Handoff):
                 continue
             if req.sampling.n > 1 and self.sched.needs_fork(req):
                 self.sched.fork(req)
-            if all([s.done for s in req.seqs]):  # a list: cheaper than a generator here
+            seqs = req.seqs
+            if seqs[0].done if len(seqs) == 1 else all([s.done for s in seqs]):
                 self._finish(req, now)
             out = self._output(req, new)
             if out is not None:
@@ -240,7 +252,9 @@ class Engine(Handoff):
                 self._retire(req)
         return outputs
 
-    def _commit(self, seq: Seq, n: int, samples, logps, sequential: bool, new, now) -> None:
+    def _commit(
+        self, seq: Seq, n: int, samples, logps, sequential: bool, new, now, on_tokens=_ALL
+    ) -> None:
         """The one place a step's results enter a sequence: accept its sampled tokens, append
         them up to a stop condition, advance num_computed, and release what was not kept.
 
@@ -250,44 +264,63 @@ class Engine(Handoff):
         accepted drafts and one more token (the step decided on device and moved a tree's
         accepted nodes' K/V to their positions, `speculative.acceptance`). Positions
         computed past the kept tokens (rejected drafts) are overwritten later; their pages
-        are released now and never enter the prefix cache.
+        are released now and never enter the prefix cache. `on_tokens`: the policy's hook
+        (None: a no-op, not called).
         """
         req = seq.request
-        p0, L0 = seq.num_computed, len(seq.tokens)
+        tokens = seq.tokens
+        p0, L0 = seq.num_computed, len(tokens)
         # samples j0, j0 + 1, ... are new tokens: in a slice all of them; otherwise a decode
         # keeps all its samples (the accepted drafts, chain or tree path, and the token after
         # them) and a prefill chunk's sample is new only after the last token
-        j0 = 0 if sequential else max(0, L0 - 1 - (p0 + n - len(samples)))
-        taken = samples[j0:]
+        num_samples = len(samples)
+        j0 = 0 if sequential else max(0, L0 - 1 - (p0 + n - num_samples))
         # keep tokens up to the length limit (the first one always) or a stop token, checked
         # in that order on each token: a stop token at the limit stops
-        limit = req.prompt_len + req.sampling.max_tokens
-        k, reason = len(taken), None
-        if k >= max(1, limit - L0):
-            k, reason = max(1, limit - L0), "length"
-        stops = self._stop_set(seq)
-        if stops and not stops.isdisjoint(taken[:k]):
-            k, reason = next(i for i, t in enumerate(taken) if t in stops) + 1, "stop"
-        appended = new.setdefault(seq, [])
+        k, reason = max(0, num_samples - j0), None
+        room = len(req.prompt) + req.sampling.max_tokens - L0
+        if room < 1:
+            room = 1
+        if k >= room:
+            k, reason = room, "length"
+        stops = self._stops.get(req.id)
+        if stops is None:
+            stops = self._stop_set(seq)
+        kept = samples[j0 : j0 + k] if k > 0 else []
+        if stops and not stops.isdisjoint(kept):
+            k, reason = next(i for i, t in enumerate(samples[j0:]) if t in stops) + 1, "stop"
+            kept = kept[:k]
+        appended = new.get(seq)
+        if appended is None:
+            appended = new[seq] = kept
+        elif k:
+            appended.extend(kept)
         if k:
-            kept = taken[:k]
-            seq.tokens.extend(kept)
+            tokens.extend(kept)
             seq.token_times.extend([now] * k)
             if logps is not None and req.sampling.logprobs:
                 seq.logprobs.extend(logps[j0 : j0 + k])
-            appended.extend(kept)
             if reason is not None:
                 seq.done, seq.finish_reason = True, reason
-        computed = len(samples) if sequential else n
-        seq.num_computed = min(p0 + computed, len(seq.tokens) - 1 if taken else p0 + computed)
-        seq.draft = []
-        self.sched.register_full_pages(seq)
+        taken = num_samples > j0
+        computed = num_samples if sequential else n
+        seq.num_computed = min(p0 + computed, len(tokens) - 1 if taken else p0 + computed)
+        if seq.draft:
+            seq.draft = []
+        sched = self.sched
+        if self.cfg.prefix_caching and len(seq.page_hashes) < (
+            min(seq.num_computed, len(tokens)) // self.cfg.page_size
+        ):
+            sched.register_full_pages(seq)
         if seq.done:
-            self.sched.free_seq(seq)
-        else:
-            self.sched.trim(seq)
+            sched.free_seq(seq)
+        elif len(seq.pages) > -(-seq.num_computed // self.cfg.page_size):
+            sched.trim(seq)
         if taken:
-            self.policy.on_tokens(req, len(appended), now)
+            if on_tokens is _ALL:
+                on_tokens = self.policy.on_tokens
+            if on_tokens is not None:
+                on_tokens(req, len(appended), now)
 
     def _stop_set(self, seq: Seq) -> frozenset[int]:
         stops = self._stops.get(seq.request.id)
@@ -302,10 +335,18 @@ class Engine(Handoff):
         self.policy.on_finish(req, now)
 
     def _output(self, req: Request, new) -> RequestOutput | None:
-        toks = [new.get(s, []) for s in req.seqs]
-        finished = req.is_finished
-        if not finished and not any(toks):
-            return None
+        seqs = req.seqs
+        if len(seqs) == 1:
+            t = new.get(seqs[0])
+            finished = req.is_finished
+            if not finished and not t:
+                return None
+            toks = [t if t is not None else []]
+        else:
+            toks = [new.get(s, []) for s in seqs]
+            finished = req.is_finished
+            if not finished and not any(toks):
+                return None
         out = RequestOutput(req.id, toks, finished, req)
         cb = self._callbacks.get(req.id)
         if cb is not None:
@@ -388,7 +429,7 @@ class Engine(Handoff):
     def request_metrics(self) -> list[dict]:
         """Metrics of the retired requests in the history, then of the live ones."""
         live = [r for r in self.requests.values() if not r.is_finished]
-        return [*self._records, *map(metrics_lib.request_metrics, live)]
+        return [*map(metrics_lib.request_metrics, [*self._records, *live])]
 
     def summary(self, wall_s: float) -> dict:
         return metrics_lib.summarize(self.request_metrics(), list(self.step_records), wall_s)

@@ -52,8 +52,9 @@ class StepRecord:
         return self.live_tokens / max(1, self.pages_in_use * self.page_size)
 
 
-def request_metrics(req: Request) -> dict:
-    """Latency metrics of one finished request (first sequence for TTFT/TPOT; ITL pooled)."""
+def request_metrics(req: Request, itl: bool = True) -> dict:
+    """Latency metrics of one finished request (first sequence for TTFT/TPOT; ITL pooled;
+    `itl=False` leaves the per-token gaps out, for aggregates that do not read them)."""
     times = [s.token_times for s in req.seqs if s.token_times]
     out: dict = {
         "id": req.id,
@@ -63,7 +64,8 @@ def request_metrics(req: Request) -> dict:
         "status": req.status.value,
         "preemptions": req.preemptions,
     }
-    n_out = sum(len(s.output) for s in req.seqs)
+    p = req.prompt_len
+    n_out = sum(max(0, len(s.tokens) - p) for s in req.seqs)  # len(s.output), not copied
     out["output_len"] = n_out
     proposed = sum(s.spec_proposed for s in req.seqs)
     if proposed:
@@ -78,7 +80,8 @@ def request_metrics(req: Request) -> dict:
     out["e2e"] = last - req.arrival
     t0 = times[0]
     out["tpot"] = (t0[-1] - t0[0]) / (len(t0) - 1) if len(t0) > 1 else 0.0
-    out["itl"] = [b - a for t in times for a, b in itertools.pairwise(t)]
+    if itl:
+        out["itl"] = [b - a for t in times for a, b in itertools.pairwise(t)]
     out["normalized_latency"] = out["e2e"] / max(1, n_out)
     if req.first_scheduled is not None:
         out["scheduling_delay"] = req.first_scheduled - req.arrival
@@ -140,8 +143,11 @@ def percentiles(values, ps=PERCENTILES) -> dict:
     return {f"p{p}": float(np.percentile(arr, p)) for p in ps} | {"mean": float(arr.mean())}
 
 
-def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> dict:
-    """Aggregate request and step metrics into one JSON-able summary."""
+def summarize(
+    requests: list[dict], steps: list[StepRecord], wall_s: float, itl: np.ndarray | None = None
+) -> dict:
+    """Aggregate request and step metrics into one JSON-able summary. `itl`: the finished
+    requests' pooled ITLs, in their order, when the request metrics leave them out."""
     done = [r for r in requests if r["status"] == "finished"]
     out_tokens = sum(r["output_len"] for r in done)
     prompt_tokens = sum(r["prompt_len"] for r in done)
@@ -159,7 +165,7 @@ def summarize(requests: list[dict], steps: list[StepRecord], wall_s: float) -> d
         "total_tok_s": (out_tokens + prompt_tokens) / wall_s if wall_s else float("nan"),
         "ttft": percentiles([r["ttft"] for r in done if "ttft" in r]),
         "tpot": percentiles([r["tpot"] for r in done if "tpot" in r]),
-        "itl": percentiles([x for r in done for x in r.get("itl", [])]),
+        "itl": percentiles([x for r in done for x in r.get("itl", [])] if itl is None else itl),
         "e2e": percentiles([r["e2e"] for r in done if "e2e" in r]),
         "normalized_latency": percentiles([r["normalized_latency"] for r in done if "e2e" in r]),
         "scheduling_delay": percentiles([r.get("scheduling_delay", 0.0) for r in done]),

@@ -55,6 +55,9 @@ class StepPlan:
     def _index(self) -> None:
         """Sequence ids in the plan, and how many entries decode (kept as entries come and go:
         the scheduler asks for both once per sequence it considers)."""
+        if not self.work:  # a new plan, mostly: nothing to count
+            self._ids, self.num_decodes = set(), 0
+            return
         self._ids = {s.id for s, _ in self.work}
         self.num_decodes = sum(s.remaining == 1 for s, _ in self.work)
 

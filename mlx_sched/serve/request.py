@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
+_INT = {int}  # the one type of a plain token id (not bool, not numpy)
 NUM_STOP_IDS = 8  # stop ids (stop tokens + EOS) per request, checked on device inside a slice
 
 
@@ -54,6 +56,9 @@ class SamplingParams:
     logprobs: bool = False  # return each chosen token's log-probability
 
     def __post_init__(self):
+        if self._plain():
+            return  # valid and of the right types already: nothing to check or convert
+
         def need(ok: bool, field: str, rule: str):
             if not ok:
                 value = getattr(self, field)
@@ -87,6 +92,29 @@ class SamplingParams:
             object.__setattr__(self, f, int(getattr(self, f)))
         for f in ("temperature", "top_p"):
             object.__setattr__(self, f, float(getattr(self, f)))
+
+    def _plain(self) -> bool:
+        """Every field valid and of its exact type (as `__post_init__` would leave it): the
+        common case, e.g. `dataclasses.replace` of valid params, checked fast."""
+        t, p, stops = self.temperature, self.top_p, self.stop_tokens
+        return (
+            type(self.max_tokens) is int
+            and self.max_tokens >= 1
+            and type(t) is float
+            and 0.0 <= t < math.inf
+            and type(self.top_k) is int
+            and self.top_k >= 0
+            and type(p) is float
+            and 0.0 < p <= 1.0
+            and type(self.n) is int
+            and self.n >= 1
+            and type(self.seed) is int
+            and 0 <= self.seed < 2**31
+            and type(self.ignore_eos) is bool
+            and type(self.logprobs) is bool
+            and type(stops) is tuple
+            and (not stops or set(map(type, stops)) == _INT)
+        )
 
     @property
     def greedy(self) -> bool:
@@ -129,11 +157,13 @@ class Seq:
         """Tokens still to compute before this sequence can sample its next token."""
         return len(self.tokens) - self.num_computed
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         """Unique within an engine; the key of everything kept per sequence (host KV, policy
-        state), so it survives copies, pickling and migration to another engine."""
-        return f"{self.request.id}/{self.index}" if self.request.sampling.n > 1 else self.request.id
+        state), so it survives copies, pickling and migration to another engine. (Computed
+        once: a sequence's request, index and n never change.)"""
+        req = self.request
+        return req.id if req.sampling.n == 1 else f"{req.id}/{self.index}"
 
 
 @dataclasses.dataclass(eq=False)
@@ -163,7 +193,10 @@ class Request:
 
     @property
     def live_seqs(self) -> list[Seq]:
-        return [s for s in self.seqs if not s.done]
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, without a comprehension
+            return [] if seqs[0].done else [seqs[0]]
+        return [s for s in seqs if not s.done]
 
     @property
     def is_finished(self) -> bool:
@@ -197,7 +230,7 @@ def validate_prompt(
             f"prompt must be a sequence of token ids, got {type(prompt).__name__}"
             + ("; tokenize text first" if isinstance(prompt, str | bytes) else "")
         )
-    elif all(type(t) is int for t in prompt):  # the common case, checked fast (not bools)
+    elif set(map(type, prompt)) <= _INT:  # the common case, checked fast (not bools)
         tokens = list(prompt)
     else:
         bad = [t for t in prompt if not _is_int(t)]

@@ -37,7 +37,10 @@ class Scheduler:
     @property
     def num_running_seqs(self) -> int:
         """Decode slots the running requests hold (a request that will fork holds n)."""
-        return sum(self.seqs_needed(r) for r in self.running)
+        n = 0
+        for r in self.running:  # seqs_needed, inlined: this runs every step
+            n += r.sampling.n if len(r.seqs) == 1 else len(r.live_seqs)
+        return n
 
     def kv_occupancy(self) -> tuple[int, int]:
         """KV pages in use, and the tokens whose KV the running sequences hold in them (a page
@@ -83,12 +86,20 @@ class Scheduler:
         pool, pages = self.pool, seq.pages
         Z, start = pool.page_size, seq.num_computed
         first, last = start // Z, (start + num_tokens - 1) // Z
-        new = max(0, last + 1 - len(pages))
+        have = len(pages)
         refcount = pool.refcount
-        if first == last < len(pages):  # one page (a decode, mostly): no list to build
-            shared = [first] if refcount[pages[first]] > 1 else []
+        if last < have:  # no new page
+            new = 0
+            if first == last:  # one page (a decode, mostly): no list to build
+                if refcount[pages[first]] <= 1:  # nor a copy: nothing to do
+                    self.cow_limited = len(plan.copies) > self.cfg.max_copies
+                    return not self.cow_limited
+                shared = [first]
+            else:
+                shared = [i for i in range(first, last + 1) if refcount[pages[i]] > 1]
         else:
-            shared = [i for i in range(first, min(last + 1, len(pages))) if refcount[pages[i]] > 1]
+            new = last + 1 - have
+            shared = [i for i in range(first, have) if refcount[pages[i]] > 1]
         self.cow_limited = False
         if new + len(shared) > pool.num_available:
             return False
@@ -108,8 +119,9 @@ class Scheduler:
 
     def release(self, plan: StepPlan) -> None:
         """After the step ran: drop the plan's pins on copy sources."""
-        self.pool.free(plan.pinned)
-        plan.pinned.clear()
+        if plan.pinned:
+            self.pool.free(plan.pinned)
+            plan.pinned.clear()
 
     def register_full_pages(self, seq: Seq) -> None:
         """Offer every full, computed page of `seq` to the prefix cache."""

@@ -51,13 +51,24 @@ def shape_for(plan: StepPlan, cfg: ServeConfig) -> Shape:
     if not prefills and (plan.as_slice or width == 1):
         if width > cfg.slice_len:
             raise ValueError(f"a slice entry of {width} iterations exceeds slice_len")
-        return Shape("decode", bucket(cfg.decode_sizes, len(decodes)), S=cfg.slice_len)
+        return _shape("decode", bucket(cfg.decode_sizes, len(decodes)), 1, 0, cfg.slice_len)
     if plan.as_slice:
         raise ValueError("a decode slice cannot carry prefill chunks")
     D = bucket(cfg.mixed_decode_sizes, len(decodes)) if decodes else 0
     L = bucket(cfg.decode_widths, width)
     Tp = bucket(cfg.prefill_sizes, sum(n for _, n in prefills)) if prefills else 0
-    return Shape("mixed", D, L, Tp)
+    return _shape("mixed", D, L, Tp, 1)
+
+
+_SHAPES: dict[tuple, Shape] = {}  # shapes are immutable values: one object per shape
+
+
+def _shape(kind: str, D: int, L: int, Tp: int, S: int) -> Shape:
+    key = (kind, D, L, Tp, S)
+    shape = _SHAPES.get(key)
+    if shape is None:
+        shape = _SHAPES[key] = Shape(kind, D, L, Tp, S)
+    return shape
 
 
 def all_shapes(cfg: ServeConfig) -> list[Shape]:

@@ -212,16 +212,21 @@ class Policy:
     ) -> StepPlan:
         """A plan of plain decodes runs as a slice of up to slice_len iterations per sequence
         (`cap` may lower a sequence's count); the reservation is extended if pages allow."""
-        if not plan.work or plan.num_prefills or any(n > 1 for _, n in plan.work):
+        work = plan.work
+        if not work or plan.num_prefills:
             return plan
+        for _, n in work:
+            if n > 1:
+                return plan
         plan.as_slice = True
         S = self.cfg.slice_len
-        for i, (seq, _) in enumerate(plan.work):
-            want = min(S, seq.request.sampling.max_tokens - seq.num_generated)
+        for i, (seq, _) in enumerate(work):
+            req = seq.request
+            want = min(S, req.sampling.max_tokens - (len(seq.tokens) - len(req.prompt)))
             if cap is not None:
                 want = max(1, min(want, cap(seq)))
             n = want
             while n > 1 and not sched.reserve(seq, n, plan):
                 n //= 2
-            plan.work[i] = (seq, max(1, n))
+            work[i] = (seq, max(1, n))
         return plan
