@@ -12,6 +12,9 @@
 - `lab/`    what experiments drive and measure the engine with: workloads and
             traces, replay, SLO and fairness metrics, the simulator, serving
             plots. Imports `serve` (and `models` for configs).
+- `cotrain/` training and serving one model together (FineInfer's co-serving): a tuner
+            of the MoE routers or norms and the loop that interleaves its steps with
+            the engine's. Imports `serve` and `train`.
 - `plotting.py` the headless matplotlib every package draws with.
 
 The import graph is models <- mlx_sched <- experiments; only `sharding/` knows

@@ -180,6 +180,18 @@ class Engine(Handoff):
     def has_work(self) -> bool:
         return self.sched.has_work()
 
+    def update_params(self, updates) -> int:
+        """Serve from now on with some parameters replaced (`Runner.update_params`: MoE routers,
+        norms or adapters, no recompilation). Only between batches: KV computed with the old
+        parameters would mix with the new, so running or swapped requests are a RuntimeError
+        (waiting ones are fine) and the prefix cache is cleared. -> parameters updated."""
+        busy = len(self.sched.running) + len(self.sched.swapped) + len(self.sched.paused)
+        if busy:
+            raise RuntimeError(f"update_params with {busy} requests running or swapped out")
+        n = self.runner.update_params(updates)
+        self.pool.clear_prefix_cache()
+        return n
+
     # -- the loop ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

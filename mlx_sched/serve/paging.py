@@ -174,6 +174,17 @@ class PagePool:
         self._hash_of[page] = h
         self._page_of[h] = page
 
+    def clear_prefix_cache(self) -> int:
+        """Forget every page's content (the model's parameters changed, so cached KV is stale):
+        cached pages become free, pages in use stay in use but are never matched. -> pages
+        that left the cache."""
+        n = len(self._cached)
+        self._free.extend(self._cached)
+        self._cached.clear()
+        self._hash_of.clear()
+        self._page_of.clear()
+        return n
+
     # -- stats -------------------------------------------------------------------
 
     def stats(self) -> PoolStats:

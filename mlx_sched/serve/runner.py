@@ -236,6 +236,44 @@ class Runner(BatchBuilder):
         logprobs = None if logp is None else [logp[p].tolist() for p in picks]
         return samples, logprobs
 
+    # -- parameters -----------------------------------------------------------------
+
+    def update_params(self, updates) -> int:
+        """Replace some parameters of the serving copy in place, e.g. MoE routers or norms after
+        a tuning step (`cotrain`): `updates` is an nnx State or a flat {path: array} of the
+        model's own paths. Each value keeps its parameter's shape, is cast to the serving
+        dtype and placed with the parameter's sharding, so no step recompiles and the other
+        weights are neither copied nor moved. Projections packed for the native matmul and
+        the embedding table (the source of the lookup tables) are refused. -> leaves updated."""
+        flat = dict(nnx.to_flat_state(self.params))
+        shard = dict(nnx.to_flat_state(self.param_shardings))
+        items = nnx.to_flat_state(updates) if isinstance(updates, nnx.State) else updates.items()
+        new = {}
+        for path, value in items:
+            path = tuple(path)
+            name = "/".join(map(str, path))
+            var = flat.get(path)
+            if var is None:
+                raise ValueError(f"update_params: the model has no parameter {name}")
+            value = value.get_value() if isinstance(value, nnx.Variable) else value
+            old = var.get_value()
+            if path == ("embed",) or packed_matmul.is_packed(old):
+                raise ValueError(
+                    f"update_params: {name} is "
+                    + ("the embedding table" if path == ("embed",) else "packed for serving")
+                    + "; only unpacked parameters (MoE routers, norms, adapters) update in place"
+                )
+            if tuple(value.shape) != tuple(old.shape):
+                raise ValueError(
+                    f"update_params: {name} has shape {tuple(old.shape)}, got {tuple(value.shape)}"
+                )
+            sharding_ = shard[path]
+            sharding_ = sharding_.get_value() if isinstance(sharding_, nnx.Variable) else sharding_
+            new[path] = var.replace(jax.device_put(jnp.asarray(value, old.dtype), sharding_))
+        flat.update(new)
+        self.params = nnx.from_flat_state(flat)
+        return len(new)
+
     # -- KV transfers ---------------------------------------------------------------
 
     def read_pages(self, pages: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

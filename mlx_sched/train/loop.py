@@ -39,7 +39,11 @@ from models.transformer import Transformer
 
 def loss_fn(params, graphdef, batch_BL1, rng, mode="train"):
     """Next-token cross-entropy (float32) plus any auxiliary losses the model returns."""
-    model = nnx.merge(graphdef, params)
+    return model_loss(nnx.merge(graphdef, params), batch_BL1, rng, mode)
+
+
+def model_loss(model: Transformer, batch_BL1, rng, mode="train"):
+    """`loss_fn` of a merged model: (loss, metrics with "ce", "aux_loss" and per-layer aux)."""
     inputs_BL, targets_BL = batch_BL1[:, :-1], batch_BL1[:, 1:]
     logits_BLV, aux = model(inputs_BL, return_aux=True, rng=rng, mode=mode)
     logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
