@@ -20,9 +20,11 @@ from mlx_sched.train import loop
 
 
 def base_model(config, workdir: pathlib.Path):
-    """The pre-trained MoE model (trained once, then restored from <workdir>/cotrain_base)."""
+    """The pre-trained MoE model (trained once, then restored from `config.base_dir`, or
+    <workdir>/cotrain_base)."""
     section = {"model": config.model.to_dict(), "train": config.train.to_dict()}
-    trainer, params, loss = loop.train_from_config(section, workdir / "cotrain_base")
+    base = pathlib.Path(config.base_dir) if config.base_dir else workdir / "cotrain_base"
+    trainer, params, loss = loop.train_from_config(section, base)
     logging.info("base model: held-out loss %.3f", loss)
     return trainer.model(params), trainer.corpus, float(loss)
 

@@ -38,7 +38,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         max_seq_len=256,
         moe=dict(num_experts=8, top_k=2, gates="topk_softmax", every=1, offset=0),
     )
-    # the base model's pre-training (cached in <workdir>/cotrain_base)
+    # the base model's pre-training, cached in `base_dir` (empty: <workdir>/cotrain_base)
+    c.base_dir = "" if local else "runs/cotrain_base"
     c.train = dict(
         steps=20 if local else 300,
         batch_size=8 if local else 16,
