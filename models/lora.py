@@ -39,6 +39,7 @@ __all__ = [
     "add_adapter",
     "adapters",
     "attach",
+    "base_model",
     "delta",
     "merge",
     "split_eq",
@@ -169,11 +170,20 @@ def add_adapter(model, lcfg: LoraConfig | dict, seed: int = 0):
 def merge(model):
     """A model without adapters whose weights are W + scale * A @ B: the same function
     (up to rounding) as `model`, at the base model's cost."""
+    return _without_adapters(model, fold=True)
+
+
+def base_model(model):
+    """`model`'s base: the same weights, its adapters dropped (not folded in)."""
+    return _without_adapters(model, fold=False)
+
+
+def _without_adapters(model, fold: bool):
     cfg = dataclasses.replace(model.cfg, lora=None)
     cls = type(model)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, nnx.Rngs(0))), nnx.Param)
     base = nnx.to_pure_dict(nnx.state(model, nnx.All(nnx.Param, nnx.Not(LoraParam))))
-    for layer, target, _, lora in adapters(model):
+    for layer, target, _, lora in adapters(model) if fold else ():
         attr, weight, _ = PROJECTIONS[target]
         tree = base["layers"][layer][attr]
         w = tree[weight]

@@ -26,7 +26,7 @@ class LoraConfig:
 
     rank: r, the inner dimension of A [in, r] and B [r, out].
     alpha: the scale is alpha / rank (PEFT's default, not rsLoRA).
-    targets: PEFT module names among TARGETS ("router": the MoE router).
+    targets: PEFT module names among TARGETS ("router": the MoE router), in any order.
     dropout: only 0 (LoRA dropout is not implemented; it does not change inference).
     """
 
@@ -59,6 +59,8 @@ class LoraConfig:
             len(set(self.targets)) == len(self.targets),
             f"model.lora.targets names a module twice: {self.targets}",
         )
+        # one order (TARGETS'), so configs that name the same modules are equal
+        object.__setattr__(self, "targets", tuple(sorted(self.targets, key=TARGETS.index)))
 
     @property
     def scale(self) -> float:
