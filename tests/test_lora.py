@@ -281,12 +281,21 @@ def test_the_engine_serves_a_model_with_an_adapter():
         (dict(dropout=0.1), r"model.lora.dropout must be 0"),
         (dict(ranks=4), r"unknown model.lora config key 'ranks' \(did you mean 'rank'\?\)"),
         (dict(targets=("router",)), r"target 'router' needs MoE layers"),
+        ("abc", r"model.lora must be None or a dict of LoRA settings, got 'abc'"),
     ],
 )
 def test_bad_lora_configs_are_one_line_errors(tiny_cfg, lcfg, message):
     with pytest.raises(ConfigError, match=message) as e:
         ModelConfig.from_dict({**tiny_cfg.to_dict(), "lora": lcfg})
     assert "\n" not in str(e.value)
+
+
+def test_targets_are_one_order_and_a_command_line_list_is_read():
+    assert lora.LoraConfig(targets="v_proj, q_proj").targets == ("q_proj", "v_proj")
+    assert lora.LoraConfig(targets=["router", "o_proj"]) == lora.LoraConfig(
+        targets=("o_proj", "router")
+    )
+    assert lora.LoraConfig(rank=4, alpha=8).scale == 2.0
 
 
 def test_mlp_targets_in_an_all_moe_model_and_exports_are_refused(tiny_cfg, tmp_path):
