@@ -58,6 +58,11 @@ def load_checkpoint(path) -> Transformer:
     if "model" not in meta:
         raise CheckpointError(f"checkpoint {path}/{step} has no model config in its metadata")
     cfg = ModelConfig.from_dict(meta["model"])
+    if cfg.lora is not None:
+        raise CheckpointError(
+            f"checkpoint {path}/{step} holds a LoRA adapter alone (model.lora is set), not a "
+            "whole model: build it over its base with Trainer(..., base=...).model(params)"
+        )
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
     graphdef, like = nnx.split(abstract, nnx.Param)
     params, _, _ = ckpt.restore(step, like)

@@ -9,6 +9,7 @@ Shape-suffix letter key, used in every file of this package:
     C expert capacity  G routing groups      S tokens per group / slots
     P pages            Z tokens per page     N layers
     R experts chosen per token (top-k)       A routed (token, expert) pairs (T * R)
+    I adapter rank (LoRA's r)
 
 `x_BLD` is a [batch, length, d_model] array; `wq_DHX` a [d_model, heads,
 head_dim] weight. `models/` knows nothing of scheduling.

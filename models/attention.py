@@ -16,7 +16,7 @@ from flax import nnx
 
 from models.attention_core import causal_attention
 from models.config import ModelConfig
-from models.layers import apply_rope, constrain_act, dot, param, rope_tables
+from models.layers import apply_rope, constrain_act, param, project, rope_tables
 from models.patterns import DenseCausal, pattern_for_layer
 from sharding.rules import constrain
 
@@ -72,13 +72,15 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (D, K, X), ("embed", "kv_heads", "head_dim"), cfg)
         self.wv = param(rngs, (D, K, X), ("embed", "kv_heads", "head_dim"), cfg)
         self.wo = param(rngs, (H, X, D), ("heads", "head_dim", "embed"), cfg)
+        self.lora = None  # LoRA adapters by target name (models/lora.py attaches them)
 
     def qkv(self, x_TD: jax.Array, pos_T: jax.Array):
         """Projected and rotated q [T, H, X], k and v [T, K, X]."""
         cos_TX, sin_TX = rope_tables(pos_T, self.cfg.head_dim, self.cfg.rope_theta)
-        q = dot("td,dhx->thx", x_TD, self.wq[...], self.dtype)
-        k = dot("td,dkx->tkx", x_TD, self.wk[...], self.dtype)
-        v = dot("td,dkx->tkx", x_TD, self.wv[...], self.dtype)
+        lora, dtype = self.lora, self.dtype
+        q = project("td,dhx->thx", x_TD, self.wq[...], dtype, lora, "q_proj")
+        k = project("td,dkx->tkx", x_TD, self.wk[...], dtype, lora, "k_proj")
+        v = project("td,dkx->tkx", x_TD, self.wv[...], dtype, lora, "v_proj")
         q, k = apply_rope(q, cos_TX, sin_TX), apply_rope(k, cos_TX, sin_TX)
         q = constrain(q, ("act_batch", "act_heads", None))
         k = constrain(k, ("act_batch", "act_kv_heads", None))
@@ -89,4 +91,5 @@ class Attention(nnx.Module):
         pos_T = ctx.rope_positions() if isinstance(ctx, FullContext) else ctx.positions_T
         q, k, v = self.qkv(x_TD, pos_T)
         o_THX = ctx.attend(self.layer, self.pattern, q, k, v)
-        return constrain_act(dot("thx,hxd->td", o_THX, self.wo[...], self.dtype), "act_embed")
+        o_TD = project("thx,hxd->td", o_THX, self.wo[...], self.dtype, self.lora, "o_proj")
+        return constrain_act(o_TD, "act_embed")

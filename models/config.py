@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from models.attention_config import AttentionConfig
 from models.errors import ConfigError, check_keys
 from models.errors import require as _require
+from models.lora_config import LoraConfig
 from models.moe_config import MoEConfig
 
 __all__ = ["DTYPES", "ConfigError", "ModelConfig", "check_keys"]
@@ -44,6 +45,7 @@ class ModelConfig:
     init_std: float = 0.02
     moe: MoEConfig | None = None  # Mixture-of-Experts layers; a nested dict is converted
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    lora: LoraConfig | None = None  # low-rank adapters (models/lora.py); a nested dict is converted
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -72,6 +74,9 @@ class ModelConfig:
         self._init_moe()
         object.__setattr__(self, "attention", AttentionConfig.from_any(self.attention))
         self.attention.check_model(self.n_layers, self.n_heads)
+        if self.lora is not None:
+            object.__setattr__(self, "lora", LoraConfig.from_any(self.lora))
+            self.lora.check_model(self.n_layers, self.moe)
 
     def _init_moe(self):
         if self.moe is not None and not isinstance(self.moe, MoEConfig):

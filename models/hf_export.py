@@ -32,6 +32,12 @@ def export_problems(cfg: ModelConfig, fmt: str) -> list[str]:
     if fmt not in FORMATS:
         raise ValueError(f"format '{fmt}' is not one of {FORMATS}")
     problems = []
+    if cfg.lora is not None:
+        problems.append(
+            "it has a LoRA adapter (model.lora is set), which a checkpoint does not hold: fold it "
+            "in with lora.merge(model), or save lora.base_model(model) and the adapter apart "
+            "(lora_peft.save_adapter)"
+        )
     sparse = [i for i in range(cfg.n_layers) if cfg.attention.pattern_name(i) != "dense"]
     if sparse:
         problems.append(

@@ -105,6 +105,15 @@ def _canonical_einsum(sa: str, sb: str, so: str, a: jax.Array, b: jax.Array) -> 
     return out if lo == so else jnp.einsum(f"{lo}->{so}", row_major(out))
 
 
+def project(eq: str, x: jax.Array, w: jax.Array, dtype, lora=None, target: str = "") -> jax.Array:
+    """dot(eq, x, w) plus the delta of the module's LoRA adapter on `target` (`lora` is a
+    module's adapters by target name, `models/lora.py`, or None: then just the dot)."""
+    y = dot(eq, x, w, dtype)
+    if lora is None or target not in lora:
+        return y
+    return y + lora[target](x)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
         self.eps = cfg.norm_eps
@@ -164,11 +173,13 @@ class MLP(nnx.Module):
         self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), cfg)
+        self.lora = None  # LoRA adapters by target name (models/lora.py attaches them)
 
     def __call__(self, x_TD: jax.Array, ctx=None, rng=None) -> tuple[jax.Array, dict]:
         """Flat tokens x [T, D]; no aux outputs (ctx and rng matter only to MoE layers)."""
         del ctx, rng
-        gate_TF = dot("td,df->tf", x_TD, self.w_gate[...], self.dtype)
-        up_TF = dot("td,df->tf", x_TD, self.w_up[...], self.dtype)
+        lora, dtype = self.lora, self.dtype
+        gate_TF = project("td,df->tf", x_TD, self.w_gate[...], dtype, lora, "gate_proj")
+        up_TF = project("td,df->tf", x_TD, self.w_up[...], dtype, lora, "up_proj")
         h_TF = constrain_act(jax.nn.silu(gate_TF) * up_TF, "act_mlp")
-        return dot("tf,fd->td", h_TF, self.w_down[...], self.dtype), {}
+        return project("tf,fd->td", h_TF, self.w_down[...], dtype, lora, "down_proj"), {}

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from models import lora as lora_lib
 from models import routing
 from models.config import ConfigError, ModelConfig
 from models.layers import param
@@ -45,6 +46,7 @@ class MoE(nnx.Module):
         self.w_gate = param(rngs, (E, D, F), ("expert", "embed", "mlp"), cfg)
         self.w_up = param(rngs, (E, D, F), ("expert", "embed", "mlp"), cfg)
         self.w_down = param(rngs, (E, F, D), ("expert", "mlp", "embed"), cfg)
+        self.lora = None  # a LoRA adapter on the router (models/lora.py attaches it)
 
     def __call__(self, x_TD: jax.Array, ctx, rng: jax.Array | None = None):
         """Flat tokens [T, D] -> ([T, D], aux): aux["loss"] is the weighted router loss."""
@@ -57,7 +59,8 @@ class MoE(nnx.Module):
         return self._with_capacity(x_TD, ctx, rng if mode == "train" else None, cf)
 
     def _weights(self):
-        return self.router[...], self.w_gate[...], self.w_up[...], self.w_down[...]
+        router_DE = lora_lib.router_weight(self)
+        return router_DE, self.w_gate[...], self.w_up[...], self.w_down[...]
 
     # -- dropless -----------------------------------------------------------
 

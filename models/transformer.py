@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import lora
 from models.attention import Attention, FullContext
 from models.config import ModelConfig
 from models.layers import MLP, RMSNorm, constrain_act, dot, param
@@ -38,6 +39,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+        if cfg.lora is not None:  # after every base weight: the same base for one seed
+            lora.attach(self, cfg.lora, rngs)
 
     def embed_tokens(self, tokens_T: jax.Array) -> jax.Array:
         # Gather from a replicated copy of the table: a gather from a vocab- and

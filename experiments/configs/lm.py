@@ -6,7 +6,9 @@ Variants:
   bf16      default in bfloat16 compute (float32 accumulation)
 
 train.warmup_steps follows train.steps (10%) unless set, so `--config.train.steps=N` alone
-is enough; `--config.model.moe=None` (or a dict of MoEConfig fields) switches MoE layers.
+is enough; `--config.model.moe=None` (or a dict of MoEConfig fields) switches MoE layers, and
+`--config.model.lora="{'rank': 8, 'alpha': 16, 'targets': ('q_proj', 'v_proj')}"` trains only a
+LoRA adapter on a frozen base (the one train.seed initialises; `Trainer(base=...)` takes another).
 
 Run:
   python -m experiments.train --config=experiments/configs/lm.py:runlocal --workdir=/tmp/lm
@@ -46,6 +48,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         init_std=0.02,
         attention=dict(pattern="dense", stride=128, summary=8, heads="interleave"),
         moe=optional(None),
+        lora=optional(None),
     )
     c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
     c.data = dict(path="", heldout_fraction=0.02)

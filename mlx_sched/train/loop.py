@@ -3,6 +3,10 @@
 `Trainer(...).run()` is the whole loop. The jitted step is pure:
 `(params, opt_state, batch, step) -> (params, opt_state, metrics)`, with its
 shardings and donation declared once where it is wrapped.
+
+With `model.lora` set, `params` are the adapter's (`models.lora.LoraParam`) and
+the base weights are a frozen extra argument of the step: no gradient, no
+optimizer state, never written, not in the checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from mlx_sched.train import data as data_lib
 from mlx_sched.train.checkpoint import Checkpointer, CheckpointError
 from mlx_sched.train.optim import TrainConfig, lr_at, make_optimizer
 from models.config import ConfigError, ModelConfig, check_keys
+from models.lora import LoraParam
 from models.moe import check_mesh
 from models.transformer import Transformer
 
@@ -37,9 +42,11 @@ from models.transformer import Transformer
 # ---------------------------------------------------------------------------
 
 
-def loss_fn(params, graphdef, batch_BL1, rng, mode="train"):
-    """Next-token cross-entropy (float32) plus any auxiliary losses the model returns."""
-    return model_loss(nnx.merge(graphdef, params), batch_BL1, rng, mode)
+def loss_fn(params, graphdef, batch_BL1, rng, mode="train", frozen=None):
+    """Next-token cross-entropy (float32) plus any auxiliary losses the model returns;
+    `frozen`, if given, holds the weights `params` lacks (a LoRA adapter's base)."""
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+    return model_loss(model, batch_BL1, rng, mode)
 
 
 def model_loss(model: Transformer, batch_BL1, rng, mode="train"):
@@ -70,10 +77,11 @@ def _to_json(v):
     return float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
 
 
-def train_step(graphdef, tx, seed, params, opt_state, batch_BL1, step):
+def train_step(graphdef, tx, seed, params, opt_state, batch_BL1, step, frozen=None):
+    """One AdamW step on `params` (the gradient is taken w.r.t. them only, not `frozen`)."""
     rng = jax.random.fold_in(jax.random.key(seed), step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, graphdef, batch_BL1, rng
+        params, graphdef, batch_BL1, rng, frozen=frozen
     )
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -81,8 +89,8 @@ def train_step(graphdef, tx, seed, params, opt_state, batch_BL1, step):
     return params, opt_state, metrics
 
 
-def eval_step(graphdef, params, batch_BL1, mode="eval"):
-    _, metrics = loss_fn(params, graphdef, batch_BL1, None, mode=mode)
+def eval_step(graphdef, params, batch_BL1, frozen=None, mode="eval"):
+    _, metrics = loss_fn(params, graphdef, batch_BL1, None, mode=mode, frozen=frozen)
     return metrics["ce"]
 
 
@@ -122,7 +130,12 @@ def check_fits(model_cfg: ModelConfig, tc: TrainConfig, mesh_shape: dict[str, in
 
 
 class Trainer:
-    """Builds mesh-placed state and jitted steps; `run()` trains, evaluates, checkpoints."""
+    """Builds mesh-placed state and jitted steps; `run()` trains, evaluates, checkpoints.
+
+    With `model_cfg.lora` set only the adapter trains; `base` (the nnx.Param state of the
+    model without adapter, e.g. `nnx.state(hf.load_llama(path), nnx.Param)`) is the frozen
+    base, by default the one `train.seed` initialises.
+    """
 
     def __init__(
         self,
@@ -133,6 +146,7 @@ class Trainer:
         data_path: str | None = None,
         heldout_fraction: float = 0.02,
         corpus: data_lib.Corpus | None = None,
+        base: nnx.State | None = None,
     ):
         self.model_cfg, self.tc, self.mesh = model_cfg, train_cfg, mesh
         check_fits(model_cfg, train_cfg, dict(mesh.shape))
@@ -161,22 +175,27 @@ class Trainer:
         self.tx = make_optimizer(train_cfg)
 
         abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
-        self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+        count = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+        self.num_params = count(nnx.state(abstract, nnx.Param))
+        # what trains (all parameters, or a LoRA adapter's) and, with an adapter, its frozen base
+        split = (LoraParam, nnx.Param) if model_cfg.lora is not None else (nnx.Param,)
+        self.graphdef, abstract_params, *abstract_frozen = nnx.split(abstract, *split)
+        self.num_trainable = count(abstract_params)
         self.param_shardings = sharding.state_shardings(mesh, abstract_params)
         self.opt_shardings = sharding.optimizer_shardings(
             self.tx, abstract_params, self.param_shardings, mesh
         )
         self.batch_sharding = sharding.named_sharding(mesh, ("act_batch", None))
         repl = sharding.replicated(mesh)
-        self._init = jax.jit(
-            lambda: nnx.split(Transformer(model_cfg, nnx.Rngs(train_cfg.seed)), nnx.Param)[1],
-            out_shardings=self.param_shardings,
-        )
+        init = lambda: nnx.split(Transformer(model_cfg, nnx.Rngs(train_cfg.seed)), *split)
+        self._init = jax.jit(lambda: init()[1], out_shardings=self.param_shardings)
+        self.frozen_shardings = [sharding.state_shardings(mesh, a) for a in abstract_frozen]
+        self.frozen = self._frozen_base(base, abstract_frozen, lambda: init()[2])
         self._opt_init = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
         self.step_fn = jax.jit(
             functools.partial(train_step, self.graphdef, self.tx, train_cfg.seed),
-            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding, repl),
+            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding, repl)
+            + tuple(self.frozen_shardings),
             out_shardings=(self.param_shardings, self.opt_shardings, repl),
             donate_argnums=(0, 1),
         )
@@ -186,7 +205,16 @@ class Trainer:
 
     def model(self, params) -> Transformer:
         """A usable model object holding `params` (e.g. for sampling after training)."""
-        return nnx.merge(self.graphdef, params)
+        return nnx.merge(self.graphdef, params, *self.frozen)
+
+    def _frozen_base(self, base, abstract_frozen, init) -> list:
+        """[] without an adapter, else [the frozen base on the mesh]: `base`, or `init()`'s."""
+        like = lambda s: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), nnx.to_pure_dict(s))
+        if base is not None and (not abstract_frozen or like(base) != like(abstract_frozen[0])):
+            raise ConfigError("the frozen base does not fit: model.lora unset, or other shapes")
+        with jax.set_mesh(self.mesh):
+            make = lambda sh: jax.jit(init, out_shardings=sh)() if base is None else base
+            return [sharding.place(make(sh), sh) for sh in self.frozen_shardings]
 
     # -- state ---------------------------------------------------------------
 
@@ -255,7 +283,8 @@ class Trainer:
             graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
             self._eval_fns[cfg, mode] = jax.jit(
                 functools.partial(eval_step, graphdef, mode=mode),
-                in_shardings=(self.param_shardings, self.batch_sharding),
+                in_shardings=(self.param_shardings, self.batch_sharding)
+                + tuple(self.frozen_shardings),
                 out_shardings=sharding.replicated(self.mesh),
             )
         losses = []
@@ -264,7 +293,7 @@ class Trainer:
                 arr = jax.make_array_from_process_local_data(
                     self.batch_sharding, b[self.batcher.rows]
                 )
-                losses.append(self._eval_fns[cfg, mode](params, arr))
+                losses.append(self._eval_fns[cfg, mode](params, arr, *self.frozen))
         return float(np.mean(jax.device_get(losses)))
 
     def _log(self, record: dict) -> None:
@@ -288,7 +317,9 @@ class Trainer:
         for step in range(start, tc.steps):
             batch = self.device_batch(step)
             with jax.set_mesh(self.mesh):
-                params, opt_state, metrics = self.step_fn(params, opt_state, batch, step_arr(step))
+                params, opt_state, metrics = self.step_fn(
+                    params, opt_state, batch, step_arr(step), *self.frozen
+                )
             done = step + 1
             if done % tc.log_every == 0 or done == tc.steps:
                 m = {k: _to_json(v) for k, v in jax.device_get(metrics).items()}
@@ -378,8 +409,9 @@ def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
         heldout_fraction=data_cfg.get("heldout_fraction", 0.02),
     )
     logging.info(
-        "model %s params on mesh %s; corpus %s: %d train / %d held-out tokens",
+        "model %s params (%s trained) on mesh %s; corpus %s: %d train / %d held-out tokens",
         f"{trainer.num_params:,}",
+        f"{trainer.num_trainable:,}",
         dict(mesh.shape),
         trainer.corpus.source,
         len(trainer.corpus.train),
