@@ -252,3 +252,37 @@ def test_clear_prefix_cache_frees_cached_pages():
     pool.free(pages[2:])
     pool.check()
     assert pool.num_available == 7
+
+
+def test_coserving_a_lora_adapter_serves_each_version_exactly():
+    """FineInfer with a LoRA adapter as the tuned part: only the adapter trains, and what the
+    engine serves after each update equals a fresh engine with that version's adapter."""
+    from models import lora
+
+    base = Transformer(_moe_cfg(), nnx.Rngs(4))
+    model = lora.add_adapter(base, {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]})
+    tuner = Tuner(model, TunerConfig(targets=("lora",), lr=5e-2))
+    trainable = list(nnx.to_flat_state(tuner.trainable))
+    assert len(trainable) == len(list(nnx.to_flat_state(nnx.state(model, lora.LoraParam))))
+    assert trainable and all(isinstance(v, lora.LoraParam) for _, v in trainable)
+    clock = _Clock()
+    engine = Engine(tuner.model(), SERVE, clock=clock)
+    co = CoServer(engine, tuner, _batches(5), CoServeConfig(deferral_s=0.2), sleep=clock.sleep)
+    real_train = tuner.step
+
+    def train(batch):
+        clock.now += 0.3
+        return real_train(batch)
+
+    tuner.step = train
+    trace = _trace(6, rate=1.0, seed=1)
+    result = co.run(trace)
+    assert result["serving"]["finished"] == 6 and result["updates"] > 0
+    for rid, v in co.request_version.items():
+        i = int(rid[1:])
+        fresh = Engine(co.tuner.model(co.versions[v]), SERVE)
+        (want,) = fresh.generate(
+            [trace[i].prompt], SamplingParams(max_tokens=trace[i].max_tokens, ignore_eos=True)
+        )
+        assert co.engine.requests[rid].outputs()[0] == want.outputs[0]
+    assert engine.runner.compiles_since_warmup == 0

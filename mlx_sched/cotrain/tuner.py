@@ -1,5 +1,6 @@
-"""Fine-tuning a part of a model's parameters while the rest stays frozen: the MoE routers
-(or norms) of a model that an engine serves at the same time (`cotrain.coserve`).
+"""Fine-tuning a part of a model's parameters while the rest stays frozen: the MoE routers,
+norms or LoRA adapter (`models.lora.add_adapter`) of a model that an engine serves at the
+same time (`cotrain.coserve`).
 
     tuner = Tuner(model, TunerConfig(targets=("router",)))
     metrics = tuner.step(batch_BL1)      # one AdamW step on the routers only
@@ -25,17 +26,20 @@ from flax import nnx
 
 from mlx_sched.train.loop import model_loss
 from models.config import ConfigError, check_keys
+from models.lora import LoraParam
 
-TARGETS = ("router", "norm")  # what a tuner may train
+TARGETS = ("router", "norm", "lora")  # what a tuner may train
 
 
 def is_target(targets: Sequence[str]):
     """An nnx filter: parameters named by `targets` ("router": MoE routers; "norm": RMSNorm
-    scales)."""
+    scales; "lora": the model's LoRA adapter, `models.lora`)."""
 
     def keep(path, value) -> bool:
         if not isinstance(value, nnx.Param) or not path:
             return False
+        if isinstance(value, LoraParam):
+            return "lora" in targets
         last, parent = str(path[-1]), str(path[-2]) if len(path) > 1 else ""
         return ("router" in targets and last == "router") or (
             "norm" in targets and last == "scale" and parent.endswith("norm")
