@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 
-# the real study runs 2 instances on devices of their own: on a CPU, simulated devices
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+from experiments import host_devices  # stdlib only
+
+host_devices.simulate(8)  # one simulated CPU device per instance: before jax is imported
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -11,13 +11,9 @@ a progress line per run and the result tables at the end. Instances are stepped 
 another in this process, so wall-clock latencies include every instance's step.
 """
 
-import os
+from experiments import host_devices  # stdlib only
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # one simulated CPU device per instance; must be set before jax is imported
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+host_devices.simulate(8)  # one simulated CPU device per instance: before jax is imported
 
 import time  # noqa: E402
 
