@@ -16,27 +16,30 @@ An instance that dies (a killed actor, or `kill(i)` in process) loses nothing: e
 its unfinished requests is dispatched again, as its prompt plus the tokens it already
 streamed (n = 1; its remaining tokens are the same, as sampling keys depend on seed and
 position only), or from the start with its streamed tokens skipped (n > 1).
+
+The class is assembled from parts: `faults.Recovery` (deaths, replacements),
+`rebalance.Rebalancing` (when to migrate) and `records.Reports` (metrics, checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 from mlx_sched.cluster.backends import ClusterError, InstanceDead, gather
 from mlx_sched.cluster.config import ClusterConfig
 from mlx_sched.cluster.dispatch import make_dispatch
+from mlx_sched.cluster.faults import Recovery
 from mlx_sched.cluster.instance import Load, Output
 from mlx_sched.cluster.migration import MigrationPolicy, Move, Mover
-from mlx_sched.cluster.records import ClusterOutput, ClusterRequest, pooled_itl
-from mlx_sched.serve import metrics as metrics_lib
+from mlx_sched.cluster.rebalance import Rebalancing
+from mlx_sched.cluster.records import ClusterOutput, ClusterRequest, Reports
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.request import RequestError, SamplingParams, validate_prompt
 
 
-class Cluster:
+class Cluster(Recovery, Rebalancing, Reports):
     def __init__(
         self,
         instances: list,
@@ -378,106 +381,6 @@ class Cluster:
                         gather([self.instances[move.src].call("resume", rid)])
             self.move_log.append(move.record())
 
-    # -- Llumnix: load-balancing migration -------------------------------------------------
-
-    def _maybe_migrate(self) -> None:
-        if self.migration is None:
-            return
-        now = self.clock()
-        if now - self._last_migration < self.migration.interval_s:
-            return
-        if sum(m.kind == "migration" for m in self.moves.values()) >= self.migration.max_moves:
-            self._last_migration = now
-            return
-        busy = {m.src for m in self.moves.values()} | {m.dst for m in self.moves.values()}
-        loads = [None if i in self.dead else ld for i, ld in enumerate(self.loads)]
-        loads = [
-            ld if self.roles[i] != "prefill" else None for i, ld in enumerate(loads)
-        ]  # prefill instances hand over instead
-        if self.migration.source(loads, busy) in self.in_flight:
-            return  # it gives a request between its steps: at its next report
-        self._last_migration = now
-
-        def candidates(i):
-            (out,) = gather([self.instances[i].call("running_requests")])
-            if isinstance(out, BaseException):
-                return []
-            return [c for c in out if c[0] in self.requests and c[0] not in self.moves]
-
-        pick = self.migration.pick(loads, busy, candidates)
-        if pick is not None:
-            src, dst, rid = pick
-            self.migrate(rid, dst)
-
-    def migrate(self, request_id: str, dst: int) -> None:
-        """Start a live migration of a running request to instance `dst` (also the tests'
-        and experiments' way to force one)."""
-        req = self.requests.get(request_id)
-        if req is None or req.finished:
-            raise RequestError(f"request '{request_id}' is not running in the cluster")
-        if not 0 <= dst < len(self.instances):
-            raise ClusterError(f"no instance {dst}: the cluster has {len(self.instances)}")
-        if dst in self.dead:
-            raise ClusterError(f"instance {dst} is dead: nothing can migrate to it")
-        if dst == req.instance:
-            raise ClusterError(f"request '{request_id}' already runs on instance {dst}")
-        if request_id in self.moves:
-            raise ClusterError(f"request '{request_id}' is already moving")
-        self._start_move(req, req.instance, dst, "migration")
-
-    # -- faults ---------------------------------------------------------------------------
-
-    def kill(self, i: int) -> None:
-        """Fault injection: kill instance i (its requests are recovered at the next step)."""
-        self.instances[i].kill()
-
-    def _on_death(self, i: int, err: BaseException) -> None:
-        if i in self.dead:
-            return
-        self.dead.add(i)
-        self.loads[i], self.busy[i] = None, False
-        lost = [r for r in self.requests.values() if not r.finished and r.instance == i]
-        moved_here = [m for m in self.moves.values() if m.dst == i and m.kind == "migration"]
-        self._log(
-            f"instance {i} died ({err}); {len(lost)} requests recovered on the others"
-            + (f", {len(moved_here)} migrations to it aborted" if moved_here else "")
-        )
-        for req in lost:
-            move = self.moves.pop(req.id, None)
-            if move is not None:
-                if move.dst not in self.dead:
-                    self.mover.abort(move, "the source died")
-                move.outcome = "aborted: the source died"
-                self.move_log.append(move.record())
-            req.restarts += 1
-            self._dispatch(req)
-        if self.cfg.on_death == "replace" and self._replace is not None:
-            self.instances[i] = self._replace(i)
-            self.mover.instances = self.instances
-            self._pending_revival.add(i)
-            self._log(f"instance {i}: a replacement is starting")
-        elif len(self.dead) == len(self.instances):
-            raise ClusterError("every instance of the cluster is dead")
-        else:
-            self._log(f"instance {i}: its capacity is removed from the cluster")
-
-    def _revive(self) -> None:
-        for i in sorted(self._pending_revival):
-            ready = self.instances[i].ready()
-            if ready is None:
-                continue
-            self._pending_revival.discard(i)
-            if isinstance(ready, BaseException):
-                self._log(f"instance {i}: the replacement failed ({ready}); capacity removed")
-                continue
-            self.dead.discard(i)
-            self.loads[i], self.busy[i] = ready, False
-            self._log(f"instance {i}: the replacement joined")
-
-    def _log(self, msg: str) -> None:
-        logging.warning("cluster: %s", msg)
-        self.events.append(msg)
-
     # -- conveniences ---------------------------------------------------------------------
 
     def stream(self, request_id: str) -> Iterator[list[list[int]]]:
@@ -498,41 +401,6 @@ class Cluster:
         while any(not self.requests[i].finished for i in ids):
             self.step()
         return [ClusterOutput(i, [], True, self.requests[i]) for i in ids]
-
-    def request_metrics(self) -> list[dict]:
-        return [r.metrics() for r in self.requests.values()]
-
-    def summary(self, wall_s: float) -> dict:
-        reqs = list(self.requests.values())
-        metrics = [r.metrics(itl=False) for r in reqs]
-        itl = pooled_itl(
-            [r for r, m in zip(reqs, metrics, strict=True) if m["status"] == "finished"]
-        )
-        out = metrics_lib.summarize(metrics, [], wall_s, itl)
-        moves = [m for m in self.move_log if m["outcome"] == "done"]
-        migrations = [m for m in moves if m["kind"] == "migration"]
-        out |= {
-            "instances": len(self.instances),
-            "dead": sorted(self.dead),
-            "migrations": len(migrations),
-            "migration_downtime": metrics_lib.percentiles([m["downtime"] for m in migrations]),
-            "handovers": sum(m["kind"] == "handover" for m in moves),
-            "moves_aborted": sum(m["outcome"].startswith("aborted") for m in self.move_log),
-            "kv_bytes_moved": sum(m["bytes"] for m in self.move_log),
-            "kv_seconds": sum(m["seconds"] for m in self.move_log),
-            "compiles_after_warmup": list(self.compiles),
-            "restarts": sum(r.restarts for r in self.requests.values()),
-        }
-        return out
-
-    def check(self) -> None:
-        """Every live instance's page pool is consistent (tests)."""
-        live = [i for i in range(len(self.instances)) if i not in self.dead]
-        for i, err in zip(
-            live, gather([self.instances[i].call("check") for i in live]), strict=True
-        ):
-            if isinstance(err, BaseException):
-                raise AssertionError(f"instance {i}: {err}")
 
     def shutdown(self) -> None:
         for inst in self.instances:

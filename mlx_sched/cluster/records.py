@@ -7,6 +7,8 @@ import itertools
 
 import numpy as np
 
+from mlx_sched.cluster.backends import gather
+from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.request import SamplingParams
 
 
@@ -92,3 +94,42 @@ class ClusterOutput:
     @property
     def finish_reasons(self) -> list[str | None]:
         return self.request.finish_reasons
+
+
+class Reports:
+    """Metrics and checks of `cluster.Cluster` (a mixin over its requests, moves, instances)."""
+
+    def request_metrics(self) -> list[dict]:
+        return [r.metrics() for r in self.requests.values()]
+
+    def summary(self, wall_s: float) -> dict:
+        reqs = list(self.requests.values())
+        metrics = [r.metrics(itl=False) for r in reqs]
+        itl = pooled_itl(
+            [r for r, m in zip(reqs, metrics, strict=True) if m["status"] == "finished"]
+        )
+        out = metrics_lib.summarize(metrics, [], wall_s, itl)
+        moves = [m for m in self.move_log if m["outcome"] == "done"]
+        migrations = [m for m in moves if m["kind"] == "migration"]
+        out |= {
+            "instances": len(self.instances),
+            "dead": sorted(self.dead),
+            "migrations": len(migrations),
+            "migration_downtime": metrics_lib.percentiles([m["downtime"] for m in migrations]),
+            "handovers": sum(m["kind"] == "handover" for m in moves),
+            "moves_aborted": sum(m["outcome"].startswith("aborted") for m in self.move_log),
+            "kv_bytes_moved": sum(m["bytes"] for m in self.move_log),
+            "kv_seconds": sum(m["seconds"] for m in self.move_log),
+            "compiles_after_warmup": list(self.compiles),
+            "restarts": sum(r.restarts for r in self.requests.values()),
+        }
+        return out
+
+    def check(self) -> None:
+        """Every live instance's page pool is consistent (tests)."""
+        live = [i for i in range(len(self.instances)) if i not in self.dead]
+        for i, err in zip(
+            live, gather([self.instances[i].call("check") for i in live]), strict=True
+        ):
+            if isinstance(err, BaseException):
+                raise AssertionError(f"instance {i}: {err}")
