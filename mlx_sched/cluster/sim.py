@@ -149,9 +149,9 @@ class SimCluster:
         order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
         nxt, n_arr = 0, len(order)
         inflight: list[tuple[float, int, int, object]] = []  # (end, seq, instance, report)
-        # not ready to step: stepping (its report not taken yet), or parked (stepped without
-        # progress: it waits for another event)
-        stepping = [False] * len(engines)
+        # not ready to step: in flight (its report not taken yet: `Cluster.in_flight`), or
+        # parked (stepped without progress: it waits for another event)
+        in_flight = c.in_flight
         parked: set[int] = set()
         seq = 0
         host_free = 0.0  # shared_host: when the one host can step the next instance
@@ -170,7 +170,7 @@ class SimCluster:
             floor = now if now > host_free else host_free
             t_step, who, key = inf, -1, None
             for i, ready in enumerate(busy):
-                if ready and not stepping[i] and i not in parked and i not in dead:
+                if ready and i not in in_flight and i not in parked and i not in dead:
                     ci = clocks[i].now
                     k = (ci if ci > floor else floor, ci)
                     if key is None or k < key:
@@ -185,8 +185,7 @@ class SimCluster:
                 self.now = t
             if t_rep <= t:  # a step's report reaches the global scheduler
                 _, _, i, rep = heapq.heappop(inflight)
-                stepping[i] = False
-                c.in_flight.discard(i)
+                in_flight.discard(i)
                 c.absorb(i, rep)
                 if i not in dead:  # requests may have arrived there during the step
                     busy[i] = busy[i] or engines[i].has_work()
@@ -220,8 +219,7 @@ class SimCluster:
                 if getattr(rep, "has_work", False) and not rep.outputs and clock.now == before:
                     parked.add(i)  # nothing schedulable here until something changes
                     continue
-                stepping[i] = True
-                c.in_flight.add(i)
+                in_flight.add(i)
                 heapq.heappush(inflight, (clock.now, seq, i, rep))
                 seq += 1
         if c.has_work():
