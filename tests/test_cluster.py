@@ -253,6 +253,26 @@ def test_migration_aborted_at_every_stage_leaves_pools_consistent(model, method,
     assert_clean(cluster)
 
 
+def test_a_reservation_lowers_the_destinations_free_pages_at_once(model):
+    """Pages a move reserves on its destination count against that instance's free pages
+    before its next report, so dispatch does not send it requests for the same pages."""
+    cluster = build(model, num_instances=2, chunk_pages=64, last_stage_pages=1, max_stages=3)
+    rid = cluster.add_request(list(range(1, 60)), SamplingParams(max_tokens=40, ignore_eos=True))
+    cluster.step()
+    cluster.step()
+    dst = 1 - cluster.requests[rid].instance
+    before = cluster.loads[dst].free_pages
+    reserved = []
+    cluster.mover.on_reserved = lambda i, n: (reserved.append((i, n)), cluster._reserved(i, n))
+    cluster.migrate(rid, dst)
+    cluster.coordinate()  # the first stage: reserve, copy (no step, so no report yet)
+    assert reserved and reserved[0][0] == dst
+    assert cluster.loads[dst].free_pages == before - sum(n for _, n in reserved)
+    while cluster.has_work():
+        cluster.step()
+    assert_clean(cluster)
+
+
 def test_migration_aborted_when_the_request_ends_or_is_aborted(model):
     cluster = build(model, num_instances=2, chunk_pages=1)
     sp = SamplingParams(max_tokens=3, ignore_eos=True)

@@ -72,7 +72,7 @@ class Cluster(Recovery, Rebalancing, Reports):
             if cfg.migration
             else None
         )
-        self.mover = Mover(self.instances, link_bytes_per_s, clock)
+        self.mover = Mover(self.instances, link_bytes_per_s, clock, self._reserved)
         self.requests: dict[str, ClusterRequest] = {}
         self._open: dict[str, ClusterRequest] = {}  # the unfinished ones
         self.loads: list[Load | None] = [None] * len(instances)
@@ -293,6 +293,13 @@ class Cluster(Recovery, Rebalancing, Reports):
             if move is not None:
                 self.mover.abort(move, "the request finished on the source")
                 self.move_log.append(move.record())
+
+    def _reserved(self, dst: int, pages: int) -> None:
+        """A move reserved `pages` on `dst`: its free pages are that much lower until it next
+        reports (dispatch and migration choices read the lower figure)."""
+        load = self.loads[dst]
+        if load is not None:
+            load.free_pages = max(0, load.free_pages - pages)
 
     # -- disaggregation: prefill -> decode ------------------------------------------------
 

@@ -85,11 +85,16 @@ class Mover:
     seconds of `clock` and the move waits for it, and a migration's last stage pauses the
     request on the source while its copy is in flight (its downtime)."""
 
-    def __init__(self, instances, link_bytes_per_s: float | None = None, clock=None):
+    def __init__(
+        self, instances, link_bytes_per_s: float | None = None, clock=None, on_reserved=None
+    ):
+        """`on_reserved(dst, pages)`: told of every reservation a destination granted (the
+        cluster lowers that instance's free pages until its next report)."""
         if link_bytes_per_s is not None and (link_bytes_per_s <= 0 or clock is None):
             raise ValueError("a modelled link needs link_bytes_per_s > 0 and a clock")
         self.instances = instances
         self.link, self.clock = link_bytes_per_s, clock
+        self.on_reserved = on_reserved
 
     def _pages(self, move: Move, tokens: int) -> int:
         return -(-tokens // move.page_size)
@@ -134,7 +139,11 @@ class Mover:
         (ok,) = gather([self.instances[move.dst].call("reserve_import", move.request_id, pages)])
         if isinstance(ok, BaseException):
             return f"the destination failed: {ok}"
-        return None if ok else f"the destination has no {pages} free pages"
+        if not ok:
+            return f"the destination has no {pages} free pages"
+        if self.on_reserved is not None:
+            self.on_reserved(move.dst, pages)
+        return None
 
     def advance(self, move: Move) -> str | None:
         """One cluster step of a move: a chunk of a stage, or the last stage. Returns an
