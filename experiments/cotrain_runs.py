@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from experiments import common
 from mlx_sched.cotrain import CoServeConfig, CoServer, Tuner, TunerConfig
 from mlx_sched.lab.workload import TraceRequest
 from mlx_sched.serve.config import ServeConfig
@@ -60,7 +61,9 @@ def run_one(config, model, corpus, trace, mode: str, deferral: float, train_s: f
     cfg = CoServeConfig(deferral_s=deferral, mode=mode, train_only_s=train_s)
     co = CoServer(engine, tuner, batches(config, corpus), cfg)
     t0 = time.perf_counter()
-    out = co.run(trace)
+    with common.CpuMeter() as cpu:
+        out = co.run(trace)
+    out["other_cores"] = cpu.other_cores  # other processes' CPU use meanwhile (of 2 cores here)
     logging.info("%s (deferral %g): %.0f s", mode, deferral, time.perf_counter() - t0)
     held = data_lib.eval_batches(corpus.heldout, 8, config.tuner.seq_len, config.heldout_batches)
 
@@ -142,14 +145,15 @@ def _row(label: str, r: dict) -> str:
     return (
         f"| {label} | {r['train_steps']} | {r['train_steps_per_min']:.0f} | "
         f"{s.get('finished', 0)} | {ms(ttft, 'p50')} / {ms(ttft, 'p99')} | {ms(tpot, 'p50')} | "
-        f"{r['updates']} | {ce:.3f} |"
+        f"{r['updates']} | {ce:.3f} | {r.get('other_cores', 0):.2f} |"
     )
 
 
 def table(results: dict) -> str:
     head = (
         "| run | tuning steps | steps / min | served | TTFT P50 / P99 ms | TPOT P50 ms | "
-        "router updates | held-out CE after |\n|---|---:|---:|---:|---|---:|---:|---:|"
+        "router updates | held-out CE after | other cores busy |\n"
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|"
     )
     rows = [_row(k, r) for k, r in results["runs"].items()]
     return "\n".join([head, *rows])
