@@ -1,6 +1,7 @@
 """FlexGen-style offload: offloaded generate == full-recompute greedy, the device budget's
 accounting, the cost-model search against brute force, bad input."""
 
+import dataclasses
 import itertools
 
 import jax
@@ -15,6 +16,7 @@ from mlx_sched.offload import (
     Placement,
     cost,
     generate,
+    study,
     tiers,
 )
 from models import ConfigError, ModelConfig, Transformer
@@ -181,15 +183,30 @@ def test_layer_cost_is_the_max_of_compute_read_and_write():
     assert c.read_s == pytest.approx(read / HW.h2d_bytes_per_s)
     assert c.write_s == pytest.approx(tiers.kv_bytes(CFG, B, 1) / HW.d2h_bytes_per_s)
     assert c.seconds == max(c.compute_s, c.read_s, c.write_s)
+    serial = cost.layer_cost(
+        CFG, dataclasses.replace(HW, overlap=0.0), 0, Placement.first(3, 0, 0), B, 1, T
+    )
+    assert serial.seconds == pytest.approx(c.compute_s + c.read_s + c.write_s)
     resident = cost.layer_cost(CFG, HW, 0, Placement.first(3, 3, 3), B, 1, T)
     assert resident.read_s == resident.write_s == 0
+
+
+def test_study_runs_and_checks_tokens():
+    sc = study.StudyConfig(CFG, batch=2, prompt_len=4, max_tokens=3, cap_fractions=(1.0, 0.0))
+    res = study.run(sc, log=lambda s: None)
+    assert [r["tokens_equal_all_device"] for r in res["rows"]] == [True, True]
+    first, last = res["rows"]
+    assert (first["weights_on_device"], first["kv_on_device"]) == (3, 3)
+    assert (last["weights_on_device"], last["kv_on_device"]) == (0, 0)
+    assert last["peak_mib"] <= last["cap_mib"]
+    assert "weights 3, KV 3" in study.table(res) and "weights 0, KV 0" in study.table(res)
 
 
 def test_calibrate_measures_positive_constants(model):
     hw = cost.calibrate(model, batch=2, prompt_len=4, max_tokens=2, repeats=2, nbytes=1 << 20)
     for name in ("decode_flops_per_s", "prefill_flops_per_s", "h2d_bytes_per_s"):
         assert np.isfinite(getattr(hw, name)) and getattr(hw, name) > 0, name
-    assert hw.d2h_bytes_per_s > 0 and hw.layer_overhead_s > 0
+    assert hw.d2h_bytes_per_s > 0 and hw.layer_overhead_s > 0 and 0 <= hw.overlap <= 1
 
 
 # -- bad input ---------------------------------------------------------------------------------

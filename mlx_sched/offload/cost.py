@@ -4,8 +4,11 @@ A layer of one step costs max(compute, read, write): compute = FLOPs / throughpu
 per-layer overhead (dispatch and the per-layer sync), read = bytes streamed into the device tier
 (host-resident weights, and the whole cache of a host-resident KV) / the host-to-device
 bandwidth, write = the step's new KV entries of a host-resident KV / the device-to-host
-bandwidth. A run is the prefill plus `max_tokens - 1` decode steps (the generate loop's
-attention reads the whole cache every step, so every decode step costs the same).
+bandwidth. FlexGen assumes the three overlap fully; `Hardware.overlap` (measured by
+`calibrate`: 1 is full overlap, 0 none) adds back the share that does not hide, since on a
+CPU the copies and the compute share cores and memory bandwidth. A run is the prefill plus
+`max_tokens - 1` decode steps (the generate loop's attention reads the whole cache every
+step, so every decode step costs the same).
 
 The search enumerates FlexGen's small space exhaustively: the number of layers whose weights
 are resident x the number whose KV is resident (`Placement.first`), keeps those that fit the
@@ -15,6 +18,7 @@ cap (`tiers.required_bytes`) and returns the fastest, fewer streamed bytes break
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -36,6 +40,7 @@ class Hardware:
     h2d_bytes_per_s: float = 1.5e9
     d2h_bytes_per_s: float = 1.5e9
     layer_overhead_s: float = 3e-4
+    overlap: float = 1.0  # share of the shorter of compute and transfers hidden under the longer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +49,13 @@ class LayerCost:
     read_s: float
     write_s: float
 
+    overlap: float = 1.0
+
     @property
     def seconds(self) -> float:
-        return max(self.compute_s, self.read_s, self.write_s)
+        """max(compute, read, write) (FlexGen), plus what the overlap does not hide."""
+        parts = (self.compute_s, self.read_s, self.write_s)
+        return max(parts) + (1.0 - self.overlap) * (sum(parts) - max(parts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +108,7 @@ def layer_cost(
         compute_s=flops / rate + hw.layer_overhead_s,
         read_s=read / hw.h2d_bytes_per_s,
         write_s=write / hw.d2h_bytes_per_s,
+        overlap=hw.overlap,
     )
 
 
@@ -203,12 +213,14 @@ def calibrate(
     overhead = _seconds(jax.jit(lambda a: a + 1), x_TD, repeats=20 * repeats)
     graphdef, params = nnx.split(model.layers[0])
     kv_shape = (batch, T, cfg.n_kv_heads, cfg.head_dim)
-    rates = []
+    rates, args = [], {}
     for L in (1, prompt_len):
         pos_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (batch, L))
         x_TD = jnp.ones((batch * L, cfg.d_model), cfg.compute_dtype)
-        seconds = _seconds(_one_layer, graphdef, params, x_TD, kv_shape, pos_BL, repeats=repeats)
+        args[L] = (graphdef, params, x_TD, kv_shape, pos_BL)
+        seconds = _seconds(_one_layer, *args[L], repeats=repeats)
         rates.append(layer_flops(cfg, 0, batch, L, T) / max(seconds - overhead, 1e-9))
+    overlap = _overlap(args[1], on_device, on_host, repeats)
     host = np.ones(nbytes // 4, np.float32)
     if on_host is not None:
         host = jax.device_put(host, on_host)
@@ -219,4 +231,16 @@ def calibrate(
         d2h = nbytes / _seconds(put, dev, on_host, repeats=repeats)
     else:
         d2h = nbytes / _seconds(jax.device_get, dev, repeats=repeats)
-    return Hardware(rates[0], rates[1], h2d, d2h, overhead)
+    return Hardware(rates[0], rates[1], h2d, d2h, overhead, overlap)
+
+
+def _overlap(layer_args, on_device, on_host, repeats: int) -> float:
+    """The share of the shorter of (a decode layer's compute, a copy of its weights to the
+    device) that hides under the longer when both are issued together: 1 is FlexGen's max()."""
+    params = layer_args[1]
+    host = jax.device_put(params, on_host) if on_host is not None else jax.device_get(params)
+    read = functools.partial(jax.device_put, host, on_device)
+    t_c = _seconds(_one_layer, *layer_args, repeats=repeats)
+    t_r = _seconds(read, repeats=repeats)
+    t_both = _seconds(lambda: (read(), _one_layer(*layer_args)), repeats=repeats)
+    return float(np.clip((t_c + t_r - t_both) / min(t_c, t_r), 0.0, 1.0))
