@@ -178,14 +178,15 @@ def search(
 
 
 def _seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of fn(*args) to ready results, after a warm-up call."""
+    """Least wall time of fn(*args) to ready results, after a warm-up call: the machine's
+    figure with the least interference from other processes (the cores are shared)."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return min(times)
 
 
 def _one_layer(graphdef, params, x_TD, kv_shape, pos_BL):
@@ -200,7 +201,7 @@ def calibrate(
     batch: int,
     prompt_len: int,
     max_tokens: int,
-    repeats: int = 5,
+    repeats: int = 10,
     nbytes: int = 32 << 20,
 ) -> Hardware:
     """Measure this machine's constants: the model's first block at decode and prefill shapes
