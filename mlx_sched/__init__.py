@@ -12,6 +12,9 @@
 - `lab/`    what experiments drive and measure the engine with: workloads and
             traces, replay, SLO and fairness metrics, the simulator, serving
             plots. Imports `serve` (and `models` for configs).
+- `offload/` FlexGen-style offload: weights and KV of each layer on the device or host
+            tier, a capped device budget, layer-by-layer streamed greedy generate, and
+            the cost-model placement search. Imports `models`.
 - `plotting.py` the headless matplotlib every package draws with.
 
 The import graph is models <- mlx_sched <- experiments; only `sharding/` knows
