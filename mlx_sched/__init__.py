@@ -13,8 +13,11 @@
             traces, replay, SLO and fairness metrics, the simulator, serving
             plots. Imports `serve` (and `models` for configs).
 - `cotrain/` training and serving one model together (FineInfer's co-serving): a tuner
-            of the MoE routers or norms and the loop that interleaves its steps with
+            of the MoE routers, norms or LoRA adapter and the loop that interleaves its steps with
             the engine's. Imports `serve` and `train`.
+- `offload/` FlexGen-style offload: weights and KV of each layer on the device or host
+            tier, a capped device budget, layer-by-layer streamed greedy generate, and
+            the cost-model placement search. Imports `models`.
 - `plotting.py` the headless matplotlib every package draws with.
 
 The import graph is models <- mlx_sched <- experiments; only `sharding/` knows

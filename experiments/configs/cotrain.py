@@ -51,7 +51,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         eval_batches=2,
         ckpt_every=20 if local else 100,
     )
-    c.tuner = dict(targets=("router",), lr=1e-3, batch_size=8, seq_len=128)
+    c.tuner = dict(targets=("router",), lr=1e-4, batch_size=8, seq_len=128)
     c.serve = dict(
         page_size=16,
         num_pages=256,
