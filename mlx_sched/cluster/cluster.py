@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from mlx_sched.cluster.backends import ClusterError, InstanceDead, gather
 from mlx_sched.cluster.config import ClusterConfig
@@ -36,10 +36,11 @@ from mlx_sched.cluster.migration import MigrationPolicy, Move, Mover
 from mlx_sched.cluster.rebalance import Rebalancing
 from mlx_sched.cluster.records import ClusterOutput, ClusterRequest, Reports
 from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.driving import Driving
 from mlx_sched.serve.request import RequestError, SamplingParams, validate_prompt
 
 
-class Cluster(Recovery, Rebalancing, Reports):
+class Cluster(Recovery, Rebalancing, Reports, Driving):
     def __init__(
         self,
         instances: list,
@@ -390,24 +391,11 @@ class Cluster(Recovery, Rebalancing, Reports):
 
     # -- conveniences ---------------------------------------------------------------------
 
-    def stream(self, request_id: str) -> Iterator[list[list[int]]]:
-        req = self.requests[request_id]
-        while not req.finished:
-            for out in self.step():
-                if out.request_id == request_id and any(out.new_tokens):
-                    yield out.new_tokens
+    def _done(self, request: ClusterRequest) -> bool:
+        return request.finished
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> list[ClusterOutput]:
-        if sampling is None or isinstance(sampling, SamplingParams):
-            sampling = [sampling or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
-        while any(not self.requests[i].finished for i in ids):
-            self.step()
-        return [ClusterOutput(i, [], True, self.requests[i]) for i in ids]
+    def _final(self, request: ClusterRequest) -> ClusterOutput:
+        return ClusterOutput(request.id, [], True, request)
 
     def shutdown(self) -> None:
         for inst in self.instances:

@@ -17,12 +17,13 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 
 from mlx_sched.serve import metrics as metrics_lib
 from mlx_sched.serve.config import ServeConfig
+from mlx_sched.serve.driving import Driving
 from mlx_sched.serve.handoff import Handoff
 from mlx_sched.serve.interface import StepResult, StepRunner
 from mlx_sched.serve.kv_store import HostKVStore
@@ -45,7 +46,7 @@ from mlx_sched.serve.scheduler import Scheduler
 _ALL = object()  # `_commit`'s default hook: the policy's own
 
 
-class Engine(Handoff):
+class Engine(Handoff, Driving):
     KV_STATS_EVERY = 16  # exact KV-occupancy statistics cost a pass over every page: sample them
 
     def __init__(
@@ -411,27 +412,11 @@ class Engine(Handoff):
 
     # -- conveniences -------------------------------------------------------------------
 
-    def stream(self, request_id: str) -> Iterator[list[list[int]]]:
-        """Drive the engine until `request_id` finishes, yielding its new tokens per step."""
-        req = self.requests[request_id]
-        while not req.is_finished:
-            for out in self.step():
-                if out.request_id == request_id and any(out.new_tokens):
-                    yield out.new_tokens
+    def _done(self, request: Request) -> bool:
+        return request.is_finished
 
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-    ) -> list[RequestOutput]:
-        """Offline: run every prompt to completion; outputs in prompt order."""
-        if sampling is None or isinstance(sampling, SamplingParams):
-            sampling = [sampling or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, s) for p, s in zip(prompts, sampling, strict=True)]
-        reqs = [self.requests[i] for i in ids]
-        while any(not r.is_finished for r in reqs):
-            self.step()
-        return [RequestOutput(r.id, [], True, r) for r in reqs]
+    def _final(self, request: Request) -> RequestOutput:
+        return RequestOutput(request.id, [], True, request)
 
     @property
     def step_records(self) -> list[metrics_lib.StepRecord]:
