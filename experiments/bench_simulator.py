@@ -99,9 +99,9 @@ def baseline_walls(tree: str, n: int, rate: float, S: int, max_seqs: int, runs: 
 
 def simulate_once(trace, slice_len: int, max_seqs: int, cost_path: str) -> dict:
     """One simulation of `trace`; wall time and what was simulated."""
-    from mlx_sched.lab.calibrate import CalibratedCost
     from mlx_sched.lab.replay import replay
     from mlx_sched.lab.simulator import sim_engine
+    from mlx_sched.lab.step_cost import CalibratedCost
     from mlx_sched.serve.config import ServeConfig
     from models import ModelConfig
 

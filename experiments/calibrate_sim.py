@@ -105,7 +105,7 @@ def serve_sim(model_cfg, serve_cfg, trace, cost):
 def serve_sims(model_cfg, serve_cfg, trace, cost, seeds: int):
     """The simulator's summaries with `cost`'s noise drawn from `seeds` seeds (one when it
     has none): a noisy simulation's statistics are averaged like the real runs'."""
-    from mlx_sched.lab.calibrate import CalibratedCost
+    from mlx_sched.lab.step_cost import CalibratedCost
 
     out = []
     for seed in range(seeds if cost.noise else 1):
@@ -163,7 +163,7 @@ def load_runs(folder: str, name: str, specs) -> dict:
 
 def main(argv):
     del argv
-    from mlx_sched.lab import calibrate
+    from mlx_sched.lab import calibrate, step_cost
     from mlx_sched.serve import metrics
     from mlx_sched.serve.config import ServeConfig
     from mlx_sched.train.loop import model_config
@@ -229,7 +229,7 @@ def main(argv):
                 model_cfg,
                 serve_cfg,
                 traces[spec.name],
-                calibrate.RecordedCost(recs, arrivals, cost, added),
+                step_cost.RecordedCost(recs, arrivals, cost, added),
             )
             same = calibrate.same_steps(recs, sim_recs)
             replay_rows = calibrate.compare(summary, replayed)

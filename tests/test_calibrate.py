@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_sched.lab import calibrate, workload
-from mlx_sched.lab.calibrate import CalibratedCost, RecordedCost
+from mlx_sched.lab import calibrate, step_cost, workload
 from mlx_sched.lab.replay import replay
 from mlx_sched.lab.simulator import SimClock, SimRunner, sim_engine
+from mlx_sched.lab.step_cost import CalibratedCost, RecordedCost
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.cost_model import StepTimeModel
 from mlx_sched.serve.metrics import StepRecord
@@ -51,7 +51,7 @@ def synthetic_records(cost: CalibratedCost, n: int, seed: int = 0, idle_every: i
             pairs = int(ptok * (ptok + rng.integers(0, 200)))
             ctx = int(rng.integers(0, 100 * max(nd, 1))) if nd else 0
             new = nd + int(rng.integers(0, 2))
-            row = calibrate.StepRow(
+            row = step_cost.StepRow(
                 "mixed", (D, L, Tp), nd + 1, new, ptok, pairs, nd, ctx, 1, 0, 0, 0
             )
             rec_ctx = ctx + nd
@@ -64,7 +64,7 @@ def synthetic_records(cost: CalibratedCost, n: int, seed: int = 0, idle_every: i
             iters = int(rng.integers(1, 5))
             ctx = int(rng.integers(nd, 300 * nd))
             new = nd * iters
-            row = calibrate.StepRow("decode", (D, 4), nd, new, 0, 0, nd, ctx, iters, 0, 0, 0)
+            row = step_cost.StepRow("decode", (D, 4), nd, new, 0, 0, nd, ctx, iters, 0, 0, 0)
             rec_ctx = ctx + new
             kw = dict(num_decode=nd, num_prefill_tokens=0, num_prefill_seqs=0, prefill_attn=0)
         before, device, after = cost.predict(row)
@@ -104,7 +104,7 @@ def test_fit_recovers_known_coefficients():
     assert fit.slice_iter == pytest.approx(TRUE.slice_iter, rel=1e-6)
     for f in ("per_prefill_pair", "per_mixed_ctx", "slice_call", "per_slice_ctx", "gap_s"):
         assert getattr(fit, f) == pytest.approx(getattr(TRUE, f), rel=1e-5), f
-    for kind in calibrate.KINDS:
+    for kind in step_cost.KINDS:
         # the slices' prefill-token column is all zeros: its coefficient stays 0
         assert fit.host_before[kind] == pytest.approx(TRUE.host_before[kind], rel=1e-6, abs=1e-12)
         assert fit.host_after[kind] == pytest.approx(TRUE.host_after[kind], rel=1e-6, abs=1e-12)
@@ -163,7 +163,7 @@ def test_gaps_exclude_idle_waits_and_wake_ups_start_at_the_arrival():
 def test_step_rows_turn_context_after_the_step_into_context_before():
     recs = synthetic_records(TRUE, 50)
     for rec in recs:
-        row = calibrate.step_row(rec)
+        row = step_cost.step_row(rec)
         moved = rec.num_decode if rec.kind == "mixed" else rec.new_tokens
         assert row.decode_ctx == rec.decode_ctx - moved
         assert row.before_s + row.after_s == pytest.approx(rec.host_s)
@@ -181,7 +181,7 @@ def test_calibrated_cost_round_trips_through_json(tmp_path):
 
 
 def test_simulate_is_predict_plus_the_gap():
-    row = calibrate.StepRow("decode", (16, 4), 5, 20, 0, 0, 5, 400, 4, 0, 0, 0)
+    row = step_cost.StepRow("decode", (16, 4), 5, 20, 0, 0, 5, 400, 4, 0, 0, 0)
     before, device, after = TRUE.predict(row)
     shape = Shape("decode", 16, S=4)
     got = TRUE.simulate(shape, 5, 20, 0, 0, 5, 400, 4, False)
@@ -215,7 +215,7 @@ def test_noise_averages_to_the_fit_per_step():
     fit = calibrate.fit_cost([noisy], noise=True, seed=0)
     q = fit.noise
     assert set(q) == {"slow", "mixed", "decode"}
-    assert len(q["slow"]) == calibrate.NOISE_QUANTILES
+    assert len(q["slow"]) == step_cost.NOISE_QUANTILES
     assert 1 / np.mean(1 / np.array(q["slow"])) == pytest.approx(1.0, rel=0.02)  # harmonic
     assert np.mean(q["decode"]) == pytest.approx(1.0, rel=0.02)
     shape = Shape("decode", 16, S=4)

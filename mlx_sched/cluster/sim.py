@@ -88,7 +88,7 @@ class SimCluster:
     """A `Cluster` of `cfg.num_instances` simulated engines of `model_cfg` with `serve`.
 
     `cost`: the instances' cost model (`StepTimeModel` prior by default, or a calibrated
-    `lab.calibrate.CalibratedCost`); `speedups[i]` divides instance i's device time
+    `lab.step_cost.CalibratedCost`); `speedups[i]` divides instance i's device time
     (tensor-parallel instances, modelled)."""
 
     def __init__(

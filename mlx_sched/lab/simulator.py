@@ -3,7 +3,7 @@
 `SimRunner` stands in for `Runner`: it builds no model and runs nothing; each
 step takes the time a cost model predicts on a `SimClock` that the engine
 reads. The cost model is a `StepTimeModel` (device time only: its prior, or
-fitted online) or a `lab.calibrate.CalibratedCost` fitted per compiled shape
+fitted online) or a `lab.step_cost.CalibratedCost` fitted per compiled shape
 from a real engine's step records, with the host's time around each step.
 Sampled tokens are pseudo-random ids that never hit a stop token, so requests
 run to their length, as serving benchmarks do. Policy code runs unchanged, so
@@ -76,7 +76,7 @@ class SimRunner:
     """A `StepRunner` whose device is a cost model: same buckets (`shape_for`), no compute.
 
     `cost` is a `StepTimeModel` (the default: its prior) or anything with its `simulate`
-    method, e.g. a calibrated `lab.calibrate.CalibratedCost`."""
+    method, e.g. a calibrated `lab.step_cost.CalibratedCost`."""
 
     def __init__(
         self,
