@@ -67,6 +67,7 @@ class PagedContext:
     # context and the nodes dec_tree[d, i, :] marks (itself and its ancestors)
     dec_tree_DLL: jax.Array | None = None
     dec_base_D: jax.Array | None = None
+    lora_slot_T: jax.Array | None = None  # [T] each token's adapter slot (models/lora_pool.py)
 
     @property
     def chunk_pages(self) -> int:
