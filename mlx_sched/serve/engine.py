@@ -14,6 +14,7 @@ the `serve.handoff` methods (export, read and write KV, import, detach).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -74,6 +75,11 @@ class Engine(Handoff):
         self.sched = Scheduler(self.cfg, self.pool, self.store)
         self.policy = make_policy(self.cfg.policy, self.cfg)
         self.policy.bind(self.sched)
+        self.adapters = None  # many LoRA adapters (S-LoRA): serve.adapters.AdapterPool
+        if self.cfg.lora:
+            from mlx_sched.serve.adapters import AdapterPool
+
+            self.adapters = AdapterPool.build(self.cfg, self.pool, self.runner, model.cfg)
         self.clock = clock
         # live requests, then the `history` most recently retired ones (a server never grows)
         self.requests: dict[str, Request] = {}
@@ -115,9 +121,13 @@ class Engine(Handoff):
         arrival: float | None = None,
         deadline: float | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        adapter: str | None = None,
     ) -> str:
-        """Validate and queue a request; raises RequestError (nothing queued) if invalid."""
+        """Validate and queue a request; raises RequestError (nothing queued) if invalid.
+        `adapter`: a registered LoRA adapter's name (as `SamplingParams.adapter`)."""
         sampling = sampling or SamplingParams()
+        if adapter is not None and isinstance(sampling, SamplingParams):
+            sampling = dataclasses.replace(sampling, adapter=adapter)
         if not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         tokens = validate_prompt(
@@ -129,6 +139,10 @@ class Engine(Handoff):
         if len(sampling.stop_tokens) + 1 >= NUM_STOP_IDS:  # room for EOS, and one to spare
             raise RequestError(f"at most {NUM_STOP_IDS - 2} stop tokens per request")
         self.sched.check_fits(len(tokens), sampling)
+        if sampling.adapter is not None:
+            if self.adapters is None:
+                raise RequestError(f"adapter '{sampling.adapter}' given, but serve.lora is off")
+            self.adapters.check(sampling, self.pool.pages_for(len(tokens) + sampling.max_tokens))
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request id '{rid}' is already in use")
@@ -137,7 +151,8 @@ class Engine(Handoff):
             raise RequestError(f"TTFT deadline {deadline:.3f} is in the past (now {now:.3f})")
         req = Request(rid, tokens, sampling, now, client, priority, deadline, next(self._order))
         self.requests[rid] = req
-        self.sched.waiting.append(req)
+        # a request with an adapter waits for its adapter's slot first (`adapters.admit`)
+        (self.sched.waiting if sampling.adapter is None else self.adapters.parked).append(req)
         self.policy.on_arrival(req, now)
         if on_output is not None:
             self._callbacks[rid] = on_output
@@ -168,6 +183,8 @@ class Engine(Handoff):
         """A finished or aborted request leaves the engine's state; its metrics go into the
         totals and the bounded history."""
         m = metrics_lib.request_metrics(req, itl=False)  # what the totals read
+        if self.adapters is not None:
+            self.adapters.release(req)
         if self.spec is not None:
             self.spec.forget(req)
         self.totals.observe(m)
@@ -178,7 +195,14 @@ class Engine(Handoff):
                 del self.requests[self._retired.popleft()]
 
     def has_work(self) -> bool:
-        return self.sched.has_work()
+        return self.sched.has_work() or bool(self.adapters and self.adapters.parked)
+
+    def register_adapter(self, name: str, source) -> None:
+        """Register a LoRA adapter (a PEFT folder, or a model with an adapter) in host memory,
+        for requests that name it; an AdapterError (one line) if it does not fit serve.lora."""
+        if self.adapters is None:
+            raise RuntimeError("register_adapter needs serve.lora (an adapter pool)")
+        self.adapters.register(name, source)
 
     def update_params(self, updates) -> int:
         """Serve from now on with some parameters replaced (`Runner.update_params`: MoE routers,
@@ -196,6 +220,8 @@ class Engine(Handoff):
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        if self.adapters is not None:  # requests whose adapter (now) holds a slot may run
+            self.adapters.admit(self.sched.waiting)
         if self.spec is not None:
             self.spec.prepare(self.sched.running)
         plan = self.policy.schedule(self.sched, self.clock())
@@ -444,4 +470,7 @@ class Engine(Handoff):
         return [*map(metrics_lib.request_metrics, [*self._records, *live])]
 
     def summary(self, wall_s: float) -> dict:
-        return metrics_lib.summarize(self.request_metrics(), list(self.step_records), wall_s)
+        out = metrics_lib.summarize(self.request_metrics(), list(self.step_records), wall_s)
+        if self.adapters is not None:
+            out["adapters"] = self.adapters.stats()
+        return out

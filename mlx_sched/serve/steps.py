@@ -102,6 +102,7 @@ def mixed_step(graphdef, kernel, params, tables, k, v, b):
         pre_len_R=b["pre_len"] if rows else None,
         kernel=kernel,
         dec_width=L,
+        lora_slot_T=flat("slot") if "dec_slot" in b else None,  # adapters (S-LoRA)
     )
     tree = "dec_parent" in b and L > 1 and D > 0  # token trees (SpecInfer)
     if tree:
@@ -195,6 +196,7 @@ def decode_slice(
             dec_pages_DW=pages_DW,
             dec_len_D=jnp.where(done_D, 0, pos_D + 1),
             kernel=kernel,
+            lora_slot_T=b.get("slot"),  # adapters (S-LoRA)
         )
         x_DD, _ = model.forward(embed(model, tables, c["tok"]), ctx)
         logits = model.logits(x_DD)
