@@ -112,9 +112,12 @@ def _at_rank(shape: tuple[int, ...], rank: int, last: bool) -> tuple[int, ...]:
 
 
 def adapter_config(source) -> LoraConfig:
-    """The LoraConfig of a PEFT folder (path) or of a model with an adapter."""
+    """The LoraConfig of a PEFT folder (path), a model with an adapter, or an in-memory
+    (LoraConfig or dict, {(layer, target): (A, B)})."""
     if isinstance(source, str | pathlib.Path):
         return lora_peft.read_adapter_config(source)
+    if isinstance(source, tuple) and len(source) == 2:
+        return LoraConfig.from_any(source[0])
     cfg = getattr(source, "cfg", None)
     if cfg is None or cfg.lora is None:
         raise ValueError(
@@ -125,12 +128,19 @@ def adapter_config(source) -> LoraConfig:
 
 def read_adapter(source, specs) -> tuple[LoraConfig, dict[Key, tuple[np.ndarray, np.ndarray]]]:
     """One adapter as (its config, {(layer, target): (A, B)} float32 host arrays of the pool's
-    layout at the adapter's rank), from a PEFT folder (path) or a model with an adapter.
+    layout at the adapter's rank), from a PEFT folder (path), a model with an adapter, or an
+    in-memory (config, {(layer, target): (A, B)}) as this returns.
     A ValueError (one line) when it does not fit the pool's base: a missing layer or target,
     another shape."""
     if isinstance(source, str | pathlib.Path):
         return _read_peft(pathlib.Path(source), specs)
     lcfg, out = adapter_config(source), {}
+    if isinstance(source, tuple):
+        for key, (a, b) in source[1].items():
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            _check_shape(tuple(key), specs, a.shape, b.shape, lcfg.rank)
+            out[tuple(key)] = (a, b)
+        return lcfg, out
     for layer, target, _, ad in lora.adapters(source):
         key = (layer, target)
         a = np.asarray(jnp.asarray(ad.a[...], jnp.float32))

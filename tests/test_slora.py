@@ -12,7 +12,7 @@ from mlx_sched.serve.adapters import AdapterError
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.engine import Engine
 from mlx_sched.serve.request import RequestError, SamplingParams
-from models import ConfigError, ModelConfig, Transformer, lora, lora_peft
+from models import ConfigError, ModelConfig, Transformer, lora, lora_peft, lora_pool
 from models import generate as reference
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -89,7 +89,8 @@ def test_a_batch_mixing_three_adapters_and_none_equals_each_model(models, tmp_pa
     lora_peft.save_adapter(models["c"], tmp_path / "c")
     engine = Engine(models[None], _serve())
     engine.register_adapter("a", models["a"])
-    engine.register_adapter("b", models["b"])
+    b = lora_pool.read_adapter(models["b"], engine.runner.lora_specs)
+    engine.register_adapter("b", b)  # in memory: (config, {(layer, target): (A, B)})
     engine.register_adapter("c", tmp_path / "c")  # a PEFT folder
     prompts = _prompts(8)
     names = ["a", "b", "c", None] * 2
@@ -184,6 +185,11 @@ def test_bad_adapters_and_requests_are_one_line_errors(models):
         engine.register_adapter("alien", alien)
     assert set(engine.adapters.registry) == {"a"}  # nothing else registered
     assert not engine.has_work()
+    rid = engine.add_request([1, 2, 3], adapter="a")  # parked until a step admits it
+    with pytest.raises(RequestError, match="adapters do not move"):
+        engine.export_request(rid)
+    engine.abort(rid)  # a parked request leaves the pool's queue
+    assert not engine.has_work() and engine.adapters.stats()["parked"] == 0
     off = ServeConfig(page_size=4, num_pages=16, max_seqs=4, token_budget=16)
     plain = Engine(models[None], off, warmup=False)
     with pytest.raises(RequestError, match="serve.lora is off"):
@@ -214,3 +220,18 @@ def test_pooled_delta_is_each_token_s_own_adapter_and_slot_0_adds_exactly_zero()
         want = lora.delta(eq, x[t : t + 1], a_S[s, :, :r], b_S[s, :r], scale_S[s], np.float32)
         np.testing.assert_allclose(got[t : t + 1], want, rtol=1e-5, atol=1e-6)
     assert not got[slot_T == 0].any()
+
+
+@pytest.mark.slow  # four small engines
+def test_the_slora_experiment_runs_every_mode():
+    from experiments import slora_runs
+    from experiments.configs import slora
+
+    config = slora.get_config("runlocal")
+    with config.unlocked():
+        config.num_adapters, config.workload.requests = (3,), 6
+    rows = slora_runs.run_all(config, progress=lambda _: None)["rows"]
+    assert [r["mode"] for r in rows] == ["unified", "fixed", "merged"]
+    assert all(r["compiles_after_warmup"] == 0 and r["output_tok_s"] > 0 for r in rows)
+    assert rows[2]["loads"] >= 1  # the merged mode switched weights
+    assert "| 3 | merged |" in slora_runs.table({"rows": rows})

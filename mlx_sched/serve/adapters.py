@@ -182,6 +182,8 @@ class AdapterPool:
 
     def release(self, req) -> None:
         """A request finished or was aborted: unpin its adapter (it stays resident)."""
+        if req.sampling.adapter is None:
+            return
         if req in self.parked:
             self.parked.remove(req)
         if req.adapter_slot:
