@@ -3,6 +3,8 @@ mixing adapters equals each adapter's own model; unmerged equals merged; evictio
 keep outputs exact; adapters take pages from the KV pool; the prefix cache is keyed by
 adapter; no compilation after warm-up; bad adapters and requests are one-line errors."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -235,3 +237,21 @@ def test_the_slora_experiment_runs_every_mode():
     assert all(r["compiles_after_warmup"] == 0 and r["output_tok_s"] > 0 for r in rows)
     assert rows[2]["loads"] >= 1  # the merged mode switched weights
     assert "| 3 | merged |" in slora_runs.table({"rows": rows})
+
+
+def test_requests_without_adapter_get_the_base_engine_s_logprobs_exactly(models):
+    """The pool adds exactly zero for slot 0: base requests beside adapted ones are bitwise
+    the engine without a pool."""
+    prompts = _prompts(4, seed=5)
+    sp = SamplingParams(max_tokens=5, logprobs=True)
+    plain = Engine(models[None], dataclasses.replace(_serve(), lora={}))
+    want = [o.request.seqs[0].logprobs for o in plain.generate(prompts, sp)]
+    engine = _engine(models)
+    names = [None, "b"] * 2
+    ids = [engine.add_request(p, sp, adapter=a) for p, a in zip(prompts, names, strict=True)]
+    ids += [engine.add_request(p, sp) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    got = [engine.requests[i].seqs[0].logprobs for i in ids]
+    assert got[4:] == want and got[0] == want[0] and got[2] == want[2]
+    assert got[1] != want[1]  # the adapter changes them
