@@ -255,3 +255,20 @@ def test_requests_without_adapter_get_the_base_engine_s_logprobs_exactly(models)
     got = [engine.requests[i].seqs[0].logprobs for i in ids]
     assert got[4:] == want and got[0] == want[0] and got[2] == want[2]
     assert got[1] != want[1]  # the adapter changes them
+
+
+def test_adapters_pinned_by_waiting_requests_never_starve_the_head_of_pages(models):
+    """Nothing runs, and the head's first chunk does not fit beside the adapters the requests
+    behind it pinned: they give their pins back and wait, rather than the head failing."""
+    engine = Engine(models[None], dataclasses.replace(_serve(), num_pages=36))
+    for name in ADAPTERS:
+        engine.register_adapter(name, models[name])
+    ad, pool = engine.adapters, engine.pool
+    a, b, c = (ad.registry[n].pages for n in "abc")  # 2, 16, 10 pages
+    prompt = list(range(1, 85))  # 21 pages: fits beside a, and its first chunk (8) not
+    assert pool.num_pages - 1 - a - b - c < pool.pages_for(32)  # beside a + b + c
+    names, prompts = ["a", "b", "c"], [prompt, [5, 6, 7], [8, 9]]
+    got = _run(engine, prompts, names, max_tokens=2)
+    assert [engine.requests[f"req-{i}"].error for i in range(3)] == [None] * 3
+    assert got == _expected(models, prompts, names, max_tokens=2)
+    pool.check()

@@ -7,7 +7,9 @@ holds a device slot; then it joins the scheduler's queue, its slot pinned until 
 or is aborted. An adapter pinned by a request is never evicted; an unpinned one stays
 resident (so a later request finds it) until its slot or its pages are wanted, least
 recently used first. Only requests in the scheduler pin slots and they all finish, so a
-parked request waits, never fails, and never deadlocks the engine.
+parked request waits, never fails, and never deadlocks the engine; and when nothing runs
+because the head's KV does not fit beside the adapters pinned by the requests behind it,
+those give their pins back and wait (`unpin_waiting`).
 
 Pages (`paging`), with a KV page = page_size tokens' K and V in every layer:
 - "unified" (S-LoRA): a resident adapter of rank r holds ceil(its bytes at rank r / KV page
@@ -96,6 +98,7 @@ class AdapterPool:
         self.pages_of: dict[str, list[int]] = {}
         self.parked: collections.deque = collections.deque()
         self.loads = self.evictions = self.idle_pages = 0
+        self.hold = False  # `unpin_waiting` made room for the head: admit once it runs
         self.reserved: list[int] = []
         if cfg.paging == "fixed":
             n = cfg.slots * self.pages_for(cfg.max_rank * sum(_sizes(specs)))
@@ -165,10 +168,15 @@ class AdapterPool:
 
     # -- admission ----------------------------------------------------------------------
 
-    def admit(self, waiting) -> None:
-        """Move parked requests whose adapter holds (or now gets) a slot to `waiting`. In
-        arrival order: once one cannot load its adapter, later ones join only on a resident
-        adapter (the head is not overtaken by loads)."""
+    def admit(self, sched) -> None:
+        """Move parked requests whose adapter holds (or now gets) a slot to the scheduler's
+        queue. In arrival order: once one cannot load its adapter, later ones join only on a
+        resident adapter (the head is not overtaken by loads). Held while `unpin_waiting`
+        made room for the head and nothing runs yet."""
+        if self.hold and not sched.running:
+            return
+        self.hold = False
+        waiting = sched.waiting
         still, blocked = collections.deque(), False
         while self.parked:
             req = self.parked.popleft()
@@ -179,6 +187,19 @@ class AdapterPool:
                 blocked = True
                 still.append(req)
         self.parked = still
+
+    def unpin_waiting(self, waiting) -> bool:
+        """Nothing runs and the head of `waiting` cannot start: the waiting requests behind it
+        give their adapters' pins back (idle adapters' pages can go to the head's KV) and park
+        again, first in line, until something runs. -> whether any did (else the head
+        cannot be scheduled at all)."""
+        behind = [r for r in list(waiting)[1:] if r.adapter_slot]
+        for req in reversed(behind):
+            waiting.remove(req)
+            self.release(req)
+            self.parked.appendleft(req)
+        self.hold = bool(behind)
+        return self.hold
 
     def release(self, req) -> None:
         """A request finished or was aborted: unpin its adapter (it stays resident)."""

@@ -221,7 +221,7 @@ class Engine(Handoff):
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         if self.adapters is not None:  # requests whose adapter (now) holds a slot may run
-            self.adapters.admit(self.sched.waiting)
+            self.adapters.admit(self.sched)
         if self.spec is not None:
             self.spec.prepare(self.sched.running)
         plan = self.policy.schedule(self.sched, self.clock())
@@ -230,7 +230,8 @@ class Engine(Handoff):
             self._move_kv(plan)
             self.sched.release(plan)
             if self.sched.has_work() and not self.sched.running:
-                self._fail_unschedulable()
+                if not (self.adapters and self.adapters.unpin_waiting(self.sched.waiting)):
+                    self._fail_unschedulable()
             elif self.sched.running and plan.empty:
                 raise RuntimeError(
                     f"policy '{self.policy.name}' scheduled nothing with "
