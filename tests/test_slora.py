@@ -272,3 +272,24 @@ def test_adapters_pinned_by_waiting_requests_never_starve_the_head_of_pages(mode
     assert [engine.requests[f"req-{i}"].error for i in range(3)] == [None] * 3
     assert got == _expected(models, prompts, names, max_tokens=2)
     pool.check()
+
+
+def test_bfloat16_pool_beside_packed_base_weights_matches_full_recompute():
+    """bfloat16 serving: base projections on the packed native matmul (where available),
+    adapter deltas on XLA dots; greedy tokens equal the one-adapter model's."""
+    cfg = ModelConfig(
+        vocab_size=264, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+        max_seq_len=128, dtype="bfloat16", init_std=0.3,
+    )  # fmt: skip
+    targets = ("q_proj", "v_proj", "o_proj", "down_proj")
+    base = Transformer(cfg, nnx.Rngs(2))
+    adapted = lora.add_adapter(base, dict(rank=4, alpha=8.0, targets=targets), seed=1)
+    for j, (_, _, _, ad) in enumerate(lora.adapters(adapted)):
+        ad.b[...] = (0.3 * jax.random.normal(jax.random.key(j), ad.b.shape)).astype(ad.b.dtype)
+    engine = Engine(base, _serve(slots=2, targets=targets))
+    engine.register_adapter("x", adapted)
+    rng = np.random.default_rng(0)
+    prompts = [list(map(int, rng.integers(0, 256, n))) for n in (5, 19, 33)]
+    names = ["x", None, "x"]
+    got = _run(engine, prompts, names)
+    assert got == _expected({"x": adapted, None: base}, prompts, names)
