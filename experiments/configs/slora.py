@@ -51,7 +51,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     )
     c.workload = dict(
         requests=12 if local else 160,
-        rate=8.0 if local else 60.0,  # requests per second (Poisson): above capacity
+        rate=8.0 if local else 400.0,  # requests per second (Poisson): a burst (saturating)
         prompt_len=(16, 64),
         output_len=(8, 32),
         seed=0,

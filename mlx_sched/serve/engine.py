@@ -198,8 +198,9 @@ class Engine(Handoff):
         return self.sched.has_work() or bool(self.adapters and self.adapters.parked)
 
     def register_adapter(self, name: str, source) -> None:
-        """Register a LoRA adapter (a PEFT folder, or a model with an adapter) in host memory,
-        for requests that name it; an AdapterError (one line) if it does not fit serve.lora."""
+        """Register a LoRA adapter (a PEFT folder, a model with an adapter, or (LoraConfig,
+        {(layer, target): (A, B)})) in host memory for requests that name it; an AdapterError
+        (one line) if it does not fit serve.lora or the base model."""
         if self.adapters is None:
             raise RuntimeError("register_adapter needs serve.lora (an adapter pool)")
         self.adapters.register(name, source)
