@@ -74,11 +74,11 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (H, X, D), ("heads", "head_dim", "embed"), cfg)
         self.lora = None  # LoRA adapters by target name (models/lora.py attaches them)
 
-    def qkv(self, x_TD: jax.Array, pos_T: jax.Array, slot_T: jax.Array | None = None):
-        """Projected and rotated q [T, H, X], k and v [T, K, X] (`slot_T`: each token's
-        adapter slot in a serving pool of adapters, `models/lora_pool.py`)."""
+    def qkv(self, x_TD: jax.Array, pos_T: jax.Array, slots: jax.Array | None = None):
+        """Projected and rotated q [T, H, X], k and v [T, K, X] (`slots`: the tokens'
+        adapter slots in a serving pool of adapters, `models/lora_pool.py`)."""
         cos_TX, sin_TX = rope_tables(pos_T, self.cfg.head_dim, self.cfg.rope_theta)
-        lora, dtype, s = self.lora, self.dtype, slot_T
+        lora, dtype, s = self.lora, self.dtype, slots
         q = project("td,dhx->thx", x_TD, self.wq[...], dtype, lora, "q_proj", s)
         k = project("td,dkx->tkx", x_TD, self.wk[...], dtype, lora, "k_proj", s)
         v = project("td,dkx->tkx", x_TD, self.wv[...], dtype, lora, "v_proj", s)
@@ -90,8 +90,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_TD: jax.Array, ctx) -> jax.Array:
         pos_T = ctx.rope_positions() if isinstance(ctx, FullContext) else ctx.positions_T
-        slot_T = getattr(ctx, "lora_slot_T", None)
-        q, k, v = self.qkv(x_TD, pos_T, slot_T)
+        slots = getattr(ctx, "lora_slots", None)
+        q, k, v = self.qkv(x_TD, pos_T, slots)
         o_THX = ctx.attend(self.layer, self.pattern, q, k, v)
-        o_TD = project("thx,hxd->td", o_THX, self.wo[...], self.dtype, self.lora, "o_proj", slot_T)
+        o_TD = project("thx,hxd->td", o_THX, self.wo[...], self.dtype, self.lora, "o_proj", slots)
         return constrain_act(o_TD, "act_embed")

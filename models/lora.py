@@ -107,8 +107,8 @@ class LoRA(nnx.Module):
         self.a = LoraParam(a.astype(w.dtype), axes=axes_a)
         self.b = LoraParam(jnp.zeros(shape_b, w.dtype), axes=axes_b)
 
-    def __call__(self, x: jax.Array, slot_T=None) -> jax.Array:
-        del slot_T  # one adapter for every token
+    def __call__(self, x: jax.Array, slots=None) -> jax.Array:
+        del slots  # one adapter for every token
         return delta(self.eq, x, self.a[...], self.b[...], self.scale, self.dtype)
 
     def update(self) -> jax.Array:

@@ -4,8 +4,10 @@ A pooled adapter on a projection holds every slot's A [S, in dims..., I] and B [
 dims...] (S slots, I the pool's largest rank) and its scale alpha / r [S]. Slot 0 is the
 null slot: all zeros, so a token of slot 0 gets exactly no delta. An adapter of rank r < I
 is zero-padded, which is exact: its extra columns of A and rows of B are zero. A token's
-delta is (x @ A[s]) @ B[s] * scale[s] for its slot s: A, B and scale gathered per token,
-then two batched matmuls in the compute dtype with float32 accumulation (`layers.dot`).
+delta is (x @ A[s]) @ B[s] * scale[s] for its slot s: A, B and scale gathered by slot, then
+two batched matmuls in the compute dtype with float32 accumulation (`layers.dot`). A mixed
+serving step gathers once per segment (`SlotSegments`: a decode slot's tokens, a prefill
+row), a decode slice once per token (each its own sequence).
 Letters as in `models/__init__.py` (S here: adapter slots; I: the rank).
 
 `attach_pool(model, targets, slots, max_rank)` gives a model without adapters pooled ones
@@ -16,6 +18,7 @@ or a model with an adapter, into host arrays of the pool's layout.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
@@ -42,13 +45,61 @@ def _batched(eq: str) -> str:
     return f"{xs},{xs[0]}{ws}->{out}"
 
 
-def pooled_delta(eq, x, a_S, b_S, scale_S, slot_T, dtype) -> jax.Array:
-    """Each token's adapter delta on the projection `eq`, by its slot (0: exactly zero)."""
-    eq_a, eq_b, _ = split_eq(eq)
-    h = dot(_batched(eq_a), x, a_S[slot_T], dtype)
-    y = dot(_batched(eq_b), h, b_S[slot_T], dtype)
-    scale = scale_S[slot_T].astype(jnp.float32).reshape(-1, *([1] * (y.ndim - 1)))
+@dataclasses.dataclass(frozen=True)
+class SlotSegments:
+    """A mixed serving step's adapter slots by segment, G = D + R of them: decode slot d's
+    L consecutive tokens (the first D * L) use `dec_slot_D[d]`; prefill row r's tokens (the
+    rest, gathered by `pre_index_RC`, padding = Tp) use `pre_slot_R[r]`. A and B are then
+    gathered once per segment, not once per token."""
+
+    dec_slot_D: jax.Array
+    dec_width: int
+    pre_slot_R: jax.Array | None = None
+    pre_index_RC: jax.Array | None = None
+
+
+def _segmented(eq: str) -> str:
+    """`x,w->y` with a leading segment axis g on all three."""
+    ins, out = eq.split("->")
+    xs, ws = ins.split(",")
+    return f"g{xs},g{ws}->g{out}"
+
+
+def _delta_by(eqs, x, a, b, scale, dtype) -> jax.Array:
+    """(x @ a) @ b * scale for weights gathered per token (eqs `_batched`) or per segment."""
+    h = dot(eqs[0], x, a, dtype)
+    y = dot(eqs[1], h, b, dtype)
+    scale = scale.astype(jnp.float32).reshape(scale.shape + (1,) * (y.ndim - scale.ndim))
     return (y * scale).astype(dtype)
+
+
+def pooled_delta(eq, x, a_S, b_S, scale_S, slots, dtype) -> jax.Array:
+    """Each token's adapter delta on the projection `eq`, by its slot (0: exactly zero);
+    `slots` is [T], a slot per token, or the step's `SlotSegments`."""
+    eq_a, eq_b, _ = split_eq(eq)
+    if not isinstance(slots, SlotSegments):
+        eqs = (_batched(eq_a), _batched(eq_b))
+        return _delta_by(eqs, x, a_S[slots], b_S[slots], scale_S[slots], dtype)
+    eqs = (_segmented(eq_a), _segmented(eq_b))
+    D, L = slots.dec_slot_D.shape[0], slots.dec_width
+    parts = []
+    if D:
+        s = slots.dec_slot_D
+        x_G = x[: D * L].reshape(D, L, *x.shape[1:])
+        y = _delta_by(eqs, x_G, a_S[s], b_S[s], scale_S[s], dtype)
+        parts.append(y.reshape(D * L, *y.shape[2:]))
+    if slots.pre_index_RC is not None:
+        s, idx_RC = slots.pre_slot_R, slots.pre_index_RC
+        x_pre = x[D * L :]
+        Tp = x_pre.shape[0]
+        x_pad = jnp.concatenate([x_pre, jnp.zeros((1, *x.shape[1:]), x.dtype)])  # row Tp: 0
+        y_RC = _delta_by(eqs, x_pad[idx_RC], a_S[s], b_S[s], scale_S[s], dtype)
+        y_pre = jnp.zeros((Tp + 1, *y_RC.shape[2:]), y_RC.dtype)
+        y_pre = y_pre.at[idx_RC.reshape(-1)].set(y_RC.reshape(-1, *y_RC.shape[2:]))
+        parts.append(y_pre[:Tp])
+    elif x.shape[0] > D * L:
+        raise ValueError("SlotSegments: prefill tokens need pre_index_RC")
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 class PooledLoRA(nnx.Module):
@@ -66,11 +117,11 @@ class PooledLoRA(nnx.Module):
         self.b = PoolParam(jnp.zeros(shape(spec_b), w.dtype), axes=axes_of(spec_b))
         self.scale = PoolParam(jnp.zeros((slots + 1,), jnp.float32), axes=(None,))
 
-    def __call__(self, x: jax.Array, slot_T: jax.Array | None = None) -> jax.Array:
-        if slot_T is None:
-            raise ValueError("a pooled adapter needs each token's slot (the serving context's)")
+    def __call__(self, x: jax.Array, slots=None) -> jax.Array:
+        if slots is None:
+            raise ValueError("a pooled adapter needs the tokens' slots (the serving context's)")
         return pooled_delta(
-            self.eq, x, self.a[...], self.b[...], self.scale[...], slot_T, self.dtype
+            self.eq, x, self.a[...], self.b[...], self.scale[...], slots, self.dtype
         )
 
 
@@ -191,6 +242,7 @@ def _read_peft(path: pathlib.Path, specs):
 
 __all__ = [
     "PoolParam",
+    "SlotSegments",
     "adapter_config",
     "PooledLoRA",
     "attach_pool",

@@ -67,7 +67,8 @@ class PagedContext:
     # context and the nodes dec_tree[d, i, :] marks (itself and its ancestors)
     dec_tree_DLL: jax.Array | None = None
     dec_base_D: jax.Array | None = None
-    lora_slot_T: jax.Array | None = None  # [T] each token's adapter slot (models/lora_pool.py)
+    # the tokens' adapter slots (models/lora_pool.py): [T] per token, or by segment
+    lora_slots: object = None
 
     @property
     def chunk_pages(self) -> int:

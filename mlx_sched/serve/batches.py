@@ -133,19 +133,19 @@ class BatchBuilder:
             **self._copies(plan.copies),
             **self._draft_probs(plan, D, L),
             **({"dec_parent": parent, "dec_base": dec_len - dec_ndraft - 1} if trees else {}),
-            **self._adapter_slots(decodes, prefills, D, L, Tp),
+            **self._adapter_slots(decodes, prefills, D, R),
         }
 
-    def _adapter_slots(self, decodes, prefills, D: int, L: int, Tp: int) -> dict:
-        """Each token's adapter slot (0: none) when the engine serves adapters (S-LoRA)."""
+    def _adapter_slots(self, decodes, prefills, D: int, R: int) -> dict:
+        """Each decode slot's and prefill row's adapter slot (0: none) when the engine serves
+        adapters (S-LoRA)."""
         if not self.cfg.lora:
             return {}
-        dec, pre, off = np.zeros((D, L), np.int32), np.zeros(Tp, np.int32), 0
-        for i, (s, n) in enumerate(decodes):
-            dec[i, :n] = s.request.adapter_slot
-        for s, n in prefills:
-            pre[off : off + n] = s.request.adapter_slot
-            off += n
+        dec, pre = np.zeros(D, np.int32), np.zeros(R, np.int32)
+        for i, (s, _) in enumerate(decodes):
+            dec[i] = s.request.adapter_slot
+        for r, (s, _) in enumerate(prefills):
+            pre[r] = s.request.adapter_slot
         return {"dec_slot": dec, "pre_slot": pre}
 
     def _draft_probs(self, plan: StepPlan, D: int, L: int) -> dict:
