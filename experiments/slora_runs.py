@@ -147,14 +147,28 @@ def run_one(config, mode: str, n: int, base, adapters) -> dict:
 
 
 def run_all(config, progress=print) -> dict:
+    """Every (adapters, mode) point `config.repeats` times, the modes interleaved (the
+    machine's load drifts); a row holds each figure's median over the repeats."""
     base = Transformer(ModelConfig.from_dict(config.model.to_dict()), nnx.Rngs(0))
-    rows = []
+    rows, runs = [], []
     for n in config.num_adapters:
         adapters = make_adapters(base, n, config.ranks, config.targets)
-        for mode in config.modes.split(","):
-            rows.append(run_one(config, mode, n, base, adapters))
+        by_mode = collections.defaultdict(list)
+        for _ in range(config.repeats):
+            for mode in config.modes.split(","):
+                by_mode[mode].append(run_one(config, mode, n, base, adapters))
+                runs.append(by_mode[mode][-1])
+        for rs in by_mode.values():
+            rows.append(
+                {
+                    k: rs[0][k]
+                    if isinstance(rs[0][k], str)
+                    else float(np.median([r[k] for r in rs]))
+                    for k in rs[0]
+                }
+            )
             progress(_row(rows[-1]))
-    return {"rows": rows}
+    return {"rows": rows, "runs": runs}
 
 
 HEAD = (
@@ -165,8 +179,8 @@ HEAD = (
 
 def _row(r: dict) -> str:
     return (
-        f"| {r['adapters']} | {r['mode']} | {r['output_tok_s']:.0f} | {r['ttft_p50']:.3f} "
-        f"| {r['ttft_p99']:.3f} | {r['loads']} | {r['evictions']} |"
+        f"| {r['adapters']:.0f} | {r['mode']} | {r['output_tok_s']:.0f} | {r['ttft_p50']:.3f} "
+        f"| {r['ttft_p99']:.3f} | {r['loads']:.0f} | {r['evictions']:.0f} |"
     )
 
 

@@ -10,7 +10,7 @@ at random; ranks alternate between the two of `ranks`), in three modes:
   merged   no pool: one adapter at a time, merged into the weights (W + s * A @ B) whenever
            the engine empties, then every waiting request of that adapter is served
 
-Variants: default (about 3 minutes on 2 CPU cores), runlocal (about a minute: tests).
+Variants: default (about 10 minutes on 2 CPU cores), runlocal (about a minute: tests).
 
   python -m experiments.slora                      # docs/results/slora.json + docs/slora.png
   python -m experiments.slora --config=experiments/configs/slora.py:runlocal --workdir=/tmp/sl \
@@ -38,6 +38,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.ranks = (8, 16)
     c.num_adapters = (1, 4) if local else (1, 8, 32, 128, 256)
     c.modes = "unified,fixed,merged"  # comma-separated subset
+    c.repeats = 1 if local else 3  # runs per point (the median is reported)
     c.slots = 4 if local else 16
     c.serve = dict(
         page_size=16,
