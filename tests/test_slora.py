@@ -152,6 +152,8 @@ def test_adapters_take_kv_pages_and_long_contexts_take_them_back(models):
     fixed = Engine(models[None], _serve(paging="fixed", slots=2, max_rank=2), warmup=False)
     per_rank = sum(int(np.prod(a)) + int(np.prod(b)) for a, b in fixed.runner.lora_specs.values())
     assert fixed.pool.num_in_use == 2 * fixed.adapters.pages_for(2 * per_rank) > 0
+    with pytest.raises(RequestError, match="beside 16 adapter pages"):  # 63 - 16 < 49 pages
+        fixed.add_request(list(range(1, 90)), SamplingParams(max_tokens=6, n=2))
 
 
 def test_the_prefix_cache_is_keyed_by_adapter(models):

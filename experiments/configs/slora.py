@@ -10,7 +10,7 @@ at random; ranks alternate between the two of `ranks`), in three modes:
   merged   no pool: one adapter at a time, merged into the weights (W + s * A @ B) whenever
            the engine empties, then every waiting request of that adapter is served
 
-Variants: default (about 10 minutes on 2 CPU cores), runlocal (about a minute: tests).
+Variants: default (about 4 minutes on 2 CPU cores), runlocal (about a minute: tests).
 
   python -m experiments.slora                      # docs/results/slora.json + docs/slora.png
   python -m experiments.slora --config=experiments/configs/slora.py:runlocal --workdir=/tmp/sl \

@@ -153,17 +153,19 @@ class AdapterPool:
         return ad
 
     def check(self, sampling, kv_pages: int) -> None:
-        """A RequestError unless the request's adapter is registered and fits beside its KV."""
+        """A RequestError unless the request's adapter (if any) is registered and its KV fits
+        beside the adapter's pages (unified) or the fixed reserve."""
         from mlx_sched.serve.request import RequestError
 
         ad = self.registry.get(sampling.adapter)
-        if ad is None:
+        if ad is None and sampling.adapter is not None:
             known = sorted(self.registry)[:5]
             raise RequestError(f"unknown adapter '{sampling.adapter}' (registered: {known})")
-        if self.cfg.paging == "unified" and ad.pages + kv_pages > self.pool.num_pages - 1:
+        held = len(self.reserved) + (ad.pages if ad is not None and not self.reserved else 0)
+        if held + kv_pages * sampling.n > self.pool.num_pages - 1:
             raise RequestError(
-                f"request needs {kv_pages} KV pages and its adapter {ad.pages}: more than the "
-                f"pool's {self.pool.num_pages - 1}"
+                f"request needs {kv_pages * sampling.n} KV pages beside {held} adapter pages: "
+                f"more than the pool's {self.pool.num_pages - 1}"
             )
 
     # -- admission ----------------------------------------------------------------------

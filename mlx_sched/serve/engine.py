@@ -139,10 +139,10 @@ class Engine(Handoff):
         if len(sampling.stop_tokens) + 1 >= NUM_STOP_IDS:  # room for EOS, and one to spare
             raise RequestError(f"at most {NUM_STOP_IDS - 2} stop tokens per request")
         self.sched.check_fits(len(tokens), sampling)
-        if sampling.adapter is not None:
-            if self.adapters is None:
-                raise RequestError(f"adapter '{sampling.adapter}' given, but serve.lora is off")
+        if self.adapters is not None:  # its adapter is known, and fits beside its KV
             self.adapters.check(sampling, self.pool.pages_for(len(tokens) + sampling.max_tokens))
+        elif sampling.adapter is not None:
+            raise RequestError(f"adapter '{sampling.adapter}' given, but serve.lora is off")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request id '{rid}' is already in use")
