@@ -74,13 +74,14 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (H, X, D), ("heads", "head_dim", "embed"), cfg)
         self.lora = None  # LoRA adapters by target name (models/lora.py attaches them)
 
-    def qkv(self, x_TD: jax.Array, pos_T: jax.Array):
-        """Projected and rotated q [T, H, X], k and v [T, K, X]."""
+    def qkv(self, x_TD: jax.Array, pos_T: jax.Array, slots: jax.Array | None = None):
+        """Projected and rotated q [T, H, X], k and v [T, K, X] (`slots`: the tokens'
+        adapter slots in a serving pool of adapters, `models/lora_pool.py`)."""
         cos_TX, sin_TX = rope_tables(pos_T, self.cfg.head_dim, self.cfg.rope_theta)
-        lora, dtype = self.lora, self.dtype
-        q = project("td,dhx->thx", x_TD, self.wq[...], dtype, lora, "q_proj")
-        k = project("td,dkx->tkx", x_TD, self.wk[...], dtype, lora, "k_proj")
-        v = project("td,dkx->tkx", x_TD, self.wv[...], dtype, lora, "v_proj")
+        lora, dtype, s = self.lora, self.dtype, slots
+        q = project("td,dhx->thx", x_TD, self.wq[...], dtype, lora, "q_proj", s)
+        k = project("td,dkx->tkx", x_TD, self.wk[...], dtype, lora, "k_proj", s)
+        v = project("td,dkx->tkx", x_TD, self.wv[...], dtype, lora, "v_proj", s)
         q, k = apply_rope(q, cos_TX, sin_TX), apply_rope(k, cos_TX, sin_TX)
         q = constrain(q, ("act_batch", "act_heads", None))
         k = constrain(k, ("act_batch", "act_kv_heads", None))
@@ -89,7 +90,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_TD: jax.Array, ctx) -> jax.Array:
         pos_T = ctx.rope_positions() if isinstance(ctx, FullContext) else ctx.positions_T
-        q, k, v = self.qkv(x_TD, pos_T)
+        slots = getattr(ctx, "lora_slots", None)
+        q, k, v = self.qkv(x_TD, pos_T, slots)
         o_THX = ctx.attend(self.layer, self.pattern, q, k, v)
-        o_TD = project("thx,hxd->td", o_THX, self.wo[...], self.dtype, self.lora, "o_proj")
+        o_TD = project("thx,hxd->td", o_THX, self.wo[...], self.dtype, self.lora, "o_proj", slots)
         return constrain_act(o_TD, "act_embed")

@@ -105,13 +105,16 @@ def _canonical_einsum(sa: str, sb: str, so: str, a: jax.Array, b: jax.Array) -> 
     return out if lo == so else jnp.einsum(f"{lo}->{so}", row_major(out))
 
 
-def project(eq: str, x: jax.Array, w: jax.Array, dtype, lora=None, target: str = "") -> jax.Array:
+def project(
+    eq: str, x: jax.Array, w: jax.Array, dtype, lora=None, target: str = "", slots=None
+) -> jax.Array:
     """dot(eq, x, w) plus the delta of the module's LoRA adapter on `target` (`lora` is a
-    module's adapters by target name, `models/lora.py`, or None: then just the dot)."""
+    module's adapters by target name, `models/lora.py`, or None: then just the dot); a
+    serving pool of adapters (`models/lora_pool.py`) reads the tokens' adapter `slots`."""
     y = dot(eq, x, w, dtype)
     if lora is None or target not in lora:
         return y
-    return y + lora[target](x)
+    return y + lora[target](x, slots)
 
 
 class RMSNorm(nnx.Module):
@@ -177,9 +180,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_TD: jax.Array, ctx=None, rng=None) -> tuple[jax.Array, dict]:
         """Flat tokens x [T, D]; no aux outputs (ctx and rng matter only to MoE layers)."""
-        del ctx, rng
-        lora, dtype = self.lora, self.dtype
-        gate_TF = project("td,df->tf", x_TD, self.w_gate[...], dtype, lora, "gate_proj")
-        up_TF = project("td,df->tf", x_TD, self.w_up[...], dtype, lora, "up_proj")
+        del rng
+        lora, dtype, s = self.lora, self.dtype, getattr(ctx, "lora_slots", None)
+        gate_TF = project("td,df->tf", x_TD, self.w_gate[...], dtype, lora, "gate_proj", s)
+        up_TF = project("td,df->tf", x_TD, self.w_up[...], dtype, lora, "up_proj", s)
         h_TF = constrain_act(jax.nn.silu(gate_TF) * up_TF, "act_mlp")
-        return project("tf,fd->td", h_TF, self.w_down[...], dtype, lora, "down_proj"), {}
+        return project("tf,fd->td", h_TF, self.w_down[...], dtype, lora, "down_proj", s), {}

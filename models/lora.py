@@ -82,8 +82,8 @@ def delta(eq: str, x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype
     """The adapter's addition to the projection `eq` of x: (x @ A) @ B * scale, both matmuls
     in `dtype` with float32 accumulation (`models.layers.dot`).
 
-    One adapter for every token; S-LoRA serving will gather A and B per token (by adapter
-    slot) and contract them the same way.
+    One adapter for every token; S-LoRA serving gathers A and B per token (by adapter slot)
+    and contracts them the same way (`models/lora_pool.py`).
     """
     eq_a, eq_b, _ = split_eq(eq)
     h = dot(eq_a, x, a, dtype)
@@ -107,7 +107,8 @@ class LoRA(nnx.Module):
         self.a = LoraParam(a.astype(w.dtype), axes=axes_a)
         self.b = LoraParam(jnp.zeros(shape_b, w.dtype), axes=axes_b)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, slots=None) -> jax.Array:
+        del slots  # one adapter for every token
         return delta(self.eq, x, self.a[...], self.b[...], self.scale, self.dtype)
 
     def update(self) -> jax.Array:

@@ -67,6 +67,8 @@ class PagedContext:
     # context and the nodes dec_tree[d, i, :] marks (itself and its ancestors)
     dec_tree_DLL: jax.Array | None = None
     dec_base_D: jax.Array | None = None
+    # the tokens' adapter slots (models/lora_pool.py): [T] per token, or by segment
+    lora_slots: object = None
 
     @property
     def chunk_pages(self) -> int:

@@ -133,7 +133,20 @@ class BatchBuilder:
             **self._copies(plan.copies),
             **self._draft_probs(plan, D, L),
             **({"dec_parent": parent, "dec_base": dec_len - dec_ndraft - 1} if trees else {}),
+            **self._adapter_slots(decodes, prefills, D, R),
         }
+
+    def _adapter_slots(self, decodes, prefills, D: int, R: int) -> dict:
+        """Each decode slot's and prefill row's adapter slot (0: none) when the engine serves
+        adapters (S-LoRA)."""
+        if not self.cfg.lora:
+            return {}
+        dec, pre = np.zeros(D, np.int32), np.zeros(R, np.int32)
+        for i, (s, _) in enumerate(decodes):
+            dec[i] = s.request.adapter_slot
+        for r, (s, _) in enumerate(prefills):
+            pre[r] = s.request.adapter_slot
+        return {"dec_slot": dec, "pre_slot": pre}
 
     def _draft_probs(self, plan: StepPlan, D: int, L: int) -> dict:
         """`dec_q` [D, L - 1, V]: each decode slot's draft distributions, for the rejection
@@ -173,5 +186,10 @@ class BatchBuilder:
             **self._sampling_rows(rows, [0] * D),
             **self._copies(plan.copies),
         }
+        if self.cfg.lora:  # each slot's adapter slot (S-LoRA)
+            bundle["slot"] = np.asarray(
+                [s.request.adapter_slot for s, _ in plan.work] + [0] * (D - len(plan.work)),
+                np.int32,
+            )
         del bundle["sample_pos"]  # the slice derives each iteration's position on device
         return bundle

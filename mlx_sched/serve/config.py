@@ -57,6 +57,9 @@ class ServeConfig:
     seed: int = 0
     # speculative decoding (mlx_sched.speculative.SpecConfig's fields); {}: off
     speculative: dict = dataclasses.field(default_factory=dict)
+    # many LoRA adapters on one base (S-LoRA; mlx_sched.serve.adapters.LoraServeConfig's
+    # fields: max_rank, slots, targets, paging); {}: off
+    lora: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -98,6 +101,16 @@ class ServeConfig:
         )
         if self.speculative:
             self.spec.check_widths(widths)
+        if self.lora:
+            need(not self.speculative, "lora: adapters with speculative decoding are not supported")
+            self.lora_cfg  # noqa: B018 (validates)
+
+    @functools.cached_property
+    def lora_cfg(self):
+        """The adapter-serving settings (`LoraServeConfig`), or None when off."""
+        from mlx_sched.serve.adapters import LoraServeConfig
+
+        return LoraServeConfig.from_dict(self.lora) if self.lora else None
 
     @functools.cached_property
     def spec(self):
@@ -150,7 +163,7 @@ class ServeConfig:
         for key in ("decode_buckets", "mixed_decode_buckets", "prefill_buckets", "decode_widths"):
             if key in d:
                 d[key] = tuple(d[key])
-        for key in ("policy_args", "speculative"):
+        for key in ("policy_args", "speculative", "lora"):
             if key in d:
                 d[key] = dict(d[key])
         return cls(**d)

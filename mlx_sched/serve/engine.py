@@ -14,6 +14,7 @@ the `serve.handoff` methods (export, read and write KV, import, detach).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -75,6 +76,11 @@ class Engine(Handoff, Driving):
         self.sched = Scheduler(self.cfg, self.pool, self.store)
         self.policy = make_policy(self.cfg.policy, self.cfg)
         self.policy.bind(self.sched)
+        self.adapters = None  # many LoRA adapters (S-LoRA): serve.adapters.AdapterPool
+        if self.cfg.lora:
+            from mlx_sched.serve.adapters import AdapterPool
+
+            self.adapters = AdapterPool.build(self.cfg, self.pool, self.runner, model.cfg)
         self.clock = clock
         # live requests, then the `history` most recently retired ones (a server never grows)
         self.requests: dict[str, Request] = {}
@@ -116,9 +122,13 @@ class Engine(Handoff, Driving):
         arrival: float | None = None,
         deadline: float | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        adapter: str | None = None,
     ) -> str:
-        """Validate and queue a request; raises RequestError (nothing queued) if invalid."""
+        """Validate and queue a request; raises RequestError (nothing queued) if invalid.
+        `adapter`: a registered LoRA adapter's name (as `SamplingParams.adapter`)."""
         sampling = sampling or SamplingParams()
+        if adapter is not None and isinstance(sampling, SamplingParams):
+            sampling = dataclasses.replace(sampling, adapter=adapter)
         if not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         tokens = validate_prompt(
@@ -130,6 +140,10 @@ class Engine(Handoff, Driving):
         if len(sampling.stop_tokens) + 1 >= NUM_STOP_IDS:  # room for EOS, and one to spare
             raise RequestError(f"at most {NUM_STOP_IDS - 2} stop tokens per request")
         self.sched.check_fits(len(tokens), sampling)
+        if self.adapters is not None:  # its adapter is known, and fits beside its KV
+            self.adapters.check(sampling, self.pool.pages_for(len(tokens) + sampling.max_tokens))
+        elif sampling.adapter is not None:
+            raise RequestError(f"adapter '{sampling.adapter}' given, but serve.lora is off")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"request id '{rid}' is already in use")
@@ -138,7 +152,8 @@ class Engine(Handoff, Driving):
             raise RequestError(f"TTFT deadline {deadline:.3f} is in the past (now {now:.3f})")
         req = Request(rid, tokens, sampling, now, client, priority, deadline, next(self._order))
         self.requests[rid] = req
-        self.sched.waiting.append(req)
+        # a request with an adapter waits for its adapter's slot first (`adapters.admit`)
+        (self.sched.waiting if sampling.adapter is None else self.adapters.parked).append(req)
         self.policy.on_arrival(req, now)
         if on_output is not None:
             self._callbacks[rid] = on_output
@@ -169,6 +184,8 @@ class Engine(Handoff, Driving):
         """A finished or aborted request leaves the engine's state; its metrics go into the
         totals and the bounded history."""
         m = metrics_lib.request_metrics(req, itl=False)  # what the totals read
+        if self.adapters is not None:
+            self.adapters.release(req)
         if self.spec is not None:
             self.spec.forget(req)
         self.totals.observe(m)
@@ -179,7 +196,15 @@ class Engine(Handoff, Driving):
                 del self.requests[self._retired.popleft()]
 
     def has_work(self) -> bool:
-        return self.sched.has_work()
+        return self.sched.has_work() or bool(self.adapters and self.adapters.parked)
+
+    def register_adapter(self, name: str, source) -> None:
+        """Register a LoRA adapter (a PEFT folder, a model with an adapter, or (LoraConfig,
+        {(layer, target): (A, B)})) in host memory for requests that name it; an AdapterError
+        (one line) if it does not fit serve.lora or the base model."""
+        if self.adapters is None:
+            raise RuntimeError("register_adapter needs serve.lora (an adapter pool)")
+        self.adapters.register(name, source)
 
     def update_params(self, updates) -> int:
         """Serve from now on with some parameters replaced (`Runner.update_params`: MoE routers,
@@ -197,6 +222,8 @@ class Engine(Handoff, Driving):
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        if self.adapters is not None:  # requests whose adapter (now) holds a slot may run
+            self.adapters.admit(self.sched)
         if self.spec is not None:
             self.spec.prepare(self.sched.running)
         plan = self.policy.schedule(self.sched, self.clock())
@@ -205,7 +232,8 @@ class Engine(Handoff, Driving):
             self._move_kv(plan)
             self.sched.release(plan)
             if self.sched.has_work() and not self.sched.running:
-                self._fail_unschedulable()
+                if not (self.adapters and self.adapters.unpin_waiting(self.sched.waiting)):
+                    self._fail_unschedulable()
             elif self.sched.running and plan.empty:
                 raise RuntimeError(
                     f"policy '{self.policy.name}' scheduled nothing with "
@@ -429,4 +457,7 @@ class Engine(Handoff, Driving):
         return [*map(metrics_lib.request_metrics, [*self._records, *live])]
 
     def summary(self, wall_s: float) -> dict:
-        return metrics_lib.summarize(self.request_metrics(), list(self.step_records), wall_s)
+        out = metrics_lib.summarize(self.request_metrics(), list(self.step_records), wall_s)
+        if self.adapters is not None:
+            out["adapters"] = self.adapters.stats()
+        return out

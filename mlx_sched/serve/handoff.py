@@ -75,6 +75,8 @@ class Handoff:
             return f"it samples n={req.sampling.n} sequences (only n=1 requests move)"
         if self.spec is not None and self.spec.cfg.kind == "draft_model":
             return "a draft model's KV does not move with it"
+        if req.sampling.adapter is not None:
+            return f"it runs LoRA adapter '{req.sampling.adapter}' (adapters do not move)"
         return None
 
     def export_request(self, request_id: str) -> RequestState:

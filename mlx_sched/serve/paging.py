@@ -71,17 +71,21 @@ class PagePool:
         self._hash_of: dict[int, int] = {}  # page -> hash, for full pages with known content
         self._page_of: dict[int, int] = {}  # hash -> page
         self.prefix_hits = self.prefix_queries = self.evictions = self.cow_copies = 0
+        # what holds pages it gives back on demand (`reclaimable`, `reclaim(n)`): the idle
+        # LoRA adapters of unified paging (serve/adapters.py); None: nothing
+        self.reclaimer = None
 
     # -- capacity --------------------------------------------------------------
 
     @property
     def num_available(self) -> int:
-        """Pages an allocation could obtain now (free + evictable cached)."""
-        return len(self._free) + len(self._cached)
+        """Pages an allocation could obtain now (free + evictable cached + reclaimable)."""
+        n = len(self._free) + len(self._cached)
+        return n if self.reclaimer is None else n + self.reclaimer.reclaimable
 
     @property
     def num_in_use(self) -> int:
-        return self.num_pages - 1 - self.num_available
+        return self.num_pages - 1 - len(self._free) - len(self._cached)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -92,6 +96,9 @@ class PagePool:
         """n pages with refcount 1, or OutOfPages (and nothing allocated)."""
         if n > self.num_available:
             raise OutOfPages(f"need {n} pages, {self.num_available} available")
+        short = n - len(self._free) - len(self._cached)
+        if short > 0:
+            self.reclaimer.reclaim(short)
         out = []
         for _ in range(n):
             if self._free:

@@ -54,6 +54,7 @@ class SamplingParams:
     seed: int = 0
     ignore_eos: bool = False
     logprobs: bool = False  # return each chosen token's log-probability
+    adapter: str | None = None  # a LoRA adapter registered with the engine (S-LoRA); None: base
 
     def __post_init__(self):
         if self._plain():
@@ -79,6 +80,11 @@ class SamplingParams:
         need(_is_int(self.seed) and 0 <= self.seed < 2**31, "seed", "must be an int in [0, 2^31)")
         need(isinstance(self.ignore_eos, bool), "ignore_eos", "must be a bool")
         need(isinstance(self.logprobs, bool), "logprobs", "must be a bool")
+        need(
+            self.adapter is None or (isinstance(self.adapter, str) and bool(self.adapter)),
+            "adapter",
+            "must be None or a registered adapter's name",
+        )
         stops = self.stop_tokens
         need(
             not isinstance(stops, str | bytes)
@@ -112,6 +118,7 @@ class SamplingParams:
             and 0 <= self.seed < 2**31
             and type(self.ignore_eos) is bool
             and type(self.logprobs) is bool
+            and (self.adapter is None or (type(self.adapter) is str and bool(self.adapter)))
             and type(stops) is tuple
             and (not stops or set(map(type, stops)) == _INT)
         )
@@ -182,6 +189,7 @@ class Request:
     finished_at: float | None = None
     preemptions: int = 0
     error: str | None = None
+    adapter_slot: int = 0  # its adapter's device slot while it holds one (0: none, S-LoRA)
 
     def __post_init__(self):
         if not self.seqs:

@@ -28,12 +28,13 @@ from flax import nnx
 
 import sharding
 from mlx_sched.serve import steps
+from mlx_sched.serve.adapter_device import DeviceSlots
 from mlx_sched.serve.batches import BatchBuilder
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.interface import StepResult
 from mlx_sched.serve.plan import StepPlan
 from mlx_sched.serve.shapes import Shape, all_shapes, bucket, shape_for
-from models import native_kernels, packed_matmul, pallas_attention
+from models import lora_pool, native_kernels, packed_matmul, pallas_attention
 from models.config import DTYPES
 from models.paged_attention import cache_layout
 from models.paged_context import KernelOptions
@@ -84,6 +85,11 @@ class Runner(BatchBuilder):
         self.max_len = cfg.max_len(model.cfg.max_seq_len)
         self.W = cfg.context_pages(model.cfg.max_seq_len)
         self.Z = cfg.page_size
+        self.lora_specs = None
+        if cfg.lora:  # a pool of adapter slots beside the base weights (S-LoRA)
+            lc = cfg.lora_cfg
+            model = lora_pool.attach_pool(model, lc.targets, lc.slots, lc.max_rank)
+            self.lora_specs = lora_pool.pool_specs(model)
         graphdef, params = nnx.split(model, nnx.Param)
         compute = model.cfg.compute_dtype
         if jnp.dtype(compute).itemsize < 4:  # serving keeps no f32 master copy: cast once, not
@@ -150,6 +156,7 @@ class Runner(BatchBuilder):
         self._exe: dict[Shape, object] = {}  # ahead-of-time compiled steps, by shape
         self._read = jax.jit(steps.read_pages, out_shardings=(repl, repl))
         self._write = jax.jit(steps.write_pages, out_shardings=kv_out, donate_argnums=(0, 1))
+        self.adapter_slots = DeviceSlots(self) if cfg.lora else None
 
     # -- compile counting -------------------------------------------------------------
 
@@ -363,5 +370,7 @@ class Runner(BatchBuilder):
                     kd, vd = self._read(self.k, self.v, idx)
                     self.k, self.v = self._write(self.k, self.v, idx, kd, vd)
             jax.block_until_ready(self.k)
+        if self.adapter_slots is not None:
+            self.adapter_slots.warmup()
         self.compiles_at_warmup = self.compiles
         return len(shapes) + (len(self.transfer_sizes()) if self.transfers_compiled else 0)

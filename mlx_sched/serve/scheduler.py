@@ -132,7 +132,7 @@ class Scheduler:
         while len(seq.page_hashes) < full:
             i = len(seq.page_hashes)
             parent = seq.page_hashes[-1] if seq.page_hashes else None
-            h = page_hash(parent, seq.tokens[i * Z : (i + 1) * Z])
+            h = page_hash(parent, seq.tokens[i * Z : (i + 1) * Z], seq.request.sampling.adapter)
             seq.page_hashes.append(h)
             self.pool.register(seq.pages[i], h)
 
@@ -166,7 +166,8 @@ class Scheduler:
                 Z = self.pool.page_size
                 # keep at least one token to compute: the last page is never a hit
                 usable = (len(seq.tokens) - 1) // Z
-                hashes = hash_chain(seq.tokens[: usable * Z], Z)
+                # KV depends on the adapter: the chain is keyed by its name (None: the base)
+                hashes = hash_chain(seq.tokens[: usable * Z], Z, req.sampling.adapter)
                 seq.pages = self.pool.lookup(hashes)
                 seq.page_hashes = hashes[: len(seq.pages)]
                 seq.num_computed = seq.num_cached = len(seq.pages) * Z

@@ -23,6 +23,7 @@ from flax import nnx
 
 from mlx_sched.serve.sampling import chosen_logprob, row_keys, sample, sample_with_probs
 from mlx_sched.speculative.acceptance import ancestors, verify_chain, verify_tree
+from models.lora_pool import SlotSegments
 from models.paged_context import PagedContext
 from sharding.rules import constrain
 
@@ -102,6 +103,7 @@ def mixed_step(graphdef, kernel, params, tables, k, v, b):
         pre_len_R=b["pre_len"] if rows else None,
         kernel=kernel,
         dec_width=L,
+        lora_slots=_lora_segments(b, L, rows),  # adapters (S-LoRA)
     )
     tree = "dec_parent" in b and L > 1 and D > 0  # token trees (SpecInfer)
     if tree:
@@ -117,6 +119,14 @@ def mixed_step(graphdef, kernel, params, tables, k, v, b):
     elif L > 1 and D:  # verification: decide on device which drafts the slots keep
         tokens_S, accepted_D = _verify(logits_SV, tokens_S, b, D, L)
     return k, v, tokens_S, chosen_logprob(logits_SV, tokens_S), accepted_D
+
+
+def _lora_segments(b, L: int, rows: bool):
+    """The mixed step's adapter slots by segment: a decode slot's L tokens, a prefill row."""
+    if "dec_slot" not in b:
+        return None
+    pre = (b["pre_slot"], b["pre_index"]) if rows else (None, None)
+    return SlotSegments(b["dec_slot"], L, *pre)
 
 
 def compact_path(k, v, pages_DW, base_D, path_DL, accepted_D):
@@ -195,6 +205,7 @@ def decode_slice(
             dec_pages_DW=pages_DW,
             dec_len_D=jnp.where(done_D, 0, pos_D + 1),
             kernel=kernel,
+            lora_slots=b.get("slot"),  # adapters (S-LoRA)
         )
         x_DD, _ = model.forward(embed(model, tables, c["tok"]), ctx)
         logits = model.logits(x_DD)
