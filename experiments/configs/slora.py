@@ -36,7 +36,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     )
     c.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     c.ranks = (8, 16)
-    c.num_adapters = (1, 4) if local else (1, 8, 32, 128, 256)
+    c.num_adapters = (1, 4) if local else (1, 8, 32, 128, 256, 1024)
     c.modes = "unified,fixed,merged"  # comma-separated subset
     c.repeats = 1 if local else 3  # runs per point (the median is reported)
     c.slots = 4 if local else 16
