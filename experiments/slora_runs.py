@@ -29,7 +29,8 @@ class Req:
 def make_adapters(base, n: int, ranks, targets, seed: int = 0) -> dict[str, tuple]:
     """n random adapters (ranks alternating among `ranks`), as in-memory (LoraConfig,
     {(layer, target): (A, B)}) of the pool's layout."""
-    specs = lora_pool.pool_specs(lora_pool.attach_pool(base, tuple(targets), 1, 1))
+    _, layout = lora_pool.attach_pool(base, tuple(targets), 1, (1, 1, 1), packed=False)
+    specs = lora_pool.pool_specs(layout)
     rng = np.random.default_rng(seed)
     out = {}
     for i in range(n):

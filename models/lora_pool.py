@@ -1,24 +1,27 @@
-"""S-LoRA's batched adapters: one base model, a pool of adapters, one adapter slot per token.
+"""S-LoRA's batched adapters: one base model, many adapters, one adapter slot per token.
 
-A pooled adapter on a projection holds every slot's A [S, in dims..., I] and B [S, I, out
-dims...] (S slots, I the pool's largest rank) and its scale alpha / r [S]. Slot 0 is the
-null slot: all zeros, so a token of slot 0 gets exactly no delta. An adapter of rank r < I
-is zero-padded, which is exact: its extra columns of A and rows of B are zero. A token's
-delta is (x @ A[s]) @ B[s] * scale[s] for its slot s: A, B and scale gathered by slot, then
-two batched matmuls in the compute dtype with float32 accumulation (`layers.dot`). A mixed
-serving step gathers once per segment (`SlotSegments`: a decode slot's tokens, a prefill
-row), a decode slice once per token (each its own sequence).
+Adapters live in the KV cache (S-LoRA's unified paging): a resident adapter holds pages of
+the engine's page pool, and its weights are written into those pages (`pack_adapter`, laid
+out as `PoolLayout` says), so adapters and long contexts trade the same memory. Each serving
+step reads every slot's A [S, in dims..., I] and B [S, I, out dims...] out of its pages
+(`pool_weights`; I the pool's largest rank, rows past a slot's own rank masked to zero, which
+is exact) together with a scale alpha / r per slot. Slot 0 is the null slot: rank 0 and scale
+0, so a token of slot 0 gets exactly no delta. A token's delta is (x @ A[s]) @ B[s] * scale[s]
+for its slot s: two batched matmuls in the compute dtype with float32 accumulation
+(`layers.dot`). A mixed serving step gathers once per segment (`SlotSegments`: a decode
+slot's tokens, a prefill row), a decode slice once per token (each its own sequence).
 Letters as in `models/__init__.py` (S here: adapter slots; I: the rank).
 
-`attach_pool(model, targets, slots, max_rank)` gives a model without adapters pooled ones
-(its weights are `PoolParam`s, so the serving engine takes them with the other params and
-writes a slot in place); `read_adapter(source, specs)` reads one adapter, from a PEFT folder
-or a model with an adapter, into host arrays of the pool's layout.
+`attach_pool(model, targets, max_rank, page, packed)` gives a model without adapters pooled
+ones (modules without parameters: their weights come with the step, `PoolStep`);
+`read_adapter(source, specs)` reads one adapter, from a PEFT folder or a model with an
+adapter, into host arrays of the pool's layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 
 import jax
@@ -28,14 +31,10 @@ from flax import nnx
 
 from models import lora, lora_peft
 from models.layers import dot
-from models.lora import RANK, LoraParam, split_eq
+from models.lora import split_eq
 from models.lora_config import LoraConfig
 
 Key = tuple[int, str]  # (layer, target)
-
-
-class PoolParam(LoraParam):
-    """A slot-stacked adapter weight of the serving pool (slot 0: zeros)."""
 
 
 def _batched(eq: str) -> str:
@@ -102,32 +101,64 @@ def pooled_delta(eq, x, a_S, b_S, scale_S, slots, dtype) -> jax.Array:
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class PoolLayout:
+    """Where adapters live in the KV cache (S-LoRA's unified paging: a page holds either KV or
+    adapter weights). A KV page of one layer is its K and V blocks, [Z, K, X] words each (a
+    `bfloat16` cache packs two values in a uint32 word); an adapter's weights of one layer are
+    rank rows, row j = every pooled module's A[..., j] then B[j] flattened, laid end to end in
+    its pages of that layer (the same page ids in every layer). An adapter of rank r takes
+    `pages(r)` pages; a step reads `pages(max_rank)` per slot and masks rows >= r.
+    Static (hashable) so the serving steps see it through the model's graph."""
+
+    max_rank: int
+    page: tuple[int, int, int]  # Z, K, X: one layer's K (or V) block of a page, in words
+    packed: bool  # bfloat16 pairs in uint32 words
+    rows: tuple[tuple[int, int], ...]  # (layer, values per rank row)
+    modules: tuple[tuple[int, str, int, tuple, tuple], ...]  # layer, target, offset, in, out
+
+    @property
+    def page_values(self) -> int:
+        """Values one page holds in one layer (K and V)."""
+        return 2 * math.prod(self.page) * (2 if self.packed else 1)
+
+    def pages(self, rank: int) -> int:
+        """Pages an adapter of rank `rank` takes (the most any layer needs)."""
+        return max((-(-rank * row // self.page_values) for _, row in self.rows), default=0)
+
+    @property
+    def max_pages(self) -> int:
+        return self.pages(self.max_rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStep:
+    """A serving step's adapters: the tokens' slots ([T] per token, or `SlotSegments`), every
+    slot's A and B by (layer, target) read from the KV pages (`pool_weights`), its scale."""
+
+    slots: object
+    weights: dict
+    scale_S: jax.Array
+
+
 class PooledLoRA(nnx.Module):
-    """Every slot's adapter on the projection `eq` of the base weight `w`."""
+    """Every slot's adapter on the projection `eq` at (layer, target): its weights are the
+    step's (`PoolStep`), read from the adapters' KV pages, not parameters."""
 
-    def __init__(self, eq: str, w: nnx.Param, slots: int, max_rank: int, dtype):
-        self.eq, self.dtype = eq, dtype
-        ab, ws = split_eq(eq)[2].split("->")
-        dims = dict(zip(ws, w.shape, strict=True)) | {RANK: max_rank}
-        axes = dict(zip(ws, w.get_metadata()["axes"], strict=True)) | {RANK: None}
-        spec_a, spec_b = ab.split(",")
-        shape = lambda s: (slots + 1, *(dims[c] for c in s))
-        axes_of = lambda s: (None, *(axes[c] for c in s))
-        self.a = PoolParam(jnp.zeros(shape(spec_a), w.dtype), axes=axes_of(spec_a))
-        self.b = PoolParam(jnp.zeros(shape(spec_b), w.dtype), axes=axes_of(spec_b))
-        self.scale = PoolParam(jnp.zeros((slots + 1,), jnp.float32), axes=(None,))
+    def __init__(self, eq: str, key: Key, dtype):
+        self.eq, self.key, self.dtype = eq, key, dtype
 
-    def __call__(self, x: jax.Array, slots=None) -> jax.Array:
-        if slots is None:
-            raise ValueError("a pooled adapter needs the tokens' slots (the serving context's)")
-        return pooled_delta(
-            self.eq, x, self.a[...], self.b[...], self.scale[...], slots, self.dtype
-        )
+    def __call__(self, x: jax.Array, step: PoolStep | None = None) -> jax.Array:
+        if step is None:
+            raise ValueError("a pooled adapter needs the step's adapters (the serving context's)")
+        a_S, b_S = step.weights[self.key]
+        return pooled_delta(self.eq, x, a_S, b_S, step.scale_S, step.slots, self.dtype)
 
 
-def attach_pool(model, targets: tuple[str, ...], slots: int, max_rank: int):
+def attach_pool(model, targets: tuple[str, ...], max_rank: int, page, packed: bool):
     """A copy of `model` (a Transformer without adapters; weights shared) with pooled adapters
-    of `slots` slots (plus the null slot) and rank `max_rank` on `targets` of every layer."""
+    of rank <= `max_rank` on `targets` of every layer, stored in KV pages of `page` = (Z, K,
+    X) words per layer's K or V block (`packed`: bfloat16 pairs) -> (model, its PoolLayout)."""
     if model.cfg.lora is not None:
         raise ValueError(
             "serve.lora: the model has its own adapter; serve its base (lora.base_model) and "
@@ -135,26 +166,100 @@ def attach_pool(model, targets: tuple[str, ...], slots: int, max_rank: int):
         )
     graphdef, state = nnx.split(model)
     out = nnx.merge(graphdef, state)
+    rows, modules = [], []
     for block in out.layers:
-        found = {"attn": {}, "mlp": {}}
+        found, offset = {"attn": {}, "mlp": {}}, 0
         for target in targets:
             module = lora._module(block, target)
-            if module is not None:
-                attr, weight, eq = lora.PROJECTIONS[target]
-                w = getattr(module, weight)
-                found[attr][target] = PooledLoRA(eq, w, slots, max_rank, out.cfg.compute_dtype)
+            if module is None:
+                continue
+            attr, weight, eq = lora.PROJECTIONS[target]
+            ab, ws = split_eq(eq)[2].split("->")
+            dims = dict(zip(ws, getattr(module, weight).shape, strict=True))
+            spec_a, spec_b = ab.split(",")
+            in_dims = tuple(dims[c] for c in spec_a[:-1])  # A: [in..., I]
+            out_dims = tuple(dims[c] for c in spec_b[1:])  # B: [I, out...]
+            key = (block.layer, target)
+            modules.append((*key, offset, in_dims, out_dims))
+            offset += math.prod(in_dims) + math.prod(out_dims)
+            found[attr][target] = PooledLoRA(eq, key, out.cfg.compute_dtype)
         for attr, by_target in found.items():
             if by_target:
                 getattr(block, attr).lora = nnx.data(nnx.Dict(by_target))
-    return out
+        if offset:
+            rows.append((block.layer, offset))
+    layout = PoolLayout(max_rank, tuple(page), bool(packed), tuple(rows), tuple(modules))
+    out.adapter_layout = layout  # static: the serving steps read it from the model's graph
+    return out, layout
 
 
-def pool_specs(model) -> dict[Key, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(layer, target) -> one adapter's A and B shapes in `model`'s pool, at rank 1."""
+def pool_specs(layout: PoolLayout) -> dict[Key, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(layer, target) -> one adapter's A and B shapes in the pool, at rank 1."""
+    return {(l, t): ((*i, 1), (1, *o)) for l, t, _, i, o in layout.modules}
+
+
+def pack_adapter(layout: PoolLayout, weights: dict, rank: int, dtype) -> tuple:
+    """One adapter's pages: ((layer, target) -> (A, B) at `rank`) as K and V blocks
+    [N, max_pages, Z, K, X] of the cache's storage `dtype` (N: the model's layers; pages past
+    `pages(rank)` and layers without pooled modules are zeros)."""
+    P, (Z, K, X) = layout.max_pages, layout.page
+    n_layers = 1 + max((l for l, _ in layout.rows), default=0)
+    k = np.zeros((n_layers, P, Z, K, X), dtype)
+    v = np.zeros_like(k)
+    row_of = dict(layout.rows)
+    for layer, row in row_of.items():
+        flat = np.zeros(P * layout.page_values, np.float32)
+        rows = flat[: layout.max_rank * row].reshape(layout.max_rank, row)
+        for l_, target, off, in_dims, out_dims in layout.modules:
+            if l_ != layer or (layer, target) not in weights:
+                continue
+            a, b = weights[layer, target]
+            n_in = math.prod(in_dims)
+            rows[:rank, off : off + n_in] = np.asarray(a).reshape(n_in, rank).T
+            rows[:rank, off + n_in : off + n_in + math.prod(out_dims)] = np.reshape(b, (rank, -1))
+        if layout.packed:  # bfloat16 values, element 2j in the low half of word j
+            bits = flat.astype(jnp.bfloat16).view(np.uint16).astype(np.uint32)
+            flat = bits[0::2] | (bits[1::2] << 16)
+        words = flat.astype(dtype, copy=False).reshape(P, 2, Z, K, X)
+        k[layer], v[layer] = words[:, 0], words[:, 1]
+    return k, v
+
+
+def step_adapters(model, k, v, b: dict, slots) -> PoolStep | None:
+    """A serving step's `PoolStep` when `model` has a pool (`attach_pool`) and the step's
+    bundle `b` its tables (`ad_pages`, `ad_rank`, `ad_scale`); else None."""
+    layout = getattr(model, "adapter_layout", None)
+    if layout is None or "ad_pages" not in b:
+        return None
+    dtype = model.cfg.compute_dtype
+    weights = pool_weights(layout, k, v, b["ad_pages"], b["ad_rank"], dtype)
+    return PoolStep(slots, weights, b["ad_scale"])
+
+
+def pool_weights(layout: PoolLayout, k, v, pages_SP, rank_S, dtype) -> dict:
+    """Every slot's A [S, in..., I] and B [S, I, out...] by (layer, target), read from its
+    pages of the KV cache (`pages_SP`, of `pack_adapter`'s layout); rows at or past a slot's
+    rank are zeros (`rank_S` 0: the slot adds nothing, whatever its pages hold)."""
+    S, I = pages_SP.shape[0], layout.max_rank
+    keep_SI = jnp.arange(I)[None, :] < rank_S[:, None]
     out = {}
-    for layer, target, _, ad in lora.adapters(model):
-        if isinstance(ad, PooledLoRA):
-            out[layer, target] = ((*ad.a.shape[1:-1], 1), (1, *ad.b.shape[2:]))
+    for layer, row in layout.rows:
+        words = jnp.stack([k[layer][pages_SP], v[layer][pages_SP]], axis=2).reshape(S, -1)
+        if layout.packed:
+            low = jax.lax.bitcast_convert_type(words << 16, jnp.float32)
+            high = jax.lax.bitcast_convert_type(words & jnp.uint32(0xFFFF0000), jnp.float32)
+            values = jnp.stack([low, high], axis=-1).reshape(S, -1)
+        else:
+            values = words.astype(jnp.float32)
+        rows_SIR = values[:, : I * row].reshape(S, I, row)
+        rows_SIR = jnp.where(keep_SI[..., None], rows_SIR, 0.0).astype(dtype)
+        for l_, target, off, in_dims, out_dims in layout.modules:
+            if l_ != layer:
+                continue
+            n_in = math.prod(in_dims)
+            a = jnp.moveaxis(rows_SIR[..., off : off + n_in].reshape(S, I, *in_dims), 1, -1)
+            b = rows_SIR[..., off + n_in : off + n_in + math.prod(out_dims)]
+            out[layer, target] = (a, b.reshape(S, I, *out_dims))
     return out
 
 
@@ -241,12 +346,16 @@ def _read_peft(path: pathlib.Path, specs):
 
 
 __all__ = [
-    "PoolParam",
+    "PoolLayout",
+    "PoolStep",
+    "PooledLoRA",
     "SlotSegments",
     "adapter_config",
-    "PooledLoRA",
     "attach_pool",
+    "pack_adapter",
     "pool_specs",
+    "pool_weights",
+    "step_adapters",
     "pooled_delta",
     "read_adapter",
 ]

@@ -150,8 +150,11 @@ def test_adapters_take_kv_pages_and_long_contexts_take_them_back(models):
     pool.check()
     # a fixed pool reserves slots x (a max-rank adapter's pages) at start-up
     fixed = Engine(models[None], _serve(paging="fixed", slots=2, max_rank=2), warmup=False)
-    per_rank = sum(int(np.prod(a)) + int(np.prod(b)) for a, b in fixed.runner.lora_specs.values())
-    assert fixed.pool.num_in_use == 2 * fixed.adapters.pages_for(2 * per_rank) > 0
+    specs = fixed.runner.lora_specs.items()
+    row = sum(int(np.prod(a)) + int(np.prod(b)) for (layer, _), (a, b) in specs if layer == 0)
+    page_values = 2 * 4 * CFG.n_kv_heads * CFG.head_dim  # K and V of 4 tokens, one layer
+    assert fixed.adapters.pages_for(2) == -(-2 * row // page_values)
+    assert fixed.pool.num_in_use == 2 * fixed.adapters.pages_for(2) > 0
     with pytest.raises(RequestError, match="beside 16 adapter pages"):  # 63 - 16 < 49 pages
         fixed.add_request(list(range(1, 90)), SamplingParams(max_tokens=6, n=2))
 
@@ -334,3 +337,119 @@ def test_pooled_delta_by_segment_equals_by_token():
     want = np.asarray(pooled_delta(eq, x, a_S, b_S, scale_S, slot_T, np.float32))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not got[slot_T == 0].any() and got[slot_T != 0].any()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_an_adapter_packed_into_pages_reads_back_and_past_its_rank_is_zero(packed):
+    """pack_adapter -> KV pages -> pool_weights gives each slot its own A and B (bfloat16
+    rounding in a packed cache); rows past a slot's rank are exactly zero even when its table
+    points at pages full of other data (NaN included), and a rank-0 slot adds nothing."""
+    import jax.numpy as jnp
+
+    cfg = dataclasses.replace(CFG, n_kv_heads=2)
+    Z, K, X = 4, cfg.n_kv_heads, cfg.head_dim // 2 if packed else cfg.head_dim
+    storage = np.uint32 if packed else np.float32
+    _, layout = lora_pool.attach_pool(Transformer(cfg, nnx.Rngs(0)), ALL, 8, (Z, K, X), packed)
+    specs = lora_pool.pool_specs(layout)
+    row = dict(layout.rows)[0]
+    assert [layout.pages(r) for r in (2, 4, 8)] == [
+        -(-r * row // layout.page_values) for r in (2, 4, 8)
+    ]
+    assert layout.pages(2) < layout.pages(4) < layout.pages(8)  # pages follow the rank
+    rng = np.random.default_rng(0)
+    ranks, targets = {1: 2, 2: 8}, {1: ("q_proj", "down_proj"), 2: ALL}
+    k = rng.normal(size=(cfg.n_layers, 40, Z, K, X)).astype(np.float32).view(np.uint32)
+    k = k if packed else k.view(np.float32)
+    k[:, 0] = np.float32(np.nan).view(k.dtype)  # the null page: garbage
+    v = k.copy()
+    table, weights = np.zeros((3, layout.max_pages), np.int32), {}
+    for slot, start in ((1, 3), (2, 17)):
+        r = ranks[slot]
+        weights[slot] = {
+            key: (
+                rng.normal(size=(*a[:-1], r)).astype(np.float32),
+                rng.normal(size=(r, *b[1:])).astype(np.float32),
+            )
+            for key, (a, b) in specs.items()
+            if key[1] in targets[slot]
+        }
+        kd, vd = lora_pool.pack_adapter(layout, weights[slot], r, storage)
+        pages = list(range(start, start + layout.pages(r)))
+        k[:, pages], v[:, pages] = kd[:, : len(pages)], vd[:, : len(pages)]
+        table[slot, : len(pages)] = pages
+    rank_S = np.asarray([0, ranks[1], ranks[2]], np.int32)
+    got = lora_pool.pool_weights(layout, k, v, jnp.asarray(table), rank_S, jnp.float32)
+    tol = dict(rtol=1e-2, atol=1e-2) if packed else dict(rtol=0, atol=0)
+    for key, (a_S, b_S) in got.items():
+        a_S, b_S = np.asarray(a_S), np.asarray(b_S)
+        assert not a_S[0].any() and not b_S[0].any()  # the null slot
+        for slot, r in ranks.items():
+            a, b = weights[slot].get(key, (np.zeros((*specs[key][0][:-1], r)), None))
+            np.testing.assert_allclose(a_S[slot][..., :r], a, **tol)
+            if b is not None:
+                np.testing.assert_allclose(b_S[slot][:r], b, **tol)
+            assert not a_S[slot][..., r:].any() and not b_S[slot][r:].any()
+
+
+def test_adapter_weights_live_in_the_kv_pages_they_hold(models):
+    """Unified paging: an adapter's pages of the PagePool hold its weights (written into the
+    KV arrays); once evicted, those pages serve KV and a reload elsewhere is exact."""
+    engine = _engine(models, slots=1)
+    pool, ad, runner = engine.pool, engine.adapters, engine.runner
+    _run(engine, _prompts(1, seed=7), ["b"], max_tokens=2)
+    pages = ad.pages_of["b"]
+    assert len(pages) == ad.registry["b"].pages == runner.lora_layout.pages(4)
+    assert all(pool.refcount[p] == 1 for p in pages)
+    k_data, _ = lora_pool.pack_adapter(
+        runner.lora_layout, ad.registry["b"].weights, 4, runner.k.dtype
+    )
+    np.testing.assert_array_equal(np.asarray(runner.k[:, pages]), k_data[:, : len(pages)])
+    prompts = _prompts(3, seed=8)  # "c" evicts "b"; then "b" returns
+    assert _run(engine, prompts, ["c", "b", None]) == _expected(models, prompts, ["c", "b", None])
+    assert ad.stats()["evictions"] >= 2
+    pool.check()
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_adapters_under_preemption_with_parallel_sampling_and_prefix_hits(models, mode):
+    """Adapters crossed with preemption, n = 2 seeded sampling, chunked prefill and prefix
+    hits on a pool too small to hold everything: outputs equal an engine with room for all,
+    the adapters' pages keep their weights, nothing leaks."""
+    shared = list(range(40, 56))  # four pages every prompt starts with
+    prompts = [shared + p for p in _prompts(6, seed=9, lo=10, hi=30)]
+    names = ["a", "b", None, "c", "b", "a"]
+    sp = [
+        SamplingParams(max_tokens=12, temperature=0.9, top_k=50, n=2, seed=i) if i % 2 else
+        SamplingParams(max_tokens=12)
+        for i in range(6)
+    ]  # fmt: skip
+
+    def run(num_pages):
+        serve = dataclasses.replace(_serve(), num_pages=num_pages, preemption=mode)
+        engine = Engine(models[None], serve)
+        for name in ADAPTERS:
+            engine.register_adapter(name, models[name])
+        ids = [
+            engine.add_request(p, s, adapter=a) for p, s, a in zip(prompts, sp, names, strict=True)
+        ]
+        with jax.no_tracing(), jax.transfer_guard("disallow"):
+            while engine.has_work():
+                engine.step()
+        outs = [engine.requests[i].outputs() for i in ids]
+        preempted = sum(engine.requests[i].preemptions for i in ids)
+        return engine, outs, preempted
+
+    roomy, want, none = run(256)
+    tight, got, preempted = run(64)
+    assert none == 0 and preempted > 0
+    assert got == want
+    greedy = [i for i in range(6) if i % 2 == 0]
+    expected = _expected(models, [prompts[i] for i in greedy], [names[i] for i in greedy], 12)
+    assert [got[i][0] for i in greedy] == expected
+    assert tight.runner.compiles_since_warmup == 0
+    tight.pool.check()
+    ad, layout = tight.adapters, tight.runner.lora_layout
+    for name, pages in ad.pages_of.items():
+        host = ad.registry[name]
+        k_data, _ = lora_pool.pack_adapter(layout, host.weights, host.rank, tight.runner.k.dtype)
+        np.testing.assert_array_equal(np.asarray(tight.runner.k[:, pages]), k_data[:, : len(pages)])

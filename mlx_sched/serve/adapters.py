@@ -11,21 +11,21 @@ parked request waits, never fails, and never deadlocks the engine; and when noth
 because the head's KV does not fit beside the adapters pinned by the requests behind it,
 those give their pins back and wait (`unpin_waiting`).
 
-Pages (`paging`), with a KV page = page_size tokens' K and V in every layer:
-- "unified" (S-LoRA): a resident adapter of rank r holds ceil(its bytes at rank r / KV page
-  bytes) pages of the engine's PagePool, taken when it is loaded and returned when it is
-  evicted; an idle adapter's pages are given up when the KV cache needs them, so a burst
-  of adapters and a burst of long contexts trade space. This is the pool's accounting: the
-  adapter weights themselves live in the device pool (`models/lora_pool.py`), a fixed
-  [slots + 1, ..., max_rank] allocation beside the KV arrays, not inside KV pages.
-- "fixed": a dedicated pool: slots x (pages of a max_rank adapter) reserved at start-up.
+Pages (`paging`), a KV page = page_size tokens' K and V in every layer:
+- "unified" (S-LoRA): a page holds either KV or adapter weights. A resident adapter of rank
+  r holds `layout.pages(r)` pages of the engine's PagePool, taken when it is loaded (its
+  weights are written into them, `models/lora_pool.py`) and returned when it is evicted; an
+  idle adapter's pages are given up when the KV cache needs them, so a burst of adapters and
+  a burst of long contexts trade space, and a rank-4 adapter takes a quarter of the pages of
+  a rank-16 one.
+- "fixed": a dedicated pool: each slot owns the pages of a max_rank adapter, reserved at
+  start-up, whatever the adapters' ranks.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,9 +88,9 @@ class HostAdapter:
 class AdapterPool:
     """Registered adapters, the device slots they occupy, and the requests waiting for one."""
 
-    def __init__(self, cfg: LoraServeConfig, pool, device, specs, page_bytes: int, itemsize: int):
+    def __init__(self, cfg: LoraServeConfig, pool, device, specs, layout):
         self.cfg, self.pool, self.device, self.specs = cfg, pool, device, specs
-        self.page_bytes, self.itemsize = page_bytes, itemsize
+        self.layout = layout
         self.registry: dict[str, HostAdapter] = {}
         self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
         self.free_slots = list(range(cfg.slots, 0, -1))
@@ -101,7 +101,7 @@ class AdapterPool:
         self.hold = False  # `unpin_waiting` made room for the head: admit once it runs
         self.reserved: list[int] = []
         if cfg.paging == "fixed":
-            n = cfg.slots * self.pages_for(cfg.max_rank * sum(_sizes(specs)))
+            n = cfg.slots * layout.max_pages
             if n > pool.num_pages - 2:
                 raise ConfigError(f"serve.lora: a fixed pool of {n} pages leaves no KV pages")
             self.reserved = pool.allocate(n)
@@ -109,18 +109,18 @@ class AdapterPool:
             pool.reclaimer = self
 
     @classmethod
-    def build(cls, cfg, pool, runner, model_cfg) -> AdapterPool:
-        """The pool of an engine: the runner's device slots, the KV page's bytes."""
-        from models.config import DTYPES
-
-        kv = DTYPES[cfg.kv_dtype or model_cfg.dtype].dtype.itemsize
-        m = model_cfg
-        page_bytes = 2 * m.n_layers * cfg.page_size * m.n_kv_heads * m.head_dim * kv
+    def build(cls, cfg, pool, runner) -> AdapterPool:
+        """The pool of an engine: the runner's device slots and page layout."""
         dev = runner.adapter_slots
-        return cls(cfg.lora_cfg, pool, dev, runner.lora_specs, page_bytes, dev.itemsize)
+        return cls(cfg.lora_cfg, pool, dev, runner.lora_specs, runner.lora_layout)
 
-    def pages_for(self, elements: int) -> int:
-        return -(-elements * self.itemsize // self.page_bytes)
+    def pages_for(self, rank: int) -> int:
+        """KV pages an adapter of rank `rank` takes."""
+        return self.layout.pages(rank)
+
+    def _fixed_pages(self, slot: int) -> list[int]:
+        P = self.layout.max_pages
+        return self.reserved[(slot - 1) * P : slot * P]
 
     # -- registering --------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ class AdapterPool:
             _, weights = lora_pool.read_adapter(source, self.specs)
         except ValueError as e:
             raise AdapterError(f"adapter '{name}': {e}") from e
-        pages = self.pages_for(sum(a.size + b.size for a, b in weights.values()))
+        pages = self.pages_for(lcfg.rank)
         if self.cfg.paging == "unified" and pages > self.pool.num_pages - 2:
             raise AdapterError(f"adapter '{name}' needs {pages} pages, more than the pool holds")
         ad = self.registry[name] = HostAdapter(name, lcfg.rank, lcfg.scale, weights, pages)
@@ -243,7 +243,8 @@ class AdapterPool:
             self._evict(victim)
         pages = self.pool.allocate(ad.pages) if unified else []
         slot = self.free_slots.pop()
-        self.device.write(slot, ad.weights, ad.scale, ad.rank)
+        where = pages if unified else self._fixed_pages(slot)
+        self.device.write(slot, where, ad.weights, ad.scale, ad.rank)
         self.slot_of[ad.name], self.pages_of[ad.name] = slot, pages
         self.idle_pages += len(pages)
         self.loads += 1
@@ -251,7 +252,9 @@ class AdapterPool:
 
     def _evict(self, name: str) -> None:
         pages = self.pages_of.pop(name)
-        self.free_slots.append(self.slot_of.pop(name))
+        slot = self.slot_of.pop(name)
+        self.device.clear(slot)  # before its pages can hold KV
+        self.free_slots.append(slot)
         self.idle_pages -= len(pages)
         self.pool.free(pages)
         self.evictions += 1
@@ -283,8 +286,3 @@ class AdapterPool:
             "evictions": self.evictions,
             "pages": sum(map(len, self.pages_of.values())) + len(self.reserved),
         }
-
-
-def _sizes(specs) -> list[int]:
-    """Elements per unit of rank of each pooled module's A and B."""
-    return [math.prod(a) + math.prod(b) for a, b in specs.values()]

@@ -146,7 +146,7 @@ class BatchBuilder:
             dec[i] = s.request.adapter_slot
         for r, (s, _) in enumerate(prefills):
             pre[r] = s.request.adapter_slot
-        return {"dec_slot": dec, "pre_slot": pre}
+        return {"dec_slot": dec, "pre_slot": pre, **self.adapter_slots.tables()}
 
     def _draft_probs(self, plan: StepPlan, D: int, L: int) -> dict:
         """`dec_q` [D, L - 1, V]: each decode slot's draft distributions, for the rejection
@@ -191,5 +191,6 @@ class BatchBuilder:
                 [s.request.adapter_slot for s, _ in plan.work] + [0] * (D - len(plan.work)),
                 np.int32,
             )
+            bundle.update(self.adapter_slots.tables())
         del bundle["sample_pos"]  # the slice derives each iteration's position on device
         return bundle

@@ -80,7 +80,7 @@ class Engine(Handoff, Driving):
         if self.cfg.lora:
             from mlx_sched.serve.adapters import AdapterPool
 
-            self.adapters = AdapterPool.build(self.cfg, self.pool, self.runner, model.cfg)
+            self.adapters = AdapterPool.build(self.cfg, self.pool, self.runner)
         self.clock = clock
         # live requests, then the `history` most recently retired ones (a server never grows)
         self.requests: dict[str, Request] = {}

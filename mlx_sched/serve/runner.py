@@ -28,7 +28,7 @@ from flax import nnx
 
 import sharding
 from mlx_sched.serve import steps
-from mlx_sched.serve.adapter_device import DeviceSlots
+from mlx_sched.serve.adapter_device import PageSlots
 from mlx_sched.serve.batches import BatchBuilder
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.interface import StepResult
@@ -85,19 +85,22 @@ class Runner(BatchBuilder):
         self.max_len = cfg.max_len(model.cfg.max_seq_len)
         self.W = cfg.context_pages(model.cfg.max_seq_len)
         self.Z = cfg.page_size
-        self.lora_specs = None
-        if cfg.lora:  # a pool of adapter slots beside the base weights (S-LoRA)
-            lc = cfg.lora_cfg
-            model = lora_pool.attach_pool(model, lc.targets, lc.slots, lc.max_rank)
-            self.lora_specs = lora_pool.pool_specs(model)
+        mc = model.cfg
+        last, storage = cache_layout(mc.head_dim, DTYPES[cfg.kv_dtype or mc.dtype])
+        self.lora_specs = self.lora_layout = None
+        if cfg.lora:  # adapters stored in KV pages (S-LoRA's unified paging)
+            lc, page = cfg.lora_cfg, (self.Z, mc.n_kv_heads, last)
+            packed = jnp.dtype(storage) == jnp.uint32
+            model, self.lora_layout = lora_pool.attach_pool(
+                model, lc.targets, lc.max_rank, page, packed
+            )
+            self.lora_specs = lora_pool.pool_specs(self.lora_layout)
         graphdef, params = nnx.split(model, nnx.Param)
         compute = model.cfg.compute_dtype
         if jnp.dtype(compute).itemsize < 4:  # serving keeps no f32 master copy: cast once, not
             params = jax.tree.map(lambda p: p.astype(compute), params)  # at every matmul
         self.param_shardings = sharding.state_shardings(self.mesh, params)
         self.params = sharding.place(params, self.param_shardings)
-        mc = model.cfg
-        last, storage = cache_layout(mc.head_dim, DTYPES[cfg.kv_dtype or mc.dtype])
         shape = (mc.n_layers, cfg.num_pages, self.Z, mc.n_kv_heads, last)
         self.kv_sharding = sharding.named_sharding(
             self.mesh, ("cache_layers", "cache_pages", "cache_page", "kv_heads", "head_dim"), shape
@@ -156,7 +159,9 @@ class Runner(BatchBuilder):
         self._exe: dict[Shape, object] = {}  # ahead-of-time compiled steps, by shape
         self._read = jax.jit(steps.read_pages, out_shardings=(repl, repl))
         self._write = jax.jit(steps.write_pages, out_shardings=kv_out, donate_argnums=(0, 1))
-        self.adapter_slots = DeviceSlots(self) if cfg.lora else None
+        self.adapter_slots = None
+        if cfg.lora:
+            self.adapter_slots = PageSlots(self, cfg.lora_cfg.slots, self.lora_layout)
 
     # -- compile counting -------------------------------------------------------------
 

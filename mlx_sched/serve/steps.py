@@ -23,7 +23,7 @@ from flax import nnx
 
 from mlx_sched.serve.sampling import chosen_logprob, row_keys, sample, sample_with_probs
 from mlx_sched.speculative.acceptance import ancestors, verify_chain, verify_tree
-from models.lora_pool import SlotSegments
+from models.lora_pool import SlotSegments, step_adapters
 from models.paged_context import PagedContext
 from sharding.rules import constrain
 
@@ -103,7 +103,7 @@ def mixed_step(graphdef, kernel, params, tables, k, v, b):
         pre_len_R=b["pre_len"] if rows else None,
         kernel=kernel,
         dec_width=L,
-        lora_slots=_lora_segments(b, L, rows),  # adapters (S-LoRA)
+        lora_slots=step_adapters(model, k, v, b, _lora_segments(b, L, rows)),  # S-LoRA
     )
     tree = "dec_parent" in b and L > 1 and D > 0  # token trees (SpecInfer)
     if tree:
@@ -189,6 +189,7 @@ def decode_slice(
     pages_DW = b["pages"]
     steps_D = b["steps"]  # tokens each slot may generate in this slice (0: padding slot)
     D = pages_DW.shape[0]
+    adapters = step_adapters(model, k, v, b, b.get("slot"))  # S-LoRA: read once per slice
 
     def cond(c):
         return (c["i"] < slice_len) & ~jnp.all(c["done"])
@@ -205,7 +206,7 @@ def decode_slice(
             dec_pages_DW=pages_DW,
             dec_len_D=jnp.where(done_D, 0, pos_D + 1),
             kernel=kernel,
-            lora_slots=b.get("slot"),  # adapters (S-LoRA)
+            lora_slots=adapters,
         )
         x_DD, _ = model.forward(embed(model, tables, c["tok"]), ctx)
         logits = model.logits(x_DD)
