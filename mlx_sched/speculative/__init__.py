@@ -3,7 +3,7 @@
 A *drafter* proposes the next tokens of decoding sequences; the target model
 verifies them in the ordinary mixed step, where a decoding sequence with k
 drafts computes 1 + k positions (a declared `decode_widths` bucket) and
-samples after each; `Engine._commit` keeps the accepted drafts and the token
+samples after each; `Engine._commit` (serve/postprocess.py) keeps the accepted drafts and the token
 after them and rolls back the rest (pages past the kept tokens are released, and
 nothing unverified enters the prefix cache).
 
