@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mlx_sched.train.loop import model_loss
+from mlx_sched.train.steps import model_loss
 from models.config import ConfigError, check_keys
 from models.lora import LoraParam
 
