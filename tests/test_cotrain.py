@@ -6,25 +6,14 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tests_serve_common import SERVE
 
 from mlx_sched.cotrain import CoServeConfig, CoServer, Tuner, TunerConfig
 from mlx_sched.lab.workload import TraceRequest
-from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.engine import Engine
 from mlx_sched.serve.request import SamplingParams
 from models import ModelConfig, Transformer
 from models.config import ConfigError
-
-SERVE = ServeConfig(
-    page_size=4,
-    num_pages=96,
-    max_seqs=4,
-    token_budget=32,
-    max_prefill_rows=2,
-    slice_len=3,
-    decode_buckets=(4,),
-    prefill_buckets=(32,),
-)
 
 
 def _moe_cfg(**kw):
