@@ -77,6 +77,13 @@ def test_tuner_config_errors():
         TunerConfig(targets=("q_proj",))
     with pytest.raises(ConfigError, match="lr"):
         TunerConfig(lr=0)
+    with pytest.raises(ConfigError, match=r"tuner\.batch_size must be > 0, got 0"):
+        TunerConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"tuner\.weight_decay must be >= 0, got -0.1"):
+        TunerConfig(weight_decay=-0.1)
+    with pytest.raises(ConfigError, match=r"tuner\.b2 must be in \[0, 1\), got 1.0"):
+        TunerConfig(b2=1.0)
+    TunerConfig(b1=0.0, b2=0.0, weight_decay=0.0)  # the closed ends are allowed
     with pytest.raises(ConfigError, match="unknown"):
         TunerConfig.from_dict({"rate": 1})
     dense = Transformer(dataclasses.replace(_moe_cfg(), moe=None), nnx.Rngs(0))
