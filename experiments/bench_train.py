@@ -53,6 +53,7 @@ def measure(dtypes: list[str], rounds: int, batch: int, seq: int) -> dict:
 
     from experiments.configs import lm
     from mlx_sched.train import loop
+    from mlx_sched.train.steps import train_step
     from models import ModelConfig, Transformer
 
     c = lm.get_config("default")
@@ -64,7 +65,7 @@ def measure(dtypes: list[str], rounds: int, batch: int, seq: int) -> dict:
         cfg = ModelConfig.from_dict({**c.model.to_dict(), "dtype": dtype})
         graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
         opt = tx.init(params)
-        step = jax.jit(functools.partial(loop.train_step, graphdef, tx, 0), donate_argnums=(0, 1))
+        step = jax.jit(functools.partial(train_step, graphdef, tx, 0), donate_argnums=(0, 1))
         steps[dtype] = step.lower(params, opt, tokens, jnp.int32(0)).compile()
         cost = steps[dtype].cost_analysis()
         flops[dtype] = float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])

@@ -6,6 +6,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 from absl import flags
@@ -13,7 +14,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from mlx_sched.train import loop
-from mlx_sched.train.optim import TrainConfig
+from mlx_sched.train.optim import TrainConfig, check_range
 from models.config import ModelConfig
 from models.errors import ConfigError
 
@@ -58,6 +59,16 @@ def test_train_config_names_the_field_and_its_range(field, value, message):
     with pytest.raises(ConfigError) as e:
         TrainConfig(**{field: value})
     assert message in str(e.value)
+
+
+def test_check_range_names_the_section_the_field_and_the_bounds():
+    cfg = types.SimpleNamespace(x=1.0)
+    check_range(cfg, "x", 0.0, 1.0)  # bounds included by default
+    check_range(cfg, "x", 1.0)  # no upper bound
+    with pytest.raises(ConfigError, match=r"^tuner\.x must be in \(0, 1\), got 1.0$"):
+        check_range(cfg, "x", 0.0, 1.0, lo_open=True, hi_open=True, section="tuner")
+    with pytest.raises(ConfigError, match=r"^train\.x must be > 1 \(why\), got 1.0$"):
+        check_range(cfg, "x", 1, lo_open=True, what="why")
 
 
 def test_train_config_edges_are_accepted():

@@ -6,25 +6,14 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tests_serve_common import SERVE
 
 from mlx_sched.cotrain import CoServeConfig, CoServer, Tuner, TunerConfig
 from mlx_sched.lab.workload import TraceRequest
-from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.engine import Engine
 from mlx_sched.serve.request import SamplingParams
 from models import ModelConfig, Transformer
 from models.config import ConfigError
-
-SERVE = ServeConfig(
-    page_size=4,
-    num_pages=96,
-    max_seqs=4,
-    token_budget=32,
-    max_prefill_rows=2,
-    slice_len=3,
-    decode_buckets=(4,),
-    prefill_buckets=(32,),
-)
 
 
 def _moe_cfg(**kw):
@@ -88,6 +77,13 @@ def test_tuner_config_errors():
         TunerConfig(targets=("q_proj",))
     with pytest.raises(ConfigError, match="lr"):
         TunerConfig(lr=0)
+    with pytest.raises(ConfigError, match=r"tuner\.batch_size must be > 0, got 0"):
+        TunerConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"tuner\.weight_decay must be >= 0, got -0.1"):
+        TunerConfig(weight_decay=-0.1)
+    with pytest.raises(ConfigError, match=r"tuner\.b2 must be in \[0, 1\), got 1.0"):
+        TunerConfig(b2=1.0)
+    TunerConfig(b1=0.0, b2=0.0, weight_decay=0.0)  # the closed ends are allowed
     with pytest.raises(ConfigError, match="unknown"):
         TunerConfig.from_dict({"rate": 1})
     dense = Transformer(dataclasses.replace(_moe_cfg(), moe=None), nnx.Rngs(0))

@@ -3,6 +3,20 @@
 import pytest
 
 
+def test_cotrain_and_slora_serve_the_shared_small_model():
+    from experiments.configs import cotrain, slora
+    from experiments.configs.small_lm import small_model
+    from models import ModelConfig
+
+    for variant, width, layers in (("default", 128, 4), ("runlocal", 64, 2)):
+        co, sl = cotrain.get_config(variant).model, slora.get_config(variant).model
+        assert (co.d_model, co.n_layers, sl.d_model, sl.n_layers) == (width, layers) * 2
+        assert (co.max_seq_len, sl.max_seq_len) == (256, 128) and co.moe.num_experts == 8
+        assert sl.to_dict() == small_model(variant == "runlocal", max_seq_len=128)
+        for model in (co, sl):
+            ModelConfig.from_dict(model.to_dict())  # a valid model config
+
+
 @pytest.mark.slow  # pre-trains a tiny MoE, then four ~8 s runs
 def test_cotrain_experiment_runlocal(tmp_path):
     from experiments import cotrain_runs

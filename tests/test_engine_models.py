@@ -5,23 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tests_serve_common import SERVE
 
-from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.engine import Engine
 from mlx_sched.serve.request import SamplingParams
 from models import ModelConfig, Transformer
 from models import generate as reference
-
-SERVE = ServeConfig(
-    page_size=4,
-    num_pages=96,
-    max_seqs=4,
-    token_budget=32,
-    max_prefill_rows=2,
-    slice_len=3,
-    decode_buckets=(4,),
-    prefill_buckets=(32,),
-)
 
 
 def _prompts(n, seed=0):

@@ -1,6 +1,7 @@
 """The Llumnix experiment (experiments/migration.py): its trace, its downtime summary and
 tables on hand-made records, and each study run at the runlocal size on real engines. The
-studies come from experiments.migration_studies: importing the entry point would define its
+studies come from experiments.migration_studies (their cluster and trace from
+experiments.migration_serving): importing the entry point would define its
 absl flags a second time beside another experiment's (a collection error)."""
 
 import json
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import migration_report as report
+from experiments import migration_serving as serving
 from experiments import migration_studies as exp
 from experiments.configs import migration as configs
 
@@ -37,7 +39,7 @@ def test_config_variants_name_known_studies():
 
 def test_trace_is_bursty_heavy_tailed_and_marks_a_share_high_priority():
     c = configs.get_config("default")
-    trace = exp.make_trace(c.load, c.model.vocab_size, seed=0, high_share=0.1)
+    trace = serving.make_trace(c.load, c.model.vocab_size, seed=0, high_share=0.1)
     assert len(trace) == c.load.num_requests
     gaps = np.diff([r.arrival for r in trace])
     assert (gaps >= 0).all() and gaps.std() / gaps.mean() > 1.5  # Gamma with CV 3
@@ -46,9 +48,9 @@ def test_trace_is_bursty_heavy_tailed_and_marks_a_share_high_priority():
     assert all(len(r.prompt) + r.max_tokens <= c.load.max_total for r in trace)
     high = sum(r.priority == 1 for r in trace)
     assert 0.04 * len(trace) < high < 0.2 * len(trace)
-    again = exp.make_trace(c.load, c.model.vocab_size, seed=0, high_share=0.1)
+    again = serving.make_trace(c.load, c.model.vocab_size, seed=0, high_share=0.1)
     assert [r.priority for r in again] == [r.priority for r in trace]  # seeded
-    assert not any(r.priority for r in exp.make_trace(c.load, 256, seed=0))
+    assert not any(r.priority for r in serving.make_trace(c.load, 256, seed=0))
 
 
 def _move(length, outcome="done", downtime=0.001, seconds=0.004, nbytes=2**20, stopped=None):
@@ -77,7 +79,7 @@ def test_paired_comparison_counts_seeds_where_the_other_arm_is_lower():
                              "tpot": {"p99": 1.0}, "preemptions": pre}  # fmt: skip
     base = {0: row(2.0, 10), 1: row(1.0, 0), 2: row(4.0, 5)}
     other = {0: row(1.0, 5), 1: row(2.0, 3), 2: row(2.0, 5), 9: row(0.1, 0)}  # 9: one arm only
-    p = exp.paired(base, other)
+    p = serving.paired(base, other)
     assert p["ttft_p99"] == {"median_ratio": 0.5, "lower": 2, "higher": 1, "seeds": 3}
     assert p["preemptions"]["median_ratio"] == pytest.approx(0.75)  # seed 1 (base 0) left out
     assert (p["preemptions"]["lower"], p["preemptions"]["higher"]) == (1, 1)
@@ -118,7 +120,7 @@ def _check_priority(res):
         assert arm["high"]["finished"] == arm["high"]["requests"]
     assert {r["arm"] for r in res["runs"]} == {"no_headroom", "headroom"}
     assert sum(r["migrations"] for r in res["runs"]) >= 1  # migration is on in both arms
-    assert set(res["paired_high"]) == set(exp.PAIRED)
+    assert set(res["paired_high"]) == set(serving.PAIRED)
 
 
 @pytest.mark.slow  # 3 clusters of 4 engines, compiled on 4 devices (~40 s on a cold cache)

@@ -10,7 +10,7 @@ import pytest
 
 from experiments import sweep
 from experiments.configs import moe_routing
-from mlx_sched.train import loop, plots
+from mlx_sched.train import loop, plots, steps
 from models import ConfigError, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ def test_experts_not_dividing_the_expert_axis_fail_before_training(tmp_path):
 
 def test_aux_metrics_keep_scalars_and_vectors():
     aux = {"layer_1": {"loss": 1.0, "dropped": jnp.float32(0.5), "tokens_per_expert": jnp.ones(4)}}
-    out = loop._aux_metrics(aux)
+    out = steps._aux_metrics(aux)
     assert set(out) == {"layer_1/dropped", "layer_1/tokens_per_expert"}
     assert loop._to_json(out["layer_1/tokens_per_expert"]) == [1.0, 1.0, 1.0, 1.0]
 

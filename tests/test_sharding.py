@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import sharding
 from mlx_sched.train import loop
+from mlx_sched.train.steps import train_step
 from models import Transformer
 
 LAYOUTS = {
@@ -85,7 +86,7 @@ def test_sharded_train_step_equals_single_device(tiny_cfg, layout):
     model = Transformer(tiny_cfg, nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     batch = jax.random.randint(jax.random.key(1), (8, 17), 0, 256)
-    step = functools.partial(loop.train_step, graphdef, tx, 0)
+    step = functools.partial(train_step, graphdef, tx, 0)
 
     ref_p, _, ref_m = jax.jit(step)(params, tx.init(params), batch, jnp.int32(0))
 

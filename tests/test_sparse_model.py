@@ -11,6 +11,7 @@ from flax import nnx
 
 import sharding
 from mlx_sched.train import loop
+from mlx_sched.train.steps import train_step
 from models import ConfigError, ModelConfig, Transformer
 from models.attention_config import AttentionConfig
 from models.patterns import DenseCausal, pattern_for_layer
@@ -105,7 +106,7 @@ def test_model_with_sparse_layers_trains(tiny_cfg):
     tc = loop.TrainConfig(steps=25, warmup_steps=2, lr=1e-2)
     tx = loop.make_optimizer(tc)
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
-    step = jax.jit(functools.partial(loop.train_step, graphdef, tx, 0))
+    step = jax.jit(functools.partial(train_step, graphdef, tx, 0))
     # periodic sequences with a long period: predictable only from far-back tokens
     period = np.random.default_rng(0).integers(0, 256, (4, 12))
     batch = jnp.asarray(np.tile(period, 4)[:, :45], jnp.int32)

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from mlx_sched.train import loop
+from mlx_sched.train.steps import train_step
 from models import Transformer
 from models.attention_core import QUERY_BLOCK, causal_attention
 from models.layers import apply_rope, dot, rope_tables
@@ -144,7 +145,7 @@ def test_bf16_train_step_runs_every_matmul_in_bf16(tiny_cfg):
     tc = loop.TrainConfig(steps=10, warmup_steps=1, batch_size=2, seq_len=QUERY_BLOCK * 2)
     tx = loop.make_optimizer(tc)
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
-    step = jax.jit(functools.partial(loop.train_step, graphdef, tx, 0))
+    step = jax.jit(functools.partial(train_step, graphdef, tx, 0))
     tokens = jnp.zeros((tc.batch_size, tc.seq_len + 1), jnp.int32)
     hlo = step.lower(params, tx.init(params), tokens, jnp.int32(0)).compile().as_text()
     shapes = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
@@ -173,7 +174,7 @@ def test_sharded_fast_paths_equal_single_device_without_gathers(tiny_cfg, dtype)
     tx = loop.make_optimizer(tc)
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
     batch = jax.random.randint(jax.random.key(1), (8, QUERY_BLOCK * 2 + 1), 0, 256)
-    step = functools.partial(loop.train_step, graphdef, tx, 0)
+    step = functools.partial(train_step, graphdef, tx, 0)
     _, _, ref = jax.jit(step)(params, tx.init(params), batch, jnp.int32(0))
 
     mesh = sharding.make_mesh({"data": 4, "tensor": 2})

@@ -22,19 +22,16 @@ Variants: default (about 10 minutes on 2 CPU cores), runlocal (about a minute: t
 
 import ml_collections
 
+from experiments.configs.small_lm import small_model
+
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     if arg not in ("default", "runlocal"):
         raise ValueError(f"unknown variant '{arg}' of cotrain.py; choose default or runlocal")
     local = arg == "runlocal"
     c = ml_collections.ConfigDict()
-    c.model = dict(
-        vocab_size=264,
-        d_model=64 if local else 128,
-        n_layers=2 if local else 4,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=128 if local else 256,
+    c.model = small_model(
+        local,
         max_seq_len=256,
         moe=dict(num_experts=8, top_k=2, gates="topk_softmax", every=1, offset=0),
     )

@@ -19,21 +19,15 @@ Variants: default (about 4 minutes on 2 CPU cores), runlocal (about a minute: te
 
 import ml_collections
 
+from experiments.configs.small_lm import small_model
+
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     if arg not in ("default", "runlocal"):
         raise ValueError(f"unknown variant '{arg}' of slora.py; choose default or runlocal")
     local = arg == "runlocal"
     c = ml_collections.ConfigDict()
-    c.model = dict(
-        vocab_size=264,
-        d_model=64 if local else 128,
-        n_layers=2 if local else 4,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=128 if local else 256,
-        max_seq_len=128,
-    )
+    c.model = small_model(local, max_seq_len=128)
     c.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     c.ranks = (8, 16)
     c.num_adapters = (1, 4) if local else (1, 8, 32, 128, 256, 1024)

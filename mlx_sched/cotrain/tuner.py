@@ -24,7 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mlx_sched.train.loop import model_loss
+from mlx_sched.train.optim import check_range
+from mlx_sched.train.steps import model_loss
 from models.config import ConfigError, check_keys
 from models.lora import LoraParam
 
@@ -66,10 +67,10 @@ class TunerConfig:
         if bad or not self.targets:
             raise ConfigError(f"tuner.targets must be a non-empty subset of {TARGETS}, got {bad}")
         for name in ("lr", "grad_clip", "batch_size", "seq_len"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"tuner.{name} must be > 0, got {getattr(self, name)}")
-        if self.weight_decay < 0 or not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
-            raise ConfigError("tuner: weight_decay must be >= 0 and b1, b2 in [0, 1)")
+            check_range(self, name, 0, lo_open=True, section="tuner")
+        check_range(self, "weight_decay", 0.0, section="tuner")
+        for name in ("b1", "b2"):
+            check_range(self, name, 0.0, 1.0, hi_open=True, section="tuner")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TunerConfig:

@@ -8,7 +8,9 @@
                 detokenization, stop strings matched on text
 - `protocol.py` the request bodies (pydantic), their validation and OpenAI-style errors
 - `completions.py` one HTTP request's life: prompts to engine requests, events to
-                choices (stop strings, logprobs, usage), streamed or whole
+                choices (stop strings, logprobs, usage), OpenAI's objects and chunks
+- `delivery.py` the engine thread's events on the handler's event loop; a completion
+                submitted, then answered whole or streamed as server-sent events
 - `prom.py`     the Prometheus collector (`/metrics`)
 - `app.py`      the FastAPI application and `Server` (uvicorn, graceful shutdown,
                 on-demand profiling)

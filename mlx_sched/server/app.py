@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mlx_sched.serve.engine import Engine
-from mlx_sched.server import completions
+from mlx_sched.server import delivery
 from mlx_sched.server import text as text_lib
 from mlx_sched.server.completions import Generation, Limits
 from mlx_sched.server.engine_thread import EngineThread
@@ -244,14 +244,14 @@ class App:
         return out
 
     async def _generate(self, request: Request, gen: Generation) -> Response:
-        pipe = await completions.start(gen, self.thread)
+        pipe = await delivery.start(gen, self.thread)
         if gen.body.stream:
             return StreamingResponse(
-                completions.stream(gen, pipe, self.thread),
+                delivery.stream(gen, pipe, self.thread),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        work = asyncio.ensure_future(completions.collect(gen, pipe, self.thread))
+        work = asyncio.ensure_future(delivery.collect(gen, pipe, self.thread))
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:

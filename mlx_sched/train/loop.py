@@ -1,8 +1,8 @@
 """Sharded language-model training: AdamW step, eval, metrics, checkpoints, resume.
 
-`Trainer(...).run()` is the whole loop. The jitted step is pure:
+`Trainer(...).run()` is the whole loop. The jitted step is pure (`steps.py`):
 `(params, opt_state, batch, step) -> (params, opt_state, metrics)`, with its
-shardings and donation declared once where it is wrapped.
+shardings and donation declared once where it is wrapped, here.
 
 With `model.lora` set, `params` are the adapter's (`models.lora.LoraParam`) and
 the base weights are a frozen extra argument of the step: no gradient, no
@@ -25,74 +25,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import sharding
 from mlx_sched.train import data as data_lib
 from mlx_sched.train.checkpoint import Checkpointer, CheckpointError
 from mlx_sched.train.optim import TrainConfig, lr_at, make_optimizer
+from mlx_sched.train.steps import eval_step, train_step
 from models.config import ConfigError, ModelConfig, check_keys
 from models.lora import LoraParam
 from models.moe import check_mesh
 from models.transformer import Transformer
-
-# ---------------------------------------------------------------------------
-# Pure step functions
-# ---------------------------------------------------------------------------
-
-
-def loss_fn(params, graphdef, batch_BL1, rng, mode="train", frozen=None):
-    """Next-token cross-entropy (float32) plus any auxiliary losses the model returns;
-    `frozen`, if given, holds the weights `params` lacks (a LoRA adapter's base)."""
-    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
-    return model_loss(model, batch_BL1, rng, mode)
-
-
-def model_loss(model: Transformer, batch_BL1, rng, mode="train"):
-    """`loss_fn` of a merged model: (loss, metrics with "ce", "aux_loss" and per-layer aux)."""
-    inputs_BL, targets_BL = batch_BL1[:, :-1], batch_BL1[:, 1:]
-    logits_BLV, aux = model(inputs_BL, return_aux=True, rng=rng, mode=mode)
-    logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32), axis=-1)
-    nll_BL = -jnp.take_along_axis(logp_BLV, targets_BL[..., None], axis=-1)[..., 0]
-    weights_BL = (targets_BL != data_lib.PAD).astype(jnp.float32)
-    ce = jnp.sum(nll_BL * weights_BL) / jnp.maximum(jnp.sum(weights_BL), 1.0)
-    aux_loss = sum((a["loss"] for a in aux.values() if "loss" in a), jnp.zeros((), jnp.float32))
-    metrics = {"ce": ce, "aux_loss": aux_loss, **_aux_metrics(aux)}
-    return ce + aux_loss, metrics
-
-
-def _aux_metrics(aux: dict) -> dict:
-    """Flatten per-layer aux outputs into `layer_i/name` metrics (scalars or small vectors,
-    such as an MoE layer's tokens per expert, logged as JSON lists)."""
-    out = {}
-    for layer, d in aux.items():
-        for k, v in d.items():
-            if k != "loss" and jnp.ndim(v) <= 1:
-                out[f"{layer}/{k}"] = v
-    return out
-
-
-def _to_json(v):
-    return float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
-
-
-def train_step(graphdef, tx, seed, params, opt_state, batch_BL1, step, frozen=None):
-    """One AdamW step on `params` (the gradient is taken w.r.t. them only, not `frozen`)."""
-    rng = jax.random.fold_in(jax.random.key(seed), step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, graphdef, batch_BL1, rng, frozen=frozen
-    )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return params, opt_state, metrics
-
-
-def eval_step(graphdef, params, batch_BL1, frozen=None, mode="eval"):
-    _, metrics = loss_fn(params, graphdef, batch_BL1, None, mode=mode, frozen=frozen)
-    return metrics["ce"]
-
 
 # ---------------------------------------------------------------------------
 # Config-time checks
@@ -370,6 +313,10 @@ class Trainer:
             "trained %d steps in %s", tc.steps - start, _fmt_secs(time.perf_counter() - t_start)
         )
         return params, eval_loss
+
+
+def _to_json(v):
+    return float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
 
 
 def _fmt_secs(s: float) -> str:

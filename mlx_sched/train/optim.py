@@ -33,16 +33,18 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every"):
-            _check(self, name, 0, lo_open=True)
-        _check(self, "eval_batches", 0, lo_open=True, what="held-out batches per evaluation")
-        _check(self, "keep", 0, lo_open=True, what="checkpoints kept; 0 keeps none to resume from")
-        _check(self, "seed", 0)
-        _check(self, "lr", 0.0, lo_open=True)
-        _check(self, "grad_clip", 0.0, lo_open=True)
-        _check(self, "weight_decay", 0.0)
-        _check(self, "min_lr_ratio", 0.0, 1.0)
-        _check(self, "b1", 0.0, 1.0, hi_open=True)
-        _check(self, "b2", 0.0, 1.0, hi_open=True)
+            check_range(self, name, 0, lo_open=True)
+        check_range(self, "eval_batches", 0, lo_open=True, what="held-out batches per evaluation")
+        check_range(
+            self, "keep", 0, lo_open=True, what="checkpoints kept; 0 keeps none to resume from"
+        )
+        check_range(self, "seed", 0)
+        check_range(self, "lr", 0.0, lo_open=True)
+        check_range(self, "grad_clip", 0.0, lo_open=True)
+        check_range(self, "weight_decay", 0.0)
+        check_range(self, "min_lr_ratio", 0.0, 1.0)
+        check_range(self, "b1", 0.0, 1.0, hi_open=True)
+        check_range(self, "b2", 0.0, 1.0, hi_open=True)
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(
                 f"train.warmup_steps must be in [0, train.steps={self.steps}), got "
@@ -55,9 +57,12 @@ class TrainConfig:
         return cls(**dict(d))
 
 
-def _check(tc: TrainConfig, name: str, lo, hi=None, lo_open=False, hi_open=False, what=""):
-    """A ConfigError naming `train.<name>` and its allowed range unless the value lies in it."""
-    v = getattr(tc, name)
+def check_range(
+    cfg, name: str, lo, hi=None, lo_open=False, hi_open=False, what="", section="train"
+) -> None:
+    """A ConfigError naming `<section>.<name>` and its allowed range unless `cfg.<name>` lies
+    in it (bounds included unless `lo_open` / `hi_open`; no upper bound when `hi` is None)."""
+    v = getattr(cfg, name)
     ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
     if not ok:
         if hi is None:
@@ -65,7 +70,7 @@ def _check(tc: TrainConfig, name: str, lo, hi=None, lo_open=False, hi_open=False
         else:
             allowed = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         note = f" ({what})" if what else ""
-        raise ConfigError(f"train.{name} must be {allowed}{note}, got {v}")
+        raise ConfigError(f"{section}.{name} must be {allowed}{note}, got {v}")
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
