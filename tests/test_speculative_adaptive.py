@@ -196,3 +196,67 @@ def test_choose_maximises_the_goodput_formula():
             ada.goodput(conf, *best)
         ), trial
         assert sorted(got.values()).count(ada.last[0]) >= (ada.last[1] if ada.last[0] else 0)
+
+
+def _verify_record(B, L, new_tokens, seconds, prefill=0):
+    return types.SimpleNamespace(
+        kind="mixed", shape=(B, L, prefill), spec_proposed=B * (L - 1),
+        new_tokens=new_tokens, device_s=seconds, host_s=0.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("delivered", [0.5, 1.0])
+def test_a_bucket_where_speculation_under_delivers_stops_speculating(delivered):
+    """The controller predicts speculation pays; the verify steps it chose realise
+    `delivered` times the predicted goodput. Under-delivery lowers the bucket's trust until
+    no speculation wins; delivery as predicted keeps speculating."""
+    c = costs(per_draft=0.5)
+    ada = AdaSpec((1, 2, 3, 5), 4, c, slice_len=1)
+    ids = [f"s{i}" for i in range(8)]
+    for i in ids:
+        ada.observe(i, 4, 4)
+    chosen = []
+    for _ in range(30):
+        k = ada.choose(ids)[ids[0]]
+        chosen.append(k)
+        if k:
+            B, L = len(ids), k + 1
+            want = ada.goodput([ada.confidence[i] for i in ids], k, B)
+            seconds = c.verify_time(B, L)
+            ada.realised(_verify_record(8, L, int(want * seconds * delivered), seconds))
+        else:
+            ada.realised(types.SimpleNamespace(kind="decode", shape=(8, 1, 0), spec_proposed=0))
+    assert chosen[0] > 0  # the model alone speculates
+    if delivered < 1:
+        assert chosen[-5:] == [0] * 5 and 0.5 <= ada.trust[8] < 0.9
+    else:
+        assert all(chosen) and ada.trust[8] == pytest.approx(1.0, abs=0.1)
+
+
+def test_over_delivery_makes_a_marginal_bucket_speculate():
+    """Speculation predicted just below no speculation: untried, it stays off; once a step
+    that speculated delivered twice its prediction, the bucket speculates."""
+    c = costs(per_draft=0.1)
+    ada = AdaSpec((1, 2, 3, 5), 4, c, slice_len=1)
+    ids = [f"s{i}" for i in range(8)]
+    c.decode[8] = 5.5e-3  # no speculation looks slightly better than any width
+    conf = [ada.confidence[i] for i in ids]
+    best_spec = max(ada.goodput(conf, k, 8) for k in (1, 2, 4))
+    assert ada.goodput(conf, 0, 0) > best_spec > 0.5 * ada.goodput(conf, 0, 0)
+    assert set(ada.choose(ids).values()) == {0}
+    ada.trust[8] = 2.0  # as learnt from steps that delivered twice the prediction
+    assert set(ada.choose(ids).values()) != {0}
+
+
+def test_steps_with_prefill_or_no_drafts_teach_nothing():
+    c = costs(per_draft=0.1)
+    ada = AdaSpec((1, 2, 3, 5), 4, c, slice_len=1)
+    ids = [f"s{i}" for i in range(8)]
+    for i in ids:
+        ada.observe(i, 4, 4)
+    assert ada.choose(ids)[ids[0]] > 0
+    ada.realised(_verify_record(8, 5, 1, 1.0, prefill=64))  # a mixed step with prefill
+    assert ada.trust == {}
+    ada.choose(ids)
+    ada.realised(_verify_record(8, 5, 1, 1.0))
+    assert ada.trust[8] < 1.0
