@@ -20,9 +20,9 @@ from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.cost_model import StepTimeModel
 from mlx_sched.serve.engine import Engine
 from mlx_sched.serve.request import RequestError
-from mlx_sched.train.checkpoint import CheckpointError, open_existing
 from mlx_sched.train.loop import model_config
-from models import ModelConfig, Transformer
+from mlx_sched.train.weights import load_checkpoint, load_weights  # noqa: F401 (re-exported)
+from models import Transformer
 from models.errors import ConfigError, check_keys
 
 
@@ -36,39 +36,6 @@ def load_model(config) -> Transformer:
         return load_checkpoint(config.checkpoint)
     cfg = model_config(config.model)
     return Transformer(cfg, nnx.Rngs(0))
-
-
-def load_weights(path, dtype: str) -> Transformer:
-    """A model from a Hugging Face folder (it has a config.json; loaded in `dtype`) or from
-    this framework's training checkpoint (its own config)."""
-    if (pathlib.Path(path) / "config.json").is_file():
-        from models import hf
-
-        return hf.load_model(path, dtype=dtype)
-    return load_checkpoint(path)
-
-
-def load_checkpoint(path) -> Transformer:
-    """The newest step of a training run's checkpoints (the run folder or its checkpoints/)."""
-    path = pathlib.Path(path)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    ckpt, step = open_existing(path)
-    meta = ckpt.read_meta(step)
-    if "model" not in meta:
-        raise CheckpointError(f"checkpoint {path}/{step} has no model config in its metadata")
-    cfg = ModelConfig.from_dict(meta["model"])
-    if cfg.lora is not None:
-        raise CheckpointError(
-            f"checkpoint {path}/{step} holds a LoRA adapter alone (model.lora is set), not a "
-            "whole model: build it over its base with Trainer(..., base=...).model(params)"
-        )
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-    graphdef, like = nnx.split(abstract, nnx.Param)
-    params, _, _ = ckpt.restore(step, like)
-    ckpt.close()
-    logging.info("loaded %s step %d", path, step)
-    return nnx.merge(graphdef, params)
 
 
 def load_text_model(config, checkpoint: str = "", hf_path: str = ""):

@@ -235,6 +235,41 @@ def test_trainer_takes_a_given_frozen_base_and_refuses_a_wrong_one(tmp_path, tin
         loop.Trainer(cfg, tc, mesh, tmp_path / "b", corpus=corpus, base=wrong)
 
 
+def test_train_base_trains_an_adapter_over_a_model_on_disk(tmp_path, tiny_cfg, caplog):
+    """`train.base` names the frozen base from the command line: a Hugging Face folder (or a
+    training run); the model is the base's with the config's adapter, bit for bit its
+    weights, and settings of the model section that differ are logged, not used."""
+    import logging
+
+    from mlx_sched.train import loop
+    from models import hf_export
+
+    base = Transformer(tiny_cfg, nnx.Rngs(5))
+    hf_export.save_llama(base, tmp_path / "hf")
+    config = {
+        "model": dataclasses.asdict(tiny_cfg) | {
+            "d_ff": 96, "lora": dict(rank=4, alpha=8.0, targets=("q_proj", "down_proj")),
+        },
+        "train": dict(steps=2, batch_size=8, seq_len=16, warmup_steps=0, eval_every=2,
+                      ckpt_every=2, eval_batches=1, base=str(tmp_path / "hf")),
+    }  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        trainer, params, _ = loop.train_from_config(config, tmp_path / "run")
+    assert "not used: model." in caplog.text and "d_ff=96 (base: 128)" in caplog.text
+    assert trainer.model_cfg.d_ff == 128 and trainer.model_cfg.lora.rank == 4
+    want = nnx.state(base, nnx.Param)
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), want, *trainer.frozen
+    )
+    assert all(jax.tree.leaves(same))
+    assert np.asarray(params["layers"][0]["attn"]["lora"]["q_proj"]["b"][...]).any()
+    no_lora = {"model": dataclasses.asdict(tiny_cfg), "train": config["train"]}
+    with pytest.raises(ConfigError, match="frozen base of a LoRA adapter: set model.lora"):
+        loop.train_from_config(no_lora, tmp_path / "r2")
+    with pytest.raises(ConfigError, match="train.base must be a path"):
+        loop.TrainConfig(base=3)
+
+
 def test_the_engine_serves_a_model_with_an_adapter():
     from mlx_sched.serve.config import ServeConfig
     from mlx_sched.serve.engine import Engine

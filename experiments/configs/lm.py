@@ -69,6 +69,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         ckpt_every=100,
         keep=3,
         seed=0,
+        base="",  # with model.lora: the frozen base (a Hugging Face folder or a training run)
     )
     c.sample = dict(prompts=("def ", "import ", "class "), max_tokens=160, temperature=0.7, seed=0)
     c.kind = "train"

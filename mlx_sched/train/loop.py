@@ -333,6 +333,33 @@ def model_config(section: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(section)
 
 
+def with_base(model_cfg: ModelConfig, path: str) -> tuple[ModelConfig, nnx.State | None]:
+    """`train.base`: (the model to train, its frozen base's parameters). With a path (a
+    training run or a Hugging Face folder, loaded in model.dtype) the model is the base's
+    with `model_cfg.lora` as its adapter; other model settings that differ from the base's
+    are logged and not used. A ConfigError (one line) without model.lora. No path:
+    (`model_cfg`, None), the base train.seed initialises."""
+    if not path:
+        return model_cfg, None
+    if model_cfg.lora is None:
+        raise ConfigError(
+            f"train.base={path!r} is the frozen base of a LoRA adapter: set model.lora too "
+            "(or leave train.base empty)"
+        )
+    from mlx_sched.train.weights import load_weights
+
+    base = load_weights(path, model_cfg.dtype)
+    cfg = dataclasses.replace(base.cfg, lora=model_cfg.lora)
+    differ = [
+        f"{f.name}={getattr(model_cfg, f.name)!r} (base: {getattr(cfg, f.name)!r})"
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(model_cfg, f.name)
+    ]
+    if differ:
+        logging.warning("train.base=%s sets the model; not used: model.%s", path, ", ".join(differ))
+    return cfg, nnx.state(base, nnx.Param)
+
+
 def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
     """Typed configs from a loose mapping (model / mesh / data / train), then train.
 
@@ -342,8 +369,8 @@ def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
     unknown = set(config) - known
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
-    model_cfg = model_config(config["model"])
     train_cfg = TrainConfig.from_dict(config["train"])
+    model_cfg, base = with_base(model_config(config["model"]), train_cfg.base)
     data_cfg = dict(config.get("data", {}))
     check_keys(_DataConfig, data_cfg, "data config")
     mesh = sharding.make_mesh(sharding.MeshConfig.from_dict(config.get("mesh", {})))
@@ -354,6 +381,7 @@ def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
         workdir,
         data_path=data_cfg.get("path") or None,
         heldout_fraction=data_cfg.get("heldout_fraction", 0.02),
+        base=base,
     )
     logging.info(
         "model %s params (%s trained) on mesh %s; corpus %s: %d train / %d held-out tokens",

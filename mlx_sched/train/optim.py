@@ -30,6 +30,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep: int = 3
     seed: int = 0
+    # the frozen base of a LoRA adapter (model.lora): a training run's folder or a Hugging
+    # Face folder; "": the base train.seed initialises
+    base: str = ""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "ckpt_every"):
@@ -45,6 +48,8 @@ class TrainConfig:
         check_range(self, "min_lr_ratio", 0.0, 1.0)
         check_range(self, "b1", 0.0, 1.0, hi_open=True)
         check_range(self, "b2", 0.0, 1.0, hi_open=True)
+        if not isinstance(self.base, str):
+            raise ConfigError(f"train.base must be a path (str), got {self.base!r}")
         if not 0 <= self.warmup_steps < self.steps:
             raise ConfigError(
                 f"train.warmup_steps must be in [0, train.steps={self.steps}), got "
