@@ -271,7 +271,8 @@ def test_train_base_trains_an_adapter_over_a_model_on_disk(tmp_path, tiny_cfg, c
 
 
 def test_the_engine_serves_a_model_with_an_adapter():
-    from mlx_sched.serve.config import ServeConfig
+    from tests_serve_common import SERVE
+
     from mlx_sched.serve.engine import Engine
     from mlx_sched.serve.request import SamplingParams
     from models import generate as reference
@@ -280,16 +281,7 @@ def test_the_engine_serves_a_model_with_an_adapter():
         vocab_size=264, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=96
     )
     model = _randomise_b(Transformer(_with_lora(cfg, targets=ALL), nnx.Rngs(0)), std=0.3)
-    serve = ServeConfig(
-        page_size=4,
-        num_pages=64,
-        max_seqs=4,
-        token_budget=32,
-        max_prefill_rows=2,
-        slice_len=3,
-        decode_buckets=(4,),
-        prefill_buckets=(32,),
-    )
+    serve = dataclasses.replace(SERVE, num_pages=64)
     prompts = [list(map(int, p)) for p in _tokens(256, (3, 9), seed=2)]
     outs = [
         o.outputs[0] for o in Engine(model, serve).generate(prompts, SamplingParams(max_tokens=6))

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tests_serve_common import SERVE
 
 from mlx_sched.serve.adapters import AdapterError
 from mlx_sched.serve.config import ServeConfig
@@ -27,16 +28,8 @@ ADAPTERS = {"a": (2, ("q_proj", "v_proj")), "b": (4, ALL), "c": (8, ("o_proj", "
 
 
 def _serve(**lora_cfg):
-    return ServeConfig(
-        page_size=4,
-        num_pages=64,
-        max_seqs=4,
-        token_budget=32,
-        max_prefill_rows=2,
-        slice_len=3,
-        decode_buckets=(4,),
-        prefill_buckets=(32,),
-        lora=dict(max_rank=8, slots=3, targets=ALL) | lora_cfg,
+    return dataclasses.replace(
+        SERVE, num_pages=64, lora=dict(max_rank=8, slots=3, targets=ALL) | lora_cfg
     )
 
 
