@@ -446,3 +446,28 @@ def test_adapters_under_preemption_with_parallel_sampling_and_prefix_hits(models
         host = ad.registry[name]
         k_data, _ = lora_pool.pack_adapter(layout, host.weights, host.rank, tight.runner.k.dtype)
         np.testing.assert_array_equal(np.asarray(tight.runner.k[:, pages]), k_data[:, : len(pages)])
+
+
+@pytest.mark.slow  # the 8-device sharded engine
+def test_adapters_on_a_sharded_engine_equal_each_model():
+    """Adapters in KV pages sharded over a (data 4, tensor 2) mesh, kv heads over tensor."""
+    import sharding
+
+    cfg = dataclasses.replace(CFG, n_heads=4, n_kv_heads=2)
+    base = Transformer(cfg, nnx.Rngs(3))
+    models = {None: base}
+    for i, (name, (rank, targets)) in enumerate(ADAPTERS.items()):
+        m = lora.add_adapter(base, dict(rank=rank, alpha=2.0 * rank, targets=targets), seed=i)
+        for j, (_, _, _, ad) in enumerate(lora.adapters(m)):
+            ad.b[...] = 0.3 * jax.random.normal(
+                jax.random.fold_in(jax.random.key(i), j), ad.b.shape
+            )
+        models[name] = m
+    mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+    engine = Engine(base, _serve(), mesh=mesh)
+    for name in ADAPTERS:
+        engine.register_adapter(name, models[name])
+    assert engine.runner.k.sharding.spec[3] == "tensor"
+    prompts, names = _prompts(6, seed=11), ["a", "b", "c", None, "b", "a"]
+    assert _run(engine, prompts, names) == _expected(models, prompts, names)
+    assert engine.runner.compiles_since_warmup == 0
