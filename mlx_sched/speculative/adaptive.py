@@ -16,14 +16,6 @@ B (k + 1), speculation shrinks or stops.
 
 The step times come from `StepCosts`: profiled at warm-up (each compiled shape run once
 with padding slots) and then a running mean of the engine's measured steps.
-
-What the model leaves out (the drafter's bookkeeping, a verify step's host work that the
-cost tables blur with the rest, confidences that over- or under-state acceptance) is
-learnt from outcomes: after each speculative decode-only step the controller compares the
-goodput it realised (new tokens / the step's seconds) with the goodput it predicted, and
-keeps a running mean of that ratio per verify bucket (`trust`, starting at 1) that scales
-its speculative candidates there. A bucket where speculation keeps under-delivering stops
-speculating; one where it over-delivers speculates more.
 """
 
 from __future__ import annotations
@@ -37,8 +29,6 @@ from mlx_sched.serve.shapes import bucket
 
 START = 0.6  # a new sequence's confidence (AdaSpec's initial acceptance estimate)
 BETA = 0.2  # weight of each new observation in a confidence's running mean
-TRUST_BETA = 0.2  # weight of each speculative step's realised / predicted goodput
-TRUST_RANGE = (0.1, 10.0)  # one step's ratio is clipped to this (a stalled step is noise)
 
 
 @dataclasses.dataclass
@@ -113,8 +103,6 @@ class AdaSpec:
         self.costs, self.slice_len = costs, slice_len
         self.confidence: dict[str, float] = collections.defaultdict(lambda: START)
         self.last: tuple[int, int] = (0, 0)  # the (k, m) chosen for the latest step
-        self.trust: dict[int, float] = {}  # verify bucket -> realised / predicted goodput
-        self._pending: tuple[int, float] | None = None  # the latest speculative prediction
 
     def observe(self, seq_id: str, proposed: int, accepted: int) -> None:
         """A verification of `proposed` drafts of which the first `accepted` were kept."""
@@ -127,21 +115,6 @@ class AdaSpec:
 
     def forget(self, seq_id: str) -> None:
         self.confidence.pop(seq_id, None)
-
-    def realised(self, rec) -> None:
-        """The engine's record of the step after the latest choice: if that choice speculated
-        and the step verified drafts without prefill work, its goodput against the prediction
-        moves the bucket's trust."""
-        pending, self._pending = self._pending, None
-        if pending is None or rec.kind != "mixed" or rec.shape[2] or not rec.spec_proposed:
-            return
-        key, predicted = pending
-        seconds = rec.device_s + rec.host_s
-        if seconds <= 0 or predicted <= 0:
-            return
-        ratio = min(max(rec.new_tokens / seconds / predicted, TRUST_RANGE[0]), TRUST_RANGE[1])
-        old = self.trust.get(key, 1.0)
-        self.trust[key] = (1 - TRUST_BETA) * old + TRUST_BETA * ratio
 
     def goodput(self, confidences: list[float], k: int, m: int) -> float:
         """Predicted tokens per second of a step where the m most confident of these
@@ -169,18 +142,14 @@ class AdaSpec:
         powers = conf[order][None, :] ** np.arange(1, kmax + 1)[:, None] if kmax else None
         expected = np.cumsum(np.cumsum(powers, axis=0), axis=1) if kmax else None
         ms = sorted({min(size, B) for size in self.costs.draft_sizes} | {B})
-        key = bucket(self.costs.verify_sizes, B)
-        trust = self.trust.get(key, 1.0)
         best, best_km = B / self.costs.decode_time(B, self.slice_len), (0, 0)
-        predicted = 0.0
         for k in self.ks[1:]:
             verify = self.costs.verify_time(B, k + 1)
             for m in ms:
                 g = (B + expected[k - 1, m - 1]) / (verify + self.costs.draft_time(m, k))
-                if trust * g > best:
-                    best, best_km, predicted = trust * g, (k, m), g
+                if g > best:
+                    best, best_km = g, (k, m)
         self.last = best_km
-        self._pending = (key, predicted) if best_km[0] else None
         k, m = best_km
         chosen = {seq_ids[i] for i in order[:m]}
         return {sid: (k if sid in chosen else 0) for sid in seq_ids}

@@ -171,7 +171,6 @@ class Speculator:
         """The engine's record of a step: AdaSpec's step times learn from it."""
         if self.adaptive is not None:
             self.adaptive.costs.observe_step(rec)
-            self.adaptive.realised(rec)
 
     def forget(self, req) -> None:
         """The request left the engine: its sequences' drafter state goes."""
