@@ -32,6 +32,7 @@ from mlx_sched.train import data as data_lib
 from mlx_sched.train.checkpoint import Checkpointer, CheckpointError
 from mlx_sched.train.optim import TrainConfig, lr_at, make_optimizer
 from mlx_sched.train.steps import eval_step, train_step
+from mlx_sched.train.weights import with_base
 from models.config import ConfigError, ModelConfig, check_keys
 from models.lora import LoraParam
 from models.moe import check_mesh
@@ -331,33 +332,6 @@ def model_config(section: Mapping[str, Any]) -> ModelConfig:
     if moe is not None and not hasattr(moe, "keys"):  # a dict or a ConfigDict
         raise ConfigError(f"model.moe must be None or a dict of MoE settings, got {moe!r}")
     return ModelConfig.from_dict(section)
-
-
-def with_base(model_cfg: ModelConfig, path: str) -> tuple[ModelConfig, nnx.State | None]:
-    """`train.base`: (the model to train, its frozen base's parameters). With a path (a
-    training run or a Hugging Face folder, loaded in model.dtype) the model is the base's
-    with `model_cfg.lora` as its adapter; other model settings that differ from the base's
-    are logged and not used. A ConfigError (one line) without model.lora. No path:
-    (`model_cfg`, None), the base train.seed initialises."""
-    if not path:
-        return model_cfg, None
-    if model_cfg.lora is None:
-        raise ConfigError(
-            f"train.base={path!r} is the frozen base of a LoRA adapter: set model.lora too "
-            "(or leave train.base empty)"
-        )
-    from mlx_sched.train.weights import load_weights
-
-    base = load_weights(path, model_cfg.dtype)
-    cfg = dataclasses.replace(base.cfg, lora=model_cfg.lora)
-    differ = [
-        f"{f.name}={getattr(model_cfg, f.name)!r} (base: {getattr(cfg, f.name)!r})"
-        for f in dataclasses.fields(cfg)
-        if getattr(cfg, f.name) != getattr(model_cfg, f.name)
-    ]
-    if differ:
-        logging.warning("train.base=%s sets the model; not used: model.%s", path, ", ".join(differ))
-    return cfg, nnx.state(base, nnx.Param)
 
 
 def train_from_config(config: Mapping[str, Any], workdir: str | pathlib.Path):
