@@ -116,6 +116,7 @@ class PoolLayout:
     packed: bool  # bfloat16 pairs in uint32 words
     rows: tuple[tuple[int, int], ...]  # (layer, values per rank row)
     modules: tuple[tuple[int, str, int, tuple, tuple], ...]  # layer, target, offset, in, out
+    n_layers: int  # the model's (layers without pooled modules hold zeros)
 
     @property
     def page_values(self) -> int:
@@ -188,7 +189,9 @@ def attach_pool(model, targets: tuple[str, ...], max_rank: int, page, packed: bo
                 getattr(block, attr).lora = nnx.data(nnx.Dict(by_target))
         if offset:
             rows.append((block.layer, offset))
-    layout = PoolLayout(max_rank, tuple(page), bool(packed), tuple(rows), tuple(modules))
+    layout = PoolLayout(
+        max_rank, tuple(page), bool(packed), tuple(rows), tuple(modules), len(out.layers)
+    )
     out.adapter_layout = layout  # static: the serving steps read it from the model's graph
     return out, layout
 
@@ -203,8 +206,7 @@ def pack_adapter(layout: PoolLayout, weights: dict, rank: int, dtype) -> tuple:
     [N, max_pages, Z, K, X] of the cache's storage `dtype` (N: the model's layers; pages past
     `pages(rank)` and layers without pooled modules are zeros)."""
     P, (Z, K, X) = layout.max_pages, layout.page
-    n_layers = 1 + max((l for l, _ in layout.rows), default=0)
-    k = np.zeros((n_layers, P, Z, K, X), dtype)
+    k = np.zeros((layout.n_layers, P, Z, K, X), dtype)
     v = np.zeros_like(k)
     row_of = dict(layout.rows)
     for layer, row in row_of.items():
