@@ -32,9 +32,7 @@ class PageSlots:
         r = self.runner
         k_data, v_data = lora_pool.pack_adapter(self.layout, weights, rank, r.k.dtype)
         idx = np.zeros(self.layout.max_pages, np.int32)
-        idx[: len(pages)] = pages
-        k_data[:, len(pages) :] = 0  # the padding writes zeros to the null page
-        v_data[:, len(pages) :] = 0
+        idx[: len(pages)] = pages  # the padding writes zeros (rows past the rank) to page 0
         args = jax.device_put((idx, k_data, v_data), r.repl)
         with r._counting(), jax.set_mesh(r.mesh):
             r.k, r.v = r._write(r.k, r.v, *args)
