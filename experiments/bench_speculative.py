@@ -229,10 +229,10 @@ def verdicts(rows, ref) -> list[str]:
             out.append(f"{name}: adaptive vs off, worst batch: {worst:.2f}x (goal >= 1.00x)")
             for r in ada:
                 fixed = [x for x in mine if x["batch"] == r["batch"] and not x.get("adaptive")]
-                best = max(fixed, key=lambda x: x["output_tok_s"])
+                best = max(fixed, key=lambda x: x["output_tok_s"]) if fixed else None
+                vs = f"best fixed ({best['mode']}) {best['output_tok_s']:,.0f}, " if best else ""
                 out.append(f"  batch {r['batch']}: adaptive {r['output_tok_s']:,.0f} tok/s, "
-                           f"best fixed ({best['mode']}) {best['output_tok_s']:,.0f}, off "
-                           f"{ref[r['batch']]['output_tok_s']:,.0f}")  # fmt: skip
+                           f"{vs}off {ref[r['batch']]['output_tok_s']:,.0f}")  # fmt: skip
     return out
 
 

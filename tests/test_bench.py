@@ -178,3 +178,17 @@ def test_bench_cluster_sim_refuses_bad_settings():
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 2 and "must be > 0" in out.stderr
+
+
+def test_bench_speculative_verdicts_with_only_the_adaptive_mode():
+    from experiments.bench_speculative import verdicts
+
+    ref = {1: {"output_tok_s": 100.0}}
+    rows = [
+        {"drafter": "off", "mode": "off", "batch": 1, "output_tok_s": 100.0, "acceptance": None},
+        {"drafter": "small", "mode": "adaptive <=8", "batch": 1, "output_tok_s": 90.0,
+         "acceptance": 0.2, "adaptive": True},
+    ]  # fmt: skip
+    lines = verdicts(rows, ref)
+    assert "small: adaptive vs off, worst batch: 0.90x (goal >= 1.00x)" in lines
+    assert "  batch 1: adaptive 90 tok/s, off 100" in lines
