@@ -15,7 +15,9 @@ repeat a 16-token phrase (what prompt lookup exploits).
 
 Modes per drafter: a chain of each of --gammas drafts, a token tree (--tree=GxW: G levels, W
 children per main-chain node; SpecInfer) and AdaSpec (--adaptive_gamma: drafts chosen per
-step and sequence from widths 1, 2, 3, 5, 9 up to that, 0 included). Reported per point:
+step and sequence from widths 1, 2, 3, 5, 9 up to that, 0 included); with --idle also the
+same AdaSpec engine forced to choose no speculation at every step (what speculation costs
+when configured but unused). Reported per point:
 output tok/s over the wall time (best of --runs after a warm-up run), drafts proposed and
 accepted, tokens per verifying step, the drafting share of the wall time, the ratio to
 speculation off at the same batch. Decode slots come in powers of two from 1 to the largest
@@ -45,6 +47,12 @@ _BATCHES = flags.DEFINE_list("batches", ["1", "4", "8", "32", "64"], "concurrent
 _GAMMAS = flags.DEFINE_list("gammas", ["2", "4", "8"], "draft tokens per step (chains)")
 _TREE = flags.DEFINE_string("tree", "3x2", "token tree GxW ('' for none)")
 _ADAPTIVE = flags.DEFINE_integer("adaptive_gamma", 8, "AdaSpec's longest chain (0: off)")
+_IDLE = flags.DEFINE_bool(
+    "idle",
+    False,
+    "also measure AdaSpec forced to choose no speculation at every step (the "
+    "cost of speculation configured but idle)",
+)
 _DRAFTERS = flags.DEFINE_list("drafters", [], "default: lookup,medium (trained) or "
                               "lookup,same,small (llama44m)")  # fmt: skip
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype")
@@ -62,7 +70,15 @@ def modes() -> list[dict]:
     if _ADAPTIVE.value:
         out.append({"mode": f"adaptive <={_ADAPTIVE.value}", "gamma": _ADAPTIVE.value,
                     "tree_width": 1, "adaptive": True})  # fmt: skip
+    if _IDLE.value:
+        out.append({"mode": "idle", "gamma": _ADAPTIVE.value or 8, "tree_width": 1,
+                    "adaptive": True, "idle": True})  # fmt: skip
     return out
+
+
+def never(seq_ids) -> dict:
+    """An AdaSpec choice that never speculates (the `idle` mode)."""
+    return dict.fromkeys(seq_ids, 0)
 
 
 def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -176,6 +192,8 @@ def main(argv):
             widths = tuple(sorted({*widths, m["gamma"] * m["tree_width"] + 1}))
             cfg = dataclasses.replace(base, decode_widths=widths, speculative=spec)
             engine = Engine(target, cfg, draft_model=drafts[name])
+            if m.get("idle"):
+                engine.spec.adaptive.choose = never
             for b in batches:
                 r = run(engine, b, _RUNS.value, make_prompts)
                 same = [x == y for x, y in zip(r["outputs"], ref[b]["outputs"], strict=True)]
@@ -223,7 +241,14 @@ def verdicts(rows, ref) -> list[str]:
                 f"{name}: batch {b}: best fixed mode {best['mode']} {ratio:.2f}x off "
                 f"(mean acceptance {alpha:.2f}; goal >= 2x with acceptance >= 0.7)"
             )
-        ada = [r for r in mine if r.get("adaptive")]
+        idle = [r for r in mine if r.get("idle")]
+        if idle:
+            ratios = ", ".join(
+                f"batch {r['batch']} {r['output_tok_s'] / ref[r['batch']]['output_tok_s']:.2f}x"
+                for r in idle
+            )
+            out.append(f"{name}: idle (speculation configured, never drafting) vs off: {ratios}")
+        ada = [r for r in mine if r.get("adaptive") and not r.get("idle")]
         if ada:
             worst = min(r["output_tok_s"] / ref[r["batch"]]["output_tok_s"] for r in ada)
             out.append(f"{name}: adaptive vs off, worst batch: {worst:.2f}x (goal >= 1.00x)")

@@ -70,7 +70,7 @@ def test_bench_speculative_reports_speculation_against_off(tmp_path):
     out = _run(
         "experiments.bench_speculative", f"--workdir={tmp_path}", "--batches=1",
         "--gammas=2", "--drafters=lookup,small", "--output=8", "--runs=1",
-        "--target=llama44m", "--tree=1x2", "--adaptive_gamma=2",
+        "--target=llama44m", "--tree=1x2", "--adaptive_gamma=2", "--idle",
     )  # fmt: skip
     for row in ("| off | off | 1 |", "| lookup | chain 2 | 1 |", "| small | tree 1x2 | 1 |",
                 "| small | adaptive <=2 | 1 |"):  # fmt: skip
@@ -80,6 +80,8 @@ def test_bench_speculative_reports_speculation_against_off(tmp_path):
     assert {r["drafter"] for r in rows} == {"off", "lookup", "small"}
     assert all(r["compiles_after_warmup"] == 0 for r in rows)
     assert all(r["proposed"] > 0 for r in rows if r["drafter"] != "off" and not r.get("adaptive"))
+    assert [r["proposed"] for r in rows if r.get("idle")] == [0, 0]  # lookup and small
+    assert "idle (speculation configured, never drafting) vs off" in out
 
 
 @pytest.mark.slow
@@ -180,7 +182,7 @@ def test_bench_cluster_sim_refuses_bad_settings():
     assert out.returncode == 2 and "must be > 0" in out.stderr
 
 
-def test_bench_speculative_verdicts_with_only_the_adaptive_mode():
+def test_bench_speculative_verdicts_with_only_the_adaptive_and_idle_modes():
     from experiments.bench_speculative import verdicts
 
     ref = {1: {"output_tok_s": 100.0}}
@@ -188,7 +190,11 @@ def test_bench_speculative_verdicts_with_only_the_adaptive_mode():
         {"drafter": "off", "mode": "off", "batch": 1, "output_tok_s": 100.0, "acceptance": None},
         {"drafter": "small", "mode": "adaptive <=8", "batch": 1, "output_tok_s": 90.0,
          "acceptance": 0.2, "adaptive": True},
+        {"drafter": "small", "mode": "idle", "batch": 1, "output_tok_s": 97.0,
+         "acceptance": None, "adaptive": True, "idle": True},
     ]  # fmt: skip
     lines = verdicts(rows, ref)
+    # the idle row is reported on its own, not as AdaSpec's worst batch
     assert "small: adaptive vs off, worst batch: 0.90x (goal >= 1.00x)" in lines
     assert "  batch 1: adaptive 90 tok/s, off 100" in lines
+    assert "small: idle (speculation configured, never drafting) vs off: batch 1 0.97x" in lines

@@ -29,7 +29,7 @@ from flax import nnx
 import sharding
 from mlx_sched.serve import steps
 from mlx_sched.serve.adapter_device import PageSlots
-from mlx_sched.serve.batches import BatchBuilder
+from mlx_sched.serve.batches import BatchBuilder, Packed, unpacking
 from mlx_sched.serve.config import ServeConfig
 from mlx_sched.serve.interface import StepResult
 from mlx_sched.serve.plan import StepPlan
@@ -134,7 +134,7 @@ class Runner(BatchBuilder):
         kv_in = (self.param_shardings, repl, self.kv_sharding, self.kv_sharding, repl)
         kv_out = (self.kv_sharding, self.kv_sharding)
         self._mixed = jax.jit(
-            functools.partial(steps.mixed_step, graphdef, self.kernel),
+            functools.partial(unpacking(steps.mixed_step), graphdef, self.kernel),
             in_shardings=kv_in,
             out_shardings=(*kv_out, repl, repl, repl),
             donate_argnums=(2, 3),
@@ -143,7 +143,12 @@ class Runner(BatchBuilder):
         self.probs_always = False  # fetch them for greedy batches too (a tree's siblings)
         self._slice = jax.jit(
             functools.partial(
-                steps.decode_slice, graphdef, self.kernel, self.Z, cfg.slice_len, probs=draft_probs
+                unpacking(steps.decode_slice),
+                graphdef,
+                self.kernel,
+                self.Z,
+                cfg.slice_len,
+                probs=draft_probs,
             ),
             in_shardings=kv_in,
             out_shardings=(*kv_out, repl, repl, repl) + ((repl,) if draft_probs else ()),
@@ -194,6 +199,11 @@ class Runner(BatchBuilder):
 
     # -- running ------------------------------------------------------------------
 
+    def _to_device(self, bundle: dict) -> Packed:
+        """A step's host arrays on the device: the one explicit host -> device transfer, of
+        one packed buffer (`Packed`) rather than a dozen small arrays."""
+        return jax.device_put(Packed.pack(bundle), self.repl)
+
     def run(self, plan: StepPlan) -> StepResult:
         """One device step: the plan's copy-on-write copies, then its compute."""
         t_build = time.perf_counter()
@@ -202,7 +212,7 @@ class Runner(BatchBuilder):
         bundle = build(plan, shape)
         want_logprobs = any(s.request.sampling.logprobs for s, _ in plan.work)
         t0 = time.perf_counter()
-        bundle = jax.device_put(bundle, self.repl)  # the one explicit host -> device transfer
+        bundle = self._to_device(bundle)
         with self._counting(), jax.set_mesh(self.mesh):
             fn = self._exe.get(shape) or (self._mixed if shape.kind == "mixed" else self._slice)
             out = fn(self.params, self.tables, self.k, self.v, bundle)
@@ -319,7 +329,7 @@ class Runner(BatchBuilder):
             bundle = build(StepPlan(), shape)
             if shape.kind == "decode":
                 bundle["steps"][:] = 1
-            bundle = jax.device_put(bundle, self.repl)
+            bundle = self._to_device(bundle)
             best = float("inf")
             for _ in range(reps):
                 t0 = time.perf_counter()
@@ -356,7 +366,7 @@ class Runner(BatchBuilder):
                     if shape.kind == "mixed"
                     else (self._slice, self.build_slice)
                 )
-                bundle = jax.device_put(build(StepPlan(), shape), self.repl)
+                bundle = self._to_device(build(StepPlan(), shape))
                 exe = fn.lower(self.params, self.tables, self.k, self.v, bundle).compile()
             with lock:
                 self.compiles += CompileCounter.count() - before
