@@ -198,3 +198,9 @@ def test_bench_speculative_verdicts_with_only_the_adaptive_and_idle_modes():
     assert "small: adaptive vs off, worst batch: 0.90x (goal >= 1.00x)" in lines
     assert "  batch 1: adaptive 90 tok/s, off 100" in lines
     assert "small: idle (speculation configured, never drafting) vs off: batch 1 0.97x" in lines
+
+
+@pytest.mark.slow
+def test_bench_transfer_compares_packed_and_per_array_bundles():
+    out = _run("experiments.bench_transfer", "--batches=1", "--output=4", "--runs=1")
+    assert "| 1 |" in out and "compilations after warm-up: 0" in out
