@@ -40,6 +40,7 @@ import numpy as np
 from absl import flags
 
 from experiments import common
+from experiments.spec_lab import bench_verdicts as verdicts
 
 _TARGET = flags.DEFINE_enum("target", "trained", ["trained", "llama44m"], "target model")
 _MODELS_DIR = flags.DEFINE_string("models_dir", "runs/speculative_models", "trained models")
@@ -224,41 +225,6 @@ def main(argv):
     print()
     for line in verdicts(rows, ref):
         print(line)
-
-
-def verdicts(rows, ref) -> list[str]:
-    """The issue's goals, each checked against this run's rows."""
-    out = []
-    for name in sorted({r["drafter"] for r in rows} - {"off"}):
-        mine = [r for r in rows if r["drafter"] == name]
-        acc = [r["acceptance"] for r in mine if r["acceptance"] is not None]
-        alpha = float(np.mean(acc)) if acc else float("nan")
-        low = [r for r in mine if r["batch"] <= 4 and not r.get("adaptive")]
-        for b in sorted({r["batch"] for r in low}):
-            best = max((r for r in low if r["batch"] == b), key=lambda r: r["output_tok_s"])
-            ratio = best["output_tok_s"] / ref[b]["output_tok_s"]
-            out.append(
-                f"{name}: batch {b}: best fixed mode {best['mode']} {ratio:.2f}x off "
-                f"(mean acceptance {alpha:.2f}; goal >= 2x with acceptance >= 0.7)"
-            )
-        idle = [r for r in mine if r.get("idle")]
-        if idle:
-            ratios = ", ".join(
-                f"batch {r['batch']} {r['output_tok_s'] / ref[r['batch']]['output_tok_s']:.2f}x"
-                for r in idle
-            )
-            out.append(f"{name}: idle (speculation configured, never drafting) vs off: {ratios}")
-        ada = [r for r in mine if r.get("adaptive") and not r.get("idle")]
-        if ada:
-            worst = min(r["output_tok_s"] / ref[r["batch"]]["output_tok_s"] for r in ada)
-            out.append(f"{name}: adaptive vs off, worst batch: {worst:.2f}x (goal >= 1.00x)")
-            for r in ada:
-                fixed = [x for x in mine if x["batch"] == r["batch"] and not x.get("adaptive")]
-                best = max(fixed, key=lambda x: x["output_tok_s"]) if fixed else None
-                vs = f"best fixed ({best['mode']}) {best['output_tok_s']:,.0f}, " if best else ""
-                out.append(f"  batch {r['batch']}: adaptive {r['output_tok_s']:,.0f} tok/s, "
-                           f"{vs}off {ref[r['batch']]['output_tok_s']:,.0f}")  # fmt: skip
-    return out
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def test_bench_cluster_sim_refuses_bad_settings():
 
 
 def test_bench_speculative_verdicts_with_only_the_adaptive_and_idle_modes():
-    from experiments.bench_speculative import verdicts
+    from experiments.spec_lab import bench_verdicts as verdicts
 
     ref = {1: {"output_tok_s": 100.0}}
     rows = [
