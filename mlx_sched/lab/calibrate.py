@@ -59,19 +59,28 @@ TARGETS = (
 
 
 def nnls(X, y, w=None) -> np.ndarray:
-    """Least squares with non-negative coefficients (optionally row weights `w`): solve, drop
-    the most negative column, repeat. Columns are scaled first, so units do not matter."""
+    """Least squares with non-negative coefficients (optionally row weights `w`) whose fitted
+    values add up to y's (weighted) total: solve, drop the most negative column, repeat. With
+    an intercept the least-squares fit keeps the total by itself; once a column is dropped, a
+    constraint keeps it, so a simulator on the fit spends the measured time in all. Columns
+    are scaled first, so units do not matter."""
     X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
     if w is not None:
-        w = np.sqrt(np.asarray(w, np.float64))
-        X, y = X * w[:, None], y * w
+        w = np.asarray(w, np.float64)
+        total, sums = float(w @ y), w @ X
+        X, y = X * np.sqrt(w)[:, None], y * np.sqrt(w)
+    else:
+        total, sums = float(y.sum()), X.sum(axis=0)
     coef = np.zeros(X.shape[1])
     keep = np.abs(X).max(axis=0) > 0 if len(X) else np.zeros(X.shape[1], bool)
     while keep.any():
-        Xk = X[:, keep]
-        scale = np.abs(Xk).max(axis=0)
-        c, *_ = np.linalg.lstsq(Xk / scale, y, rcond=None)
-        c /= scale
+        scale = np.abs(X[:, keep]).max(axis=0)
+        A, s = X[:, keep] / scale, sums[keep] / scale
+        # the KKT system of min |A c - y|^2 subject to s.c = total
+        n = A.shape[1]
+        kkt = np.zeros((n + 1, n + 1))
+        kkt[:n, :n], kkt[:n, n], kkt[n, :n] = A.T @ A, s, s
+        c = np.linalg.lstsq(kkt, np.append(A.T @ y, total), rcond=None)[0][:n] / scale
         if (c >= 0).all():
             coef[keep] = c
             break
