@@ -18,7 +18,7 @@ import time
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, spec_lab
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "4", "32"], "concurrent requests")
 _OUT = flags.DEFINE_integer("output", 96, "output tokens per request")
@@ -36,8 +36,9 @@ def main(argv):
     from mlx_sched.serve.request import SamplingParams
     from models import ModelConfig, Transformer
 
-    mc = ModelConfig(vocab_size=264, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4,
-                     d_ff=768, max_seq_len=1024, dtype="float32")  # fmt: skip
+    layers, d, heads, kv, ff, _ = spec_lab.MODELS["target"]
+    mc = ModelConfig(vocab_size=264, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv,
+                     d_ff=ff, max_seq_len=1024, dtype="float32")  # fmt: skip
     model = Transformer(mc, nnx.Rngs(0))
     batches = [int(b) for b in _BATCHES.value]
     top = 1 << (max(batches) - 1).bit_length()

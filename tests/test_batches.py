@@ -41,9 +41,8 @@ def test_pack_unpack_round_trips_bit_for_bit_on_host_and_in_a_jitted_step():
         _same_bits(value, bundle[name])
 
 
-def test_unpacking_passes_a_plain_dict_and_keyword_arguments():
+def test_unpacking_passes_leading_and_keyword_arguments():
     step = unpacking(lambda x, b, scale=1: b["a"] * x * scale)
-    assert step(2, {"a": 3}, scale=5) == 30
     assert step(2, Packed.pack({"a": np.array([3], np.int32)}), scale=5)[0] == 30
 
 
@@ -58,5 +57,6 @@ def test_one_layout_per_shape_so_a_compiled_step_takes_every_bundle_of_its_shape
 def test_a_small_device_array_is_refused():
     with pytest.raises(ValueError, match="small device array"):
         Packed.pack({"q": jnp.zeros(4, jnp.float32)})
+    assert "q" in Packed.pack({"q": jnp.zeros(4, jnp.int8)}).rest  # not a packed dtype
     big = jnp.zeros(PACK_MAX_BYTES // 4 + 1, jnp.float32)
     assert "q" in Packed.pack({"q": big}).rest  # a large one travels on its own

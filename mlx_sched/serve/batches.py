@@ -34,23 +34,22 @@ class Packed:
     def __init__(self, flat, rest: dict, layout: tuple):
         self.flat, self.rest, self.layout = flat, rest, layout
 
+    @staticmethod
+    def _small(a) -> bool:
+        """Whether an entry's shape and dtype make it one of the packed ones."""
+        return a.dtype.itemsize == 4 and a.dtype.kind in "iuf" and a.nbytes <= PACK_MAX_BYTES
+
     @classmethod
     def pack(cls, bundle: dict) -> Packed:
         parts, layout, rest, offset = [], [], {}, 0
         for name in sorted(bundle):
             a = bundle[name]
-            if (
-                isinstance(a, np.ndarray)
-                and a.dtype.itemsize == 4
-                and a.dtype.kind in "iuf"
-                and a.nbytes <= PACK_MAX_BYTES
-            ):
+            if isinstance(a, np.ndarray) and cls._small(a):
                 parts.append(np.ascontiguousarray(a).view(np.int32).reshape(-1))
                 layout.append((name, a.shape, a.dtype.str, offset))
                 offset += a.size
             else:
-                small = a.dtype.itemsize == 4 and a.size * 4 <= PACK_MAX_BYTES
-                if small and isinstance(a, jax.Array):
+                if isinstance(a, jax.Array) and cls._small(a):
                     raise ValueError(f"bundle entry {name!r}: a small device array; pass it "
                                      "from the host so that it travels packed")  # fmt: skip
                 rest[name] = a
@@ -77,12 +76,13 @@ class Packed:
 
 
 def unpacking(step):
-    """`step(..., bundle)` taking a `Packed` bundle as its last argument (a dict passes)."""
+    """`step(..., bundle)` taking a `Packed` bundle as its last argument (the runner's steps
+    take nothing else)."""
 
     @functools.wraps(step)
     def run(*args, **kwargs):
         *head, b = args
-        return step(*head, b.unpack() if isinstance(b, Packed) else b, **kwargs)
+        return step(*head, b.unpack(), **kwargs)
 
     return run
 
