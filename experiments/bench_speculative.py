@@ -5,8 +5,10 @@
   python -m experiments.bench_speculative --batches=1,8 --gammas=2,4 --drafters=lookup
 
 `--target=trained` (the default): the speculative experiment's target (6 layers, d 256) and
-drafts (`small`: 1 layer d 64, `medium`: 2 layers d 128), trained on the built-in corpus and
-cached in --models_dir (trained first when missing: ~25 min for the target on 2 cores);
+drafts (`small`: 1 layer d 64, `medium`: 2 layers d 128, trained on the built-in corpus;
+`distilled`: the medium shape trained on the target's greedy continuations of training-split
+prompts), cached in --models_dir (trained first when missing: ~25 min for the target on 2
+cores);
 prompts are 64-byte slices of held-out stdlib sources (code), outputs 96 tokens, greedy.
 `--target=llama44m`: the 44M Llama of the vLLM comparison (`experiments/llama44m.py`,
 random weights) with drafters `lookup`, `same` (a draft identical to the target:
@@ -37,7 +39,7 @@ import pathlib
 import time
 
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 from experiments import common
 from experiments.spec_lab import bench_verdicts as verdicts
@@ -125,7 +127,7 @@ def run(engine, batch: int, runs: int, make_prompts) -> dict:
     }
 
 
-def models(dtype: str):
+def models(dtype: str, names: list[str]):
     """(target, {drafter: draft model or None}, prompts(batch), description)."""
     from flax import nnx
 
@@ -143,10 +145,12 @@ def models(dtype: str):
         return target, drafts, lambda b: prompts(b, vocab), "44M Llama, random weights"
     from experiments import spec_lab
 
-    runs = {n: spec_lab.ensure_model(pathlib.Path(_MODELS_DIR.value), n) for n in spec_lab.MODELS}
-    target = spec_lab.load(runs["target"], dtype)
-    drafts = {"lookup": None, "small": spec_lab.load(runs["draft_small"], dtype),
-              "medium": spec_lab.load(runs["draft_medium"], dtype), "same": target}  # fmt: skip
+    models_dir = pathlib.Path(_MODELS_DIR.value)
+    target = spec_lab.load(spec_lab.ensure_model(models_dir, "target"), dtype)
+    drafts = {"lookup": None, "same": target}
+    for n in names:  # only the drafts asked for are trained (when missing) and loaded
+        if f"draft_{n}" in spec_lab.MODELS:
+            drafts[n] = spec_lab.load(spec_lab.ensure_model(models_dir, f"draft_{n}"), dtype)
     what = "trained 6-layer d-256 target, code prompts from held-out stdlib sources"
     return target, drafts, lambda b: spec_lab.code_prompts(b, 64, seed=b), what
 
@@ -157,10 +161,13 @@ def main(argv):
     from mlx_sched.serve.engine import Engine
 
     dtype = _DTYPE.value
-    target, drafts, make_prompts, what = models(dtype)
     names = _DRAFTERS.value or (
         ["lookup", "medium"] if _TARGET.value == "trained" else ["lookup", "same", "small"]
     )
+    target, drafts, make_prompts, what = models(dtype, names)
+    unknown = [n for n in names if n not in drafts]
+    if unknown:
+        raise app.UsageError(f"--drafters: unknown {unknown}; this target has {sorted(drafts)}")
     batches = [int(b) for b in _BATCHES.value]
     top = 1 << (max(batches) - 1).bit_length()  # the largest batch, to a power of two
     slots = tuple(2**i for i in range(top.bit_length()))  # 1, 2, 4, .. top

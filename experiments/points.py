@@ -146,7 +146,7 @@ def speculative_point(config, workdir: pathlib.Path) -> dict:
     tiny, models = config.tiny, pathlib.Path(config.models_dir)
     target = spec_lab.load(spec_lab.ensure_model(models, "target", tiny), config.dtype)
     draft = None
-    if p["drafter"] in ("small", "medium") and p["gamma"]:
+    if p["drafter"] in ("small", "medium", "distilled") and p["gamma"]:
         run = spec_lab.ensure_model(models, f"draft_{p['drafter']}", tiny)
         draft = spec_lab.load(run, config.dtype)
     serve = spec_lab.serve_settings(p, p["max_seqs"])

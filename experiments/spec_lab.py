@@ -3,6 +3,9 @@ one measurement per sweep point (`experiments/configs/speculative.py`).
 
 Models are trained once with the existing trainer on the built-in corpus and cached under
 `config.models_dir` (a sweep's points share them); a present final checkpoint is reused.
+`draft_distilled` has the medium draft's shape but learns from the target instead of the
+corpus (sequence-level distillation): its text is the target's greedy continuations of
+prompts from the corpus's training split, written once under `distill_data/`.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ MODELS = {
     "target": (6, 256, 8, 4, 768, 2000),
     "draft_small": (1, 64, 4, 2, 192, 500),
     "draft_medium": (2, 128, 4, 2, 384, 500),
+    "draft_distilled": (2, 128, 4, 2, 384, 500),
 }
 TINY = {
     "target": (2, 64, 4, 2, 128, 30),
     "draft_small": (1, 32, 2, 1, 64, 20),
     "draft_medium": (1, 48, 2, 1, 96, 20),
+    "draft_distilled": (1, 48, 2, 1, 96, 20),
 }
+# distillation text: documents, prompt bytes, greedy continuation tokens (full, tiny)
+DISTILL = {False: (4096, 64, 192), True: (128, 32, 32)}
 
 
 def model_config(name: str, tiny: bool = False):
@@ -35,7 +42,8 @@ def model_config(name: str, tiny: bool = False):
     c.model.update(n_layers=layers, d_model=d, n_heads=heads, n_kv_heads=kv, d_ff=ff)
     c.train.update(steps=steps, eval_every=steps, ckpt_every=steps)
     if tiny:
-        c.train.update(batch_size=4, seq_len=64, log_every=10, eval_batches=1)
+        # a batch of 8: it splits over the 8 devices a test forces as well as over 1
+        c.train.update(batch_size=8, seq_len=64, log_every=10, eval_batches=1)
     return c
 
 
@@ -49,22 +57,68 @@ def ensure_model(models_dir: pathlib.Path, name: str, tiny: bool = False) -> pat
     steps = (TINY if tiny else MODELS)[name][-1]
     if (run / "checkpoints" / str(steps)).exists():
         return run
+    config = model_config(name, tiny)
+    if name == "draft_distilled":
+        # a tenth of the documents held out: the eval loss is on text of the target's
+        config.data.update(path=str(distill_data(models_dir, tiny)), heldout_fraction=0.1)
     logging.info("training %s (%d steps) into %s", name, steps, run)
     t0 = time.perf_counter()
-    loop.train_from_config(model_config(name, tiny), run)
+    loop.train_from_config(config, run)
     logging.info("trained %s in %.0f s", name, time.perf_counter() - t0)
     return run
+
+
+def line_slices(stream, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """n slices of `length` tokens of a corpus stream, each starting at a line."""
+    stream = np.asarray(stream)
+    rng = np.random.default_rng(seed)
+    newlines = np.flatnonzero(stream[: len(stream) - length - 1] == ord("\n"))
+    starts = rng.choice(newlines, size=n, replace=False) + 1
+    return [list(map(int, stream[s : s + length])) for s in starts]
 
 
 def code_prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     """n prompts of `length` byte tokens from held-out stdlib sources, each starting at a line."""
     from mlx_sched.train.data import load_corpus
 
-    held = np.asarray(load_corpus().heldout)
-    rng = np.random.default_rng(seed)
-    newlines = np.flatnonzero(held[: len(held) - length - 1] == ord("\n"))
-    starts = rng.choice(newlines, size=n, replace=False) + 1
-    return [list(map(int, held[s : s + length])) for s in starts]
+    return line_slices(load_corpus().heldout, n, length, seed)
+
+
+def distill_data(models_dir: pathlib.Path, tiny: bool = False) -> pathlib.Path:
+    """The folder of the distilled draft's text (made once, after the target): per document,
+    a prompt from the corpus's training split (never the held-out sources the benchmarks
+    prompt with) and the target's greedy continuation, up to a stop token. Continuations
+    whose bytes are not UTF-8 text are left out (the corpus reader takes text only)."""
+    from mlx_sched.serve.config import ServeConfig
+    from mlx_sched.serve.engine import Engine
+    from mlx_sched.serve.request import SamplingParams
+    from mlx_sched.train.data import load_corpus
+
+    out = pathlib.Path(models_dir) / "distill_data"
+    docs_dir = out / "docs"
+    if (out / "done").exists():
+        return docs_dir
+    docs, prompt_len, out_len = DISTILL[tiny]
+    target = load(ensure_model(models_dir, "target", tiny), "float32")
+    prompts = line_slices(load_corpus().train, docs, prompt_len, seed=1)
+    engine = Engine(target, ServeConfig(num_pages=4096, max_seqs=64, token_budget=512,
+                                        max_context=prompt_len + out_len))  # fmt: skip
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    sp = SamplingParams(max_tokens=out_len)
+    kept, t0 = 0, time.perf_counter()
+    for i in range(0, docs, 256):
+        for j, res in enumerate(engine.generate(prompts[i : i + 256], sp)):
+            text = bytes(t for t in prompts[i + j] + res.outputs[0] if t < 256)
+            try:
+                text.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            (docs_dir / f"{i + j:05d}.txt").write_bytes(text)
+            kept += 1
+        logging.info("distillation text: %d / %d documents (%.0f s)", min(i + 256, docs),
+                     docs, time.perf_counter() - t0)  # fmt: skip
+    (out / "done").write_text(f"{kept} documents\n")
+    return docs_dir
 
 
 def load(run: pathlib.Path, dtype: str):

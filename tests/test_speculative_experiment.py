@@ -81,3 +81,31 @@ def test_runlocal_sweep_trains_the_models_and_measures_every_kind_of_point(tmp_p
     assert by["accept_small_g2"]["proposed"] > 0 and by["lookup_g2"]["proposed"] > 0
     assert 0 <= by["load8_adaptive"]["slo_attainment"] <= 1
     assert "Speculative decoding" in (tmp_path / "w" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_distilled_draft_trains_on_the_targets_greedy_continuations(tmp_path):
+    from experiments import spec_lab
+    from mlx_sched.serve.config import ServeConfig
+    from mlx_sched.serve.engine import Engine
+    from mlx_sched.serve.request import SamplingParams
+    from mlx_sched.train.data import load_corpus
+
+    run = spec_lab.ensure_model(tmp_path, "draft_distilled", tiny=True)
+    assert (run / "checkpoints" / str(spec_lab.TINY["draft_distilled"][-1])).is_dir()
+    docs = sorted((tmp_path / "distill_data" / "docs").glob("*.txt"))
+    n, prompt_len, out_len = spec_lab.DISTILL[True]
+    assert 0 < len(docs) <= n
+    # each document: a prompt of the training split, then the target's greedy continuation
+    prompts = spec_lab.line_slices(load_corpus().train, n, prompt_len, seed=1)
+    target = spec_lab.load(tmp_path / "target", "float32")
+    engine = Engine(target, ServeConfig(num_pages=256, max_seqs=4, max_context=64))
+    chosen = [prompts[int(d.stem)] for d in docs]
+    outs = engine.generate(chosen, SamplingParams(max_tokens=out_len))
+    for doc, prompt, res in zip(docs, chosen, outs, strict=True):
+        assert doc.read_bytes() == bytes(t for t in prompt + res.outputs[0] if t < 256)
+    # made once: a second call reuses the text and the trained draft
+    stamp = docs[0].stat().st_mtime_ns
+    assert spec_lab.ensure_model(tmp_path, "draft_distilled", tiny=True) == run
+    assert spec_lab.distill_data(tmp_path, tiny=True) == docs[0].parent
+    assert docs[0].stat().st_mtime_ns == stamp
