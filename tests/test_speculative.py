@@ -89,7 +89,19 @@ def test_greedy_output_equals_non_speculative(target, prompts, plain, kind):
 def test_a_draft_identical_to_the_target_is_always_accepted(target, prompts, plain):
     cfg = ServeConfig(**SPEC, speculative={"kind": "draft_model", "gamma": 4})
     engine = Engine(target, cfg, draft_model=target)
+    runner, caught_up = engine.spec.drafter.runner, []
+    run = runner.run
+
+    def counting(plan, *args, **kwargs):
+        if not plan.as_slice:
+            caught_up.extend(n for _, n in plan.work)
+        return run(plan, *args, **kwargs)
+
+    runner.run = counting
     assert _run(engine, prompts, SamplingParams(max_tokens=MAX_NEW)) == plain
+    # each proposal also wrote its last draft's K/V, so keeping every draft needed no catch-up:
+    # the draft computed each prompt once, and then only in its proposals
+    assert sum(caught_up) == sum(map(len, prompts))
     recs = engine.step_records
     proposed = sum(r.spec_proposed for r in recs)
     assert proposed > 0 and sum(r.spec_accepted for r in recs) == proposed

@@ -155,8 +155,11 @@ class DraftModel(Drafter):
     per sequence how many positions its arrays hold, and the page ids they were written to:
     a sequence whose pages changed (preempted and recomputed, swapped back into other pages,
     copied on write) is recomputed from the first changed page. Catching up is prefill rows
-    of draft mixed steps; a proposal is one decode slice of up to gamma iterations, writing
-    into the pages the target reserved for its verification.
+    of draft mixed steps; a proposal of k drafts is one decode slice of k + 1 iterations,
+    writing into the pages the target reserved for its verification: the extra iteration
+    writes the last draft's K/V (its token is dropped), so a verification that keeps every
+    draft needs no catch-up step before the next proposal (a mixed step of the draft costs
+    about as much as a whole proposal).
     """
 
     name = "draft_model"
@@ -178,7 +181,7 @@ class DraftModel(Drafter):
         self.cfg = dataclasses.replace(
             target_cfg,
             decode_widths=(1,),
-            slice_len=gamma,
+            slice_len=gamma + 1,
             max_prefill_rows=target_cfg.max_seqs,  # every sequence's catch-up in one step
             max_context=target_cfg.max_len(target_model_cfg.max_seq_len),
             speculative={},
@@ -192,6 +195,7 @@ class DraftModel(Drafter):
         self.rejection = spec.rejection
         self._probs: dict = {}  # seq id -> [drafts, V], for the rejection rule
         self._q: dict = {}  # seq id -> [drafts, V], every sequence (trees)
+        self._written: dict = {}  # seq id -> leading drafts of the last proposal with K/V
         # per sequence: positions the draft's arrays hold, their pages, the request's
         # preemption count (a preempted sequence may get the same page ids back)
         self.computed: dict[str, tuple[int, tuple[int, ...], int]] = {}
@@ -202,6 +206,7 @@ class DraftModel(Drafter):
 
     def forget(self, seq_id: str) -> None:
         self.computed.pop(seq_id, None)
+        self._written.pop(seq_id, None)
 
     def _valid(self, seq: Seq) -> int:
         """Positions of seq the draft's arrays hold: up to the first page that changed."""
@@ -220,18 +225,21 @@ class DraftModel(Drafter):
         self._catch_up(views)
         plan = StepPlan(as_slice=True)
         for v, k in zip(views, ks, strict=True):
-            plan.add(v, k)  # a decode: from the last token, k iterations
+            plan.add(v, k + 1)  # a decode from the last token: k drafts, then the last's K/V
         result = self.runner.run(plan)
         out, self._probs, self._q = [], {}, {}
         probs = result.probs or [None] * len(views)
         for v, k, samples, q in zip(views, ks, result.samples, probs, strict=True):
             drafts = list(samples[:k])
             stops = set(stop_ids(v, self.cfg.eos_token))
-            for j, tok in enumerate(drafts):  # a slot stops at a stop token: nothing after
-                if tok in stops:
+            written = len(drafts)
+            for j, tok in enumerate(drafts):  # a slot stops at a stop token: nothing after,
+                if tok in stops:  # and no K/V of it
                     del drafts[j + 1 :]
+                    written = j
                     break
             out.append(drafts)
+            self._written[v.id] = written
             if q is not None:
                 self._q[v.id] = q[: len(drafts)]
                 if self.rejection and v.request.sampling.temperature > 0:
@@ -280,19 +288,20 @@ class DraftModel(Drafter):
         return self.cfg.decode_sizes
 
     def profile(self) -> dict[tuple[int, int], float]:
-        """A proposal of k drafts costs k iterations of the draft's decode slice."""
+        """A proposal of k drafts costs k + 1 iterations of the draft's decode slice."""
         from mlx_sched.serve.shapes import Shape
 
         shapes = [Shape("decode", D, S=self.cfg.slice_len) for D in self.cfg.decode_sizes]
         per_iter = self.runner.profile(shapes)
-        gamma = self.cfg.slice_len
-        return {(sh.D, k): k * t for sh, t in per_iter.items() for k in range(1, gamma + 1)}
+        gamma = self.cfg.slice_len - 1
+        return {(sh.D, k): (k + 1) * t for sh, t in per_iter.items() for k in range(1, gamma + 1)}
 
     def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
         """After verification: the draft's arrays hold positions up to the last token (of the
-        `before` tokens) plus the drafts the target kept."""
+        `before` tokens) plus the drafts the target kept (of those whose K/V it wrote)."""
         kept = 0
-        for j, tok in enumerate(drafts[:-1] if drafts else []):
+        written = self._written.pop(seq.id, 0)
+        for j, tok in enumerate(drafts[:written]):
             if before + j < len(seq.tokens) and seq.tokens[before + j] == tok:
                 kept += 1
             else:
