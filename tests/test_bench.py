@@ -72,7 +72,8 @@ def test_bench_speculative_reports_speculation_against_off(tmp_path):
         "--gammas=2", "--drafters=lookup,small", "--output=8", "--runs=1",
         "--target=llama44m", "--tree=1x2", "--adaptive_gamma=2", "--idle",
     )  # fmt: skip
-    for row in ("| off | off | 1 |", "| lookup | chain 2 | 1 |", "| small | tree 1x2 | 1 |",
+    for row in ("| off | off | 1 |", "| off | off (again) | 1 |", "| lookup | chain 2 | 1 |",
+                "| small | tree 1x2 | 1 |",
                 "| small | adaptive <=2 | 1 |"):  # fmt: skip
         assert row in out
     assert "adaptive vs off, worst batch" in out
