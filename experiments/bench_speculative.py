@@ -22,9 +22,9 @@ same AdaSpec engine forced to choose no speculation at every step (what speculat
 when configured but unused). Reported per point:
 output tok/s over the wall time (best of --runs after a warm-up run), drafts proposed and
 accepted, tokens per verifying step, the drafting share of the wall time, the ratio to
-speculation off at the same batch (off runs first and again last; its better run is the
-reference). Decode slots come in powers of two from 1 to the largest
-batch, so a batch of 1 runs one slot, not 16. Every request arrives at t = 0.
+speculation off at the same batch, from runs interleaved with off's (each timed run of a
+mode follows one of off on the same prompts). Decode slots come in powers of two from 1 to
+the largest batch, so a batch of 1 runs one slot, not 16. Every request arrives at t = 0.
 
 Outputs are compared with the non-speculative engine's: in float32 they must be equal (an
 assertion); in bfloat16 one check saw 1 of 8 greedy sequences diverge at a near-tie (cause
@@ -94,14 +94,22 @@ def prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def run(engine, batch: int, runs: int, make_prompts) -> dict:
+def run(engine, batch: int, runs: int, make_prompts, off=None) -> dict:
+    """`engine`'s best of `runs` after a warm-up run; with `off`, that engine runs just before
+    each of them (same prompts), and its best is the row's `off_tok_s`: the ratio to off
+    comes from runs interleaved in time (this machine's speed drifts by 2x within minutes)."""
     from mlx_sched.serve.request import SamplingParams
 
     sp = SamplingParams(max_tokens=_OUT.value, ignore_eos=True)
     ps = make_prompts(batch)
     engine.generate(ps, sp)  # warm-up run
-    best, outs, recs = None, None, None
+    best, outs, recs, off_best = None, None, None, None
     for _ in range(runs):
+        if off is not None:
+            t0 = time.perf_counter()
+            off.generate(ps, sp)
+            wall = time.perf_counter() - t0
+            off_best = wall if off_best is None else min(off_best, wall)
         n0 = len(engine.step_records)
         t0 = time.perf_counter()
         res = engine.generate(ps, sp)
@@ -111,7 +119,7 @@ def run(engine, batch: int, runs: int, make_prompts) -> dict:
     proposed = sum(r.spec_proposed for r in recs)
     accepted = sum(r.spec_accepted for r in recs)
     verifying = [r for r in recs if r.spec_proposed]
-    return {
+    out = {
         "output_tok_s": batch * _OUT.value / best,
         "wall_s": best,
         "proposed": proposed,
@@ -126,6 +134,9 @@ def run(engine, batch: int, runs: int, make_prompts) -> dict:
         "outputs": outs,
         "compiles_after_warmup": engine.runner.compiles_since_warmup,
     }
+    if off_best is not None:
+        out["off_tok_s"] = batch * _OUT.value / off_best
+    return out
 
 
 def models(dtype: str, names: list[str]):
@@ -178,6 +189,7 @@ def main(argv):
         base = serve_config("default", dtype)
     else:
         base = ServeConfig(num_pages=4096, token_budget=512, max_context=1024)
+    base = dataclasses.replace(base, history=-1)  # every step record: a run's slice of them
     # mixed steps by 4x: with AdaSpec's five verify widths a bucket per power of two made
     # ~150 programs, more than LLVM could map in one process here
     mixed = tuple(sorted({*slots[::2], top}))
@@ -203,24 +215,17 @@ def main(argv):
             if m.get("idle"):
                 engine.spec.adaptive.choose = never
             for b in batches:
-                r = run(engine, b, _RUNS.value, make_prompts)
+                r = run(engine, b, _RUNS.value, make_prompts, off=off)
                 same = [x == y for x, y in zip(r["outputs"], ref[b]["outputs"], strict=True)]
                 r["equal_share"] = sum(same) / len(same)
                 assert dtype != "float32" or all(same), (
                     f"{name} {m['mode']} batch {b}: outputs differ"
                 )
                 rows.append({"drafter": name, **m, "batch": b, **r})
-                print(f"{name} {m['mode']} batch {b}: {r['output_tok_s']:.0f} tok/s, "
-                      f"acceptance {r['acceptance']}", flush=True)  # fmt: skip
+                print(f"{name} {m['mode']} batch {b}: {r['output_tok_s']:.0f} tok/s "
+                      f"(off in the same runs {r['off_tok_s']:.0f}), acceptance "
+                      f"{r['acceptance']}", flush=True)  # fmt: skip
             del engine
-    # off again, last: the reference is off's better run, so a machine that sped up or slowed
-    # down during the run does not flatter speculation
-    for b in batches:
-        again = run(off, b, _RUNS.value, make_prompts)["output_tok_s"]
-        first = ref[b]["output_tok_s"]
-        ref[b]["output_tok_s"] = max(first, again)
-        rows.append({**rows[batches.index(b)], "mode": "off (again)", "output_tok_s": again})
-        print(f"off batch {b} again: {again:.0f} tok/s (first {first:.0f})", flush=True)
     del off
     out = pathlib.Path(_WORKDIR.value)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,15 +233,16 @@ def main(argv):
         r.pop("outputs")
     (out / f"results_{dtype}.json").write_text(json.dumps(rows, indent=1))
     print(f"\n{what} ({dtype}), {_OUT.value} output tokens per request, best of {_RUNS.value}")
-    print("| drafter | mode | batch | output tok/s | vs off | acceptance | tokens / verify "
-          "| drafting share | outputs equal to off |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| drafter | mode | batch | output tok/s | off in the same runs | vs off | acceptance "
+          "| tokens / verify | drafting share | outputs equal to off |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         tpv = "" if r["tokens_per_verify"] is None else f"{r['tokens_per_verify']:.2f}"
-        ratio = r["output_tok_s"] / ref[r["batch"]]["output_tok_s"]
+        ratio = r["output_tok_s"] / r.get("off_tok_s", ref[r["batch"]]["output_tok_s"])
+        paired = f"{r['off_tok_s']:,.0f}" if "off_tok_s" in r else ""
         print(f"| {r['drafter']} | {r['mode']} | {r['batch']} | {r['output_tok_s']:,.0f} "
-              f"| {ratio:.2f}x | {acc} | {tpv} | {100 * r['draft_share']:.0f}% "
+              f"| {paired} | {ratio:.2f}x | {acc} | {tpv} | {100 * r['draft_share']:.0f}% "
               f"| {100 * r.get('equal_share', 1.0):.0f}% |")  # fmt: skip
     print()
     for line in verdicts(rows, ref):

@@ -72,7 +72,7 @@ def test_bench_speculative_reports_speculation_against_off(tmp_path):
         "--gammas=2", "--drafters=lookup,small", "--output=8", "--runs=1",
         "--target=llama44m", "--tree=1x2", "--adaptive_gamma=2", "--idle",
     )  # fmt: skip
-    for row in ("| off | off | 1 |", "| off | off (again) | 1 |", "| lookup | chain 2 | 1 |",
+    for row in ("| off | off | 1 |", "| lookup | chain 2 | 1 |",
                 "| small | tree 1x2 | 1 |",
                 "| small | adaptive <=2 | 1 |"):  # fmt: skip
         assert row in out
@@ -82,6 +82,7 @@ def test_bench_speculative_reports_speculation_against_off(tmp_path):
     assert all(r["compiles_after_warmup"] == 0 for r in rows)
     assert all(r["proposed"] > 0 for r in rows if r["drafter"] != "off" and not r.get("adaptive"))
     assert [r["proposed"] for r in rows if r.get("idle")] == [0, 0]  # lookup and small
+    assert all(r["off_tok_s"] > 0 for r in rows if r["drafter"] != "off")  # interleaved runs
     assert "idle (speculation configured, never drafting) vs off" in out
 
 
@@ -193,11 +194,15 @@ def test_bench_speculative_verdicts_with_only_the_adaptive_and_idle_modes():
          "acceptance": 0.2, "adaptive": True},
         {"drafter": "small", "mode": "idle", "batch": 1, "output_tok_s": 97.0,
          "acceptance": None, "adaptive": True, "idle": True},
+        # timed interleaved with off's runs: its ratio is to those (60), not to the off row
+        {"drafter": "small", "mode": "chain 2", "batch": 1, "output_tok_s": 120.0,
+         "acceptance": 0.5, "off_tok_s": 60.0},
     ]  # fmt: skip
     lines = verdicts(rows, ref)
+    assert lines[0].startswith("small: batch 1: best fixed mode chain 2 2.00x off")
     # the idle row is reported on its own, not as AdaSpec's worst batch
     assert "small: adaptive vs off, worst batch: 0.90x (goal >= 1.00x)" in lines
-    assert "  batch 1: adaptive 90 tok/s, off 100" in lines
+    assert "  batch 1: adaptive 90 tok/s, best fixed (chain 2) 120, off 100" in lines
     assert "small: idle (speculation configured, never drafting) vs off: batch 1 0.97x" in lines
 
 
