@@ -80,13 +80,19 @@ def test_only_the_confident_sequences_draft_when_drafting_costs():
 
 
 def test_step_costs_learn_from_step_records():
-    c = StepCosts(decode_sizes=(8,), verify_sizes=(8,), beta=0.5)
+    c = StepCosts(decode_sizes=(8,), verify_sizes=(8,), window=3)
+    c.decode[8] = 0.5  # profiled: stands until the first measurement
     rec = types.SimpleNamespace(kind="decode", shape=(8, 4), iters=4, device_s=0.04, host_s=0.002)
     c.observe_step(rec)
     assert c.decode[8] == pytest.approx(0.01) and c.host["decode"] == pytest.approx(0.002)
     c.observe_step(types.SimpleNamespace(kind="decode", shape=(8, 4), iters=2, device_s=0.04,
                                          host_s=0.002))  # fmt: skip
-    assert c.decode[8] == pytest.approx(0.015)
+    assert c.decode[8] == pytest.approx(0.015)  # the median of 0.01 and 0.02
+    # a slow outlier moves the median of the window, not the estimate to it
+    for seconds in (0.4, 0.012, 0.011):
+        c.observe_step(types.SimpleNamespace(kind="decode", shape=(8, 4), iters=4,
+                                             device_s=4 * seconds, host_s=0.002))  # fmt: skip
+    assert c.decode[8] == pytest.approx(0.012)  # the window holds 0.4, 0.012, 0.011
     mixed = types.SimpleNamespace(kind="mixed", shape=(8, 3, 0), iters=1, device_s=0.03, host_s=0)
     c.observe_step(mixed)
     assert c.verify[8, 3] == pytest.approx(0.03)
@@ -121,6 +127,9 @@ def test_adaptive_engine_output_equals_non_speculative(kind):
     engine = Engine(target, cfg, draft_model=draft)
     ada = engine.spec.adaptive
     assert ada.costs.decode and ada.costs.verify  # profiled at warm-up
+    if kind == "draft_model":  # a call's fixed cost plus k + 1 iterations
+        per_k = [ada.costs.draft[2, k] for k in range(1, 5)]
+        assert per_k[0] > 0 and per_k == sorted(per_k)
     assert [o.outputs[0] for o in engine.generate(prompts, sp)] == ref
     assert engine.runner.compiles_since_warmup == 0 and engine.pool.num_in_use == 0
     assert not ada.confidence  # finished requests are forgotten, by the drafter too
@@ -134,8 +143,8 @@ def test_adaptive_engine_output_equals_non_speculative(kind):
 
 @pytest.mark.parametrize("verification", ["cheap", "dear"])
 def test_the_engine_follows_the_controllers_choice(verification):
-    """Frozen cost tables (beta = 0), a draft that is always right: where verification is
-    cheap every decoding step speculates; where it costs more than the tokens it can add,
+    """Frozen cost tables (learn = False), a draft that is always right: where verification
+    is cheap every decoding step speculates; where it costs more than the tokens it can add,
     none does."""
     target = tiny(3)
     base = dict(page_size=4, num_pages=256, max_seqs=8, decode_buckets=(8,), token_budget=64,
@@ -144,9 +153,7 @@ def test_the_engine_follows_the_controllers_choice(verification):
     cfg = ServeConfig(**base, decode_widths=(1, 3), speculative=spec)
     engine = Engine(target, cfg, draft_model=target)  # its drafts are always accepted
     c = engine.spec.adaptive.costs
-    c.beta = 0.0
-    # no host time: with beta = 0 an entry keeps its first value, so an empty table would
-    # freeze the first measured host time (machine-dependent), not zero
+    c.learn = False
     c.host.update(decode=0.0, mixed=0.0)
     c.draft = {key: 0.0 for key in c.draft}
     c.decode[8] = 1e-3
@@ -196,3 +203,32 @@ def test_choose_maximises_the_goodput_formula():
             ada.goodput(conf, *best)
         ), trial
         assert sorted(got.values()).count(ada.last[0]) >= (ada.last[1] if ada.last[0] else 0)
+
+
+def test_a_proposals_cost_leaves_out_catching_up_on_a_new_prompt(monkeypatch):
+    from mlx_sched.serve.plan import StepPlan
+    from mlx_sched.serve.request import Request, Seq
+    from mlx_sched.speculative import speculator as spec_mod
+    from mlx_sched.speculative.drafters import Drafter
+    from mlx_sched.speculative.speculator import Speculator
+
+    clock = [0.0]
+    monkeypatch.setattr(spec_mod.time, "perf_counter", lambda: clock[0])
+
+    class Slow(Drafter):  # 4 s catching up on the prompt, then 1 s proposing
+        def propose(self, seqs, ks):
+            clock[0] += 5.0
+            self.catch_up_s = 4.0
+            return [[7] * k for k in ks]
+
+    spec = {"kind": "prompt_lookup", "gamma": 2, "adaptive": True}
+    cfg = ServeConfig(max_seqs=8, decode_buckets=(8,), decode_widths=(1, 3), speculative=spec)
+    sp = Speculator(cfg, Slow())
+    req = Request("r", [1, 2, 3], SamplingParams(max_tokens=8), 0.0)
+    seq = Seq(req, 0, [1, 2, 3], num_computed=2)
+    req.seqs = [seq]
+    plan = StepPlan()
+    plan.add(seq, 3)  # the last token and two drafts
+    stats = sp.fill(plan, [req])
+    assert stats.draft_s == 5.0  # the step's drafting time holds both
+    assert sp.adaptive.costs.draft == {(0, 2): 1.0}  # the proposal's cost: 1 s

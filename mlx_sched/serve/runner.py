@@ -319,16 +319,16 @@ class Runner(BatchBuilder):
 
     # -- profiling ------------------------------------------------------------------
 
-    def profile(self, shapes: Sequence[Shape], reps: int = 3) -> dict[Shape, float]:
+    def profile(self, shapes: Sequence[Shape], reps: int = 3, iters: int = 1) -> dict[Shape, float]:
         """Seconds of one call of each compiled shape, best of `reps`, run on padding slots (a
-        decode slice runs one iteration): the step-cost table of adaptive speculation before
-        any step was measured. Padding writes only the null page."""
+        decode slice runs `iters` iterations, at most its S): the step-cost table of adaptive
+        speculation before any step was measured. Padding writes only the null page."""
         out = {}
         for shape in shapes:
             build = self.build_mixed if shape.kind == "mixed" else self.build_slice
             bundle = build(StepPlan(), shape)
             if shape.kind == "decode":
-                bundle["steps"][:] = 1
+                bundle["steps"][:] = min(iters, shape.S)
             bundle = self._to_device(bundle)
             best = float("inf")
             for _ in range(reps):

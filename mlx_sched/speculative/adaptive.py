@@ -15,7 +15,10 @@ included) and m over every count, so under load, where the verify step's cost gr
 B (k + 1), speculation shrinks or stops.
 
 The step times come from `StepCosts`: profiled at warm-up (each compiled shape run once
-with padding slots) and then a running mean of the engine's measured steps.
+with padding slots) and then the median of the engine's latest measured steps of each kind
+and shape (step times here have heavy tails: with a running mean, a few 2x-slow steps kept
+a shape's cost high for many steps, and the controller stopped speculating where a chain of
+8 ran 1.5x faster than no speculation).
 """
 
 from __future__ import annotations
@@ -33,21 +36,28 @@ BETA = 0.2  # weight of each new observation in a confidence's running mean
 
 @dataclasses.dataclass
 class StepCosts:
-    """Device and host seconds per step kind, by compiled bucket: profiled, then refined by a
-    running mean (weight `beta`) of measured steps."""
+    """Device and host seconds per step kind, by compiled bucket: profiled, then the median of
+    the latest `window` measured steps."""
 
     decode_sizes: tuple[int, ...]  # decode-slice slot buckets
     verify_sizes: tuple[int, ...]  # mixed-step slot buckets
     draft_sizes: tuple[int, ...] = ()  # the drafter's slot buckets (none: one cost for any)
-    beta: float = 0.2
+    window: int = 15
+    learn: bool = True  # False: the tables stay as set (profiled, or by hand)
     decode: dict = dataclasses.field(default_factory=dict)  # D -> one slice iteration
     verify: dict = dataclasses.field(default_factory=dict)  # (D, L) -> a mixed step, no prefill
     draft: dict = dataclasses.field(default_factory=dict)  # (Dd, k) -> a proposal
     host: dict = dataclasses.field(default_factory=dict)  # step kind -> host seconds a step
+    _seen: dict = dataclasses.field(default_factory=dict, repr=False)  # (table, key) -> deque
 
     def _mean(self, table: dict, key, seconds: float) -> None:
-        old = table.get(key)
-        table[key] = seconds if old is None else (1 - self.beta) * old + self.beta * seconds
+        """table[key] <- the median of its latest `window` measurements (the profiled value
+        stands until the first)."""
+        if not self.learn:
+            return
+        seen = self._seen.setdefault((id(table), key), collections.deque(maxlen=self.window))
+        seen.append(seconds)
+        table[key] = float(np.median(seen))
 
     def observe_step(self, rec) -> None:
         """A StepRecord: decode slices per iteration, mixed steps without prefill tokens."""

@@ -22,6 +22,7 @@ from models.errors import ConfigError
 
 class Drafter:
     name = "base"
+    catch_up_s = 0.0  # of the last proposal, seconds spent computing what it had not seen
 
     def propose(self, seqs: Sequence[Seq], ks: Sequence[int]) -> list[list[int]]:
         raise NotImplementedError
@@ -223,6 +224,7 @@ class DraftModel(Drafter):
         t0 = time.perf_counter()
         views = [_view(s, self._valid(s)) for s in seqs]
         self._catch_up(views)
+        self.catch_up_s = time.perf_counter() - t0
         plan = StepPlan(as_slice=True)
         for v, k in zip(views, ks, strict=True):
             plan.add(v, k + 1)  # a decode from the last token: k drafts, then the last's K/V
@@ -288,13 +290,21 @@ class DraftModel(Drafter):
         return self.cfg.decode_sizes
 
     def profile(self) -> dict[tuple[int, int], float]:
-        """A proposal of k drafts costs k + 1 iterations of the draft's decode slice."""
+        """A proposal of k drafts is one call of the draft's decode slice running k + 1
+        iterations: a call's fixed cost a plus k + 1 times an iteration's b, from the slice
+        timed with one iteration and with all of them (a call of one iteration alone, scaled
+        by k + 1, counted the call's dispatch and transfers k + 1 times)."""
         from mlx_sched.serve.shapes import Shape
 
-        shapes = [Shape("decode", D, S=self.cfg.slice_len) for D in self.cfg.decode_sizes]
-        per_iter = self.runner.profile(shapes)
-        gamma = self.cfg.slice_len - 1
-        return {(sh.D, k): (k + 1) * t for sh, t in per_iter.items() for k in range(1, gamma + 1)}
+        S = self.cfg.slice_len
+        shapes = [Shape("decode", D, S=S) for D in self.cfg.decode_sizes]
+        one, full = self.runner.profile(shapes), self.runner.profile(shapes, iters=S)
+        out = {}
+        for sh in shapes:
+            b = max(0.0, (full[sh] - one[sh]) / max(S - 1, 1))
+            a = max(0.0, one[sh] - b)
+            out.update({(sh.D, k): a + (k + 1) * b for k in range(1, S)})
+        return out
 
     def settle(self, seq: Seq, before: int, drafts: list[int]) -> None:
         """After verification: the draft's arrays hold positions up to the last token (of the

@@ -142,8 +142,9 @@ class Speculator:
                           draft_s=time.perf_counter() - t0)  # fmt: skip
         if self.adaptive is not None:
             k = max((len(d) for _, _, d, _ in self._pending), default=0)
-            if k:
-                self.adaptive.costs.observe_draft(len(entries), k, stats.draft_s)
+            if k:  # a proposal's cost; catching up on a new prompt is paid once per request
+                seconds = stats.draft_s - self.drafter.catch_up_s
+                self.adaptive.costs.observe_draft(len(entries), k, seconds)
         return stats
 
     def observe(self, stats: SpecStats) -> SpecStats:
