@@ -44,7 +44,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import common, spec_lab
 from experiments.spec_lab import bench_verdicts as verdicts
 
 _TARGET = flags.DEFINE_enum("target", "trained", ["trained", "llama44m"], "target model")
@@ -167,7 +167,6 @@ def models(dtype: str, names: list[str]):
                   "small": Transformer(ModelConfig(**small_cfg), nnx.Rngs(1))}  # fmt: skip
         vocab = target.cfg.vocab_size
         return target, drafts, lambda b: prompts(b, vocab), "44M Llama, random weights"
-    from experiments import spec_lab
 
     models_dir = pathlib.Path(_MODELS_DIR.value)
     target = spec_lab.load(spec_lab.ensure_model(models_dir, "target"), dtype)
@@ -251,7 +250,7 @@ def main(argv):
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         tpv = "" if r["tokens_per_verify"] is None else f"{r['tokens_per_verify']:.2f}"
-        ratio = r["output_tok_s"] / r.get("off_tok_s", ref[r["batch"]]["output_tok_s"])
+        ratio = r["output_tok_s"] / spec_lab.off_tok_s(r, ref)
         paired = f"{r['off_tok_s']:,.0f}" if "off_tok_s" in r else ""
         print(f"| {r['drafter']} | {r['mode']} | {r['batch']} | {r['output_tok_s']:,.0f} "
               f"| {paired} | {ratio:.2f}x | {acc} | {tpv} | {100 * r['draft_share']:.0f}% "

@@ -261,13 +261,19 @@ def step_stats(recs) -> dict:
     }
 
 
+def off_tok_s(row: dict, ref: dict) -> float:
+    """Speculation off's tok/s to compare a `bench_speculative` row with: from the row's own
+    interleaved runs, or else the batch's off row in `ref`."""
+    return row.get("off_tok_s") or ref[row["batch"]]["output_tok_s"]
+
+
 def bench_verdicts(rows, ref) -> list[str]:
     """`bench_speculative`'s verdicts: the issue's goals, each checked against the rows of a
     run (`ref`: speculation off by batch). Here, with no flags, so that tests can import it."""
     out = []
 
-    def off(r) -> float:  # off's tok/s in the row's own runs, or the batch's off row
-        return r.get("off_tok_s") or ref[r["batch"]]["output_tok_s"]
+    def off(r) -> float:
+        return off_tok_s(r, ref)
 
     for name in sorted({r["drafter"] for r in rows} - {"off"}):
         mine = [r for r in rows if r["drafter"] == name]
