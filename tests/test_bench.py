@@ -197,12 +197,15 @@ def test_bench_speculative_verdicts_with_only_the_adaptive_and_idle_modes():
         # timed interleaved with off's runs: its ratio is to those (60), not to the off row
         {"drafter": "small", "mode": "chain 2", "batch": 1, "output_tok_s": 120.0,
          "acceptance": 0.5, "off_tok_s": 60.0},
+        # more tok/s, but against a faster off in its own runs: the smaller ratio
+        {"drafter": "small", "mode": "chain 4", "batch": 1, "output_tok_s": 130.0,
+         "acceptance": 0.5, "off_tok_s": 100.0},
     ]  # fmt: skip
     lines = verdicts(rows, ref)
     assert lines[0].startswith("small: batch 1: best fixed mode chain 2 2.00x off")
     # the idle row is reported on its own, not as AdaSpec's worst batch
     assert "small: adaptive vs off, worst batch: 0.90x (goal >= 1.00x)" in lines
-    assert "  batch 1: adaptive 90 tok/s, best fixed (chain 2) 120, off 100" in lines
+    assert "  batch 1: adaptive 90 tok/s, best fixed (chain 4) 130, off 100" in lines
     assert "small: idle (speculation configured, never drafting) vs off: batch 1 0.97x" in lines
 
 
