@@ -70,16 +70,23 @@ def run_side(path: pathlib.Path, trace_file: str, mode: str, dtype: str, preset:
     sp = lambda n: SamplingParams(max_tokens=n, ignore_eos=True)  # noqa: E731
     prompts = [r["prompt_ids"] for r in trace]
     engine.generate(prompts[:2], sp(8))  # warm-up, as vLLM's side does
+    # vLLM's side runs without prefix caching; every run here computes its prompts in full
+    # too (runs after the first would otherwise find all of them cached)
+    engine.reset_prefix_cache()
     prompt_tokens = sum(map(len, prompts))
     out_tokens = sum(r["max_new_tokens"] for r in trace)
     res = {"engine": "mlx_sched", "dtype": dtype, "mode": mode, "init_s": init_s}
     if mode == "offline":
         walls = []
         for _ in range(runs):
+            n0 = len(engine.step_records)
             t0 = time.perf_counter()
             outs = engine.generate(prompts, [sp(r["max_new_tokens"]) for r in trace])
             walls.append(time.perf_counter() - t0)
             assert sum(len(o.outputs[0]) for o in outs) == out_tokens
+            prefilled = sum(r.num_prefill_tokens for r in engine.step_records[n0:])
+            assert prefilled == prompt_tokens, (prefilled, prompt_tokens)  # no cache hits
+            engine.reset_prefix_cache()
         best, med = min(walls), float(np.median(walls))
         res.update(
             walls=walls,

@@ -134,3 +134,23 @@ def test_sharded_engine_equals_single_device(model, prompts, expected):
         assert o.outputs[0] == expected[i]
     assert len(engine.runner.k.sharding.device_set) == 8
     assert engine.runner.k.sharding.spec[3] == "tensor"  # kv heads over tensor
+
+
+def test_reset_prefix_cache_makes_a_repeated_prompt_compute_in_full(model, prompts, expected):
+    cfg = ServeConfig(page_size=4, num_pages=96, max_seqs=8, token_budget=64, history=-1)
+    engine = Engine(model, cfg)
+    prompt = prompts[9]  # 50 tokens: 12 whole pages
+    sp = SamplingParams(max_tokens=4)
+
+    def prefilled():
+        n0 = len(engine.step_records)
+        out = engine.generate([prompt], [sp])[0].outputs[0]
+        assert out == expected[9][:4]
+        return sum(r.num_prefill_tokens for r in engine.step_records[n0:])
+
+    assert prefilled() == len(prompt)
+    assert prefilled() < len(prompt)  # the cache holds its whole pages
+    assert engine.reset_prefix_cache() > 0
+    assert prefilled() == len(prompt)  # nothing cached: the prompt is computed again
+    engine.pool.check()
+    assert engine.reset_prefix_cache() > 0 and engine.reset_prefix_cache() == 0

@@ -195,6 +195,12 @@ class Engine(Handoff, Driving, Postprocess):
     def has_work(self) -> bool:
         return self.sched.has_work() or bool(self.adapters and self.adapters.parked)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache (vLLM's `reset_prefix_cache`): later requests compute their
+        prompts in full, e.g. the timed runs of a benchmark that repeats its prompts. Pages
+        of running requests stay theirs. -> pages that left the cache."""
+        return self.pool.clear_prefix_cache()
+
     def register_adapter(self, name: str, source) -> None:
         """Register a LoRA adapter (a PEFT folder, a model with an adapter, or (LoraConfig,
         {(layer, target): (A, B)})) in host memory for requests that name it; an AdapterError
